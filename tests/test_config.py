@@ -1,0 +1,59 @@
+"""bimac.config: strict typed loading, overrides, _base_ chains."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from bimac.config import ConfigError, config_hash, load_config, parse_overrides
+
+
+@dataclass
+class Inner:
+    width: int = 8
+    lr: float = 1e-3
+    mode: Literal["a", "b"] = "a"
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+    path: Path | None = None
+
+
+def test_yaml_base_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ninner:\n  width: 4\n  lr: 1\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\ninner:\n  mode: b\n")
+    cfg = load_config(Outer, tmp_path / "child.yaml", ["inner.width=16", "layers=[3]", "path=/x"])
+    assert cfg.name == "base"
+    assert cfg.inner == Inner(width=16, lr=1.0, mode="b")  # int 1 widened to float
+    assert cfg.layers == [3] and cfg.path == Path("/x")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inner.widht=3"], "unknown config key inner.widht"),
+        (["inner.width=3.5"], "inner.width: expected an integer"),
+        (["inner.mode=c"], "inner.mode: 'c' is not one of"),
+        (["layers=5"], "layers: expected a list"),
+        (["nokey"], "not of the form key=value"),
+    ],
+)
+def test_bad_config_names_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+
+
+def test_hash_changes_with_values():
+    assert config_hash(Outer()) == config_hash(Outer())
+    assert config_hash(Outer()) != config_hash(Outer(name="y"))
+    assert parse_overrides(["a.b=3", "a.c=x"]) == {"a": {"b": 3, "c": "x"}}
