@@ -1,0 +1,124 @@
+"""BiMAC pretraining entry point: ``python -m pretrain --config configs/pretrain/tiny.yaml k=v ...``.
+
+The experiment config composes four sections plus the tokenizer: ``data`` (bimac.data.DataConfig),
+``model`` (BiMACConfig), ``objectives`` (ObjectiveConfig), ``train`` (bimac.engine.TrainConfig),
+``tokenizer`` (TokenizerConfig). A section may be a YAML path (relative to the file naming it) to
+reuse ``configs/data/*.yaml`` / ``configs/model/*.yaml``, or a mapping with ``_base_: path`` plus
+the keys it changes; file-level ``_base_`` chains work as everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bimac.config import ConfigError, from_dict, merge, parse_overrides
+from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.engine import TrainConfig, TrainResult, train
+from bimac.models.bimac import BiMACConfig
+from bimac.tasks import ObjectiveConfig, PretrainTask
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("data", "model", "objectives", "train", "tokenizer")
+
+
+@dataclass
+class PretrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: BiMACConfig = field(default_factory=BiMACConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _read_experiment_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """YAML with ``_base_`` chains and sections given as paths, expanded relative to each file."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"_base_ cycle through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for name in SECTIONS:
+        section = data.get(name)
+        if isinstance(section, str):
+            section = {"_base_": section}
+        if isinstance(section, dict) and "_base_" in section:
+            file = path.parent / section.pop("_base_")
+            if not file.is_file():
+                raise ConfigError(f"{path}: section {name}: {file} does not exist")
+            data[name] = merge(yaml.safe_load(file.read_text()) or {}, section)
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return merge(_read_experiment_yaml(path.parent / base, (*seen, path)), data)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    """Experiment YAML + ``section.key=value`` overrides -> a checked :class:`PretrainConfig`."""
+    data = _read_experiment_yaml(Path(path)) if path else {}
+    cfg = from_dict(PretrainConfig, merge(data, parse_overrides(list(overrides))))
+    return check_consistency(cfg)
+
+
+def check_consistency(cfg: PretrainConfig) -> PretrainConfig:
+    """Cross-section rules; the loader's batch is the engine's micro-batch."""
+    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    if m.image_size != d.image_size:
+        raise ConfigError(f"model.image_size={m.image_size} != data.image_size={d.image_size}")
+    if m.context_length != t.context_length:
+        raise ConfigError(
+            f"model.context_length={m.context_length} != tokenizer.context_length={t.context_length}"
+        )
+    if d.batch_size != cfg.train.micro_batch_size:
+        logger.info("data.batch_size := train.micro_batch_size = %d", cfg.train.micro_batch_size)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, batch_size=cfg.train.micro_batch_size))
+    return cfg
+
+
+class BiMACPretrain(PretrainTask):
+    """The pretraining task bound to the data pipeline: loader, skip counts and export."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size or tokenizer.pad_id != cfg.model.pad_id:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} / model.pad_id={cfg.model.pad_id} do not "
+                f"cover the tokenizer (vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id})"
+            )
+        self.cfg = cfg
+        self.counter = SkipCounter()
+        super().__init__(cfg.model, cfg.objectives, loader_factory=self._loader, tokenizer=tokenizer)
+
+    def _loader(self, rank: int, world_size: int, epoch: int, samples_seen: int):
+        return make_loader(
+            self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+            samples_seen=samples_seen, counter=self.counter,
+        )  # fmt: skip
+
+    def skipped_counts(self) -> dict[str, int]:
+        return self.counter.as_dict()
+
+    def export(self, model: Any, out_dir: Path) -> None:
+        tok = self.cfg.tokenizer
+        name = None if tok.kind == "world" else tok.name
+        model.save_pretrained(out_dir, tokenizer=name, experiment_config=self.cfg)
+        if tok.kind == "world":
+            shutil.copyfile(tok.path, Path(out_dir) / "tokenizer.json")
+
+
+def run_pretraining(config: PretrainConfig | str | Path, overrides: list[str] = ()) -> TrainResult:
+    """Pretrain (or resume) BiMAC; call on every rank (torchrun / srun / one local process)."""
+    cfg = config if isinstance(config, PretrainConfig) else load_pretrain_config(config, overrides)
+    if isinstance(config, PretrainConfig) and overrides:
+        raise ValueError("overrides apply to a config file; edit the PretrainConfig instead")
+    return train(BiMACPretrain(cfg), cfg.train, experiment_config=cfg)

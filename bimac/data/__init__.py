@@ -1,0 +1,42 @@
+"""Data: the embedded world, WebDataset shards and loader, tokenizers, noun extraction.
+
+Public API (everything here is importable from ``bimac.data``)::
+
+    from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+
+    # shards of the embedded world (+ tokenizer.json beside them):
+    #   python -m shards.synthetic --out runs/world/train --split train --n 2000
+    cfg = DataConfig(train_shards="runs/world/train/{00000..00001}.tar", image_size=64,
+                     batch_size=32, num_workers=2)
+    tok = build_tokenizer(TokenizerConfig(kind="world", path="runs/world/train/tokenizer.json",
+                                          context_length=32))
+    loader = make_loader(cfg, tok, rank=0, world_size=1, epoch=0, samples_seen=0)
+    for batch in loader:            # dict, see docs/contracts.md "Batch"
+        batch["image"]              # uint8 [B, 3, S, S]
+        batch["text"]               # int64 [B, L]
+        batch["noun_spans"], batch["noun_mask"], batch["noun_boxes"], batch["noun_has_box"]
+        batch["sample_id"]          # list of "url#key"
+    loader.skipped()                # {reason: count}, summed over DataLoader workers
+
+``make_loader(cfg, tokenizer, urls=None, *, rank, world_size, epoch, samples_seen, num_workers,
+tokenizer_bn, counter) -> Loader``: exact mode (default) yields every sample of the shard set once
+per epoch over all ranks x workers; ``cfg.resampled=True`` yields ``cfg.epoch_samples`` samples per
+rank. Triplets (``cfg.kind="triplets"``) add ``image_syn`` and ``text_bn`` (``tokenizer_bn``).
+The world in Python: ``bimac.data.synthetic.make_sample(seed, split, index, size, triplet)``.
+Nouns: ``bimac.data.text.NounExtractor("world" | "en_core_web_sm")(text) -> list[Noun]``.
+"""
+
+from bimac.data.loader import REASONS, DataConfig, Loader, ShardDataset, SkipCounter, make_loader
+from bimac.data.tokenizer import TokenizerConfig, build_tokenizer, token_spans
+
+__all__ = [
+    "REASONS",
+    "DataConfig",
+    "Loader",
+    "ShardDataset",
+    "SkipCounter",
+    "TokenizerConfig",
+    "build_tokenizer",
+    "make_loader",
+    "token_spans",
+]

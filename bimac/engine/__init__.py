@@ -1,0 +1,15 @@
+"""The one training loop (DeepSpeed ZeRO), its config, checkpoints, logging and preemption."""
+
+from __future__ import annotations
+
+from bimac.engine.config import TrainConfig, derive_accumulation
+from bimac.engine.loop import NonFiniteTrainingError, Task, TrainResult, train
+
+__all__ = [
+    "NonFiniteTrainingError",
+    "Task",
+    "TrainConfig",
+    "TrainResult",
+    "derive_accumulation",
+    "train",
+]

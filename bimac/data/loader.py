@@ -1,0 +1,443 @@
+"""WebDataset pipelines for pairs and triplets (img2dataset layout), as the trainer reads them.
+
+One ``ShardDataset`` does: shard list (exact: seeded per-epoch shuffle, split by rank then by
+DataLoader worker; resampled: seeded sampling with replacement, a fixed number of samples per
+rank) -> webdataset's tar reading -> seeded sample shuffle -> skip ``samples_seen`` (resume) ->
+decode + checks (each bad sample skipped and counted by reason, no sleeping handler) -> uint8
+resize/centre-crop -> batches (tokenised, noun token spans, boxes). Batches are built in the
+workers; ``make_loader`` wraps the dataset in a ``DataLoader(batch_size=None)``.
+
+Skip counts live in shared memory, so the main process sees what every worker skipped:
+``loader.skipped()`` -> ``{reason: count}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import logging
+import math
+import multiprocessing as mp
+import os
+import random
+import tarfile
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bimac.data.tokenizer import Tokenizer, token_spans
+
+log = logging.getLogger(__name__)
+
+REASONS = (
+    "shard_open",  # shard could not be opened (missing file, failed pipe:)
+    "truncated_tar",  # tar ended early: the rest of that shard is skipped
+    "tar_format",  # other tar-level errors (e.g. duplicate member names)
+    "missing_image",
+    "bad_image",  # unreadable or truncated image
+    "missing_caption",
+    "empty_caption",
+    "bad_caption_encoding",  # caption is not UTF-8
+    "bad_json",
+    "missing_syn_image",  # triplets: no KEY.syn.jpg, or unreadable
+    "missing_bn_caption",  # triplets: no / empty / non-UTF-8 KEY.bn.txt
+)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the shards are and how batches are made (``configs/data/*.yaml``)."""
+
+    train_shards: str = ""  # brace pattern / glob / "a.tar::b.tar" / "pipe:cmd"
+    val_shards: str = ""
+    kind: Literal["pairs", "triplets"] = "pairs"
+    caption_lang: Literal["en", "bn"] = "en"  # pairs: which caption becomes `text`
+    random_caption: bool = True  # world shards: draw one of the 5 captions per sample
+    image_size: int = 64  # the image tower's input side
+    batch_size: int = 32  # per rank
+    num_workers: int = 0
+    resampled: bool = False  # True: sample shards with replacement, epoch_samples per rank
+    epoch_samples: int = 0  # per rank, resampled mode
+    shuffle_buffer: int = 1000  # 0 disables sample shuffling
+    seed: int = 0
+    max_nouns: int = 8
+    noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
+    spacy_pipeline: str = "en_core_web_sm"
+    drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+
+
+class SkipCounter:
+    """Counts of skipped samples by reason, in shared memory (visible across workers)."""
+
+    def __init__(self) -> None:
+        self._counts = mp.get_context("fork" if os.name == "posix" else "spawn").Array(
+            "q", len(REASONS)
+        )
+        self._warned: set[str] = set()
+
+    def add(self, reason: str, detail: str = "") -> None:
+        with self._counts.get_lock():
+            self._counts[REASONS.index(reason)] += 1
+        level = logging.WARNING if reason not in self._warned else logging.DEBUG
+        self._warned.add(reason)
+        log.log(level, "skipped sample (%s): %s", reason, detail)
+
+    def as_dict(self) -> dict[str, int]:
+        return {r: int(c) for r, c in zip(REASONS, self._counts[:]) if c}
+
+    def reset(self) -> None:
+        with self._counts.get_lock():
+            self._counts[:] = [0] * len(REASONS)
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset exception handler (sample grouping): count, log, continue (never sleep)."""
+        self.add("tar_format", repr(exn))
+        return True
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace/``::`` expansion and globbing; a pattern matching no shard is an error here."""
+    if not pattern:
+        raise ValueError("no shard pattern given (data.train_shards is empty)")
+    urls: list[str] = []
+    for url in wds.shardlists.expand_urls(pattern):
+        if url.startswith("pipe:") or "://" in url:
+            urls.append(url)
+        elif any(c in url for c in "*?["):
+            urls += sorted(glob.glob(url))
+        elif os.path.isfile(url):
+            urls.append(url)
+        else:
+            raise FileNotFoundError(f"shard {url!r} (from pattern {pattern!r}) does not exist")
+    if not urls:
+        raise FileNotFoundError(f"shard pattern {pattern!r} matches no shard")
+    return urls
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+def _decode_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """PIL decode, shortest side -> ``size`` (bicubic, like open_clip), centre crop; uint8 HWC."""
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is large
+    img = img.convert("RGB")
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img), (w, h)
+
+
+def _text(sample: dict, key: str) -> str | None:
+    raw = sample.get(key)
+    return None if raw is None else raw.decode("utf-8").strip()
+
+
+class ShardDataset(IterableDataset):
+    """The training pipeline over a shard set; yields batch dicts (docs/contracts.md, "Batch")."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: Tokenizer,
+        urls: str | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epoch: int = 0,
+        samples_seen: int = 0,
+        tokenizer_bn: Tokenizer | None = None,
+        counter: SkipCounter | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.urls = expand_shards(urls if urls is not None else cfg.train_shards)
+        if rank is None:
+            dist = torch.distributed
+            on = dist.is_available() and dist.is_initialized()
+            rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+        self.rank, self.world_size = rank, world_size or 1
+        self.epoch, self.samples_seen = epoch, samples_seen
+        self.tokenizer = tokenizer
+        self.tokenizer_bn = tokenizer_bn or tokenizer
+        self.counter = counter or SkipCounter()
+        if cfg.resampled and cfg.epoch_samples <= 0:
+            raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
+        if not cfg.resampled and len(self.urls) < self.world_size:
+            raise ValueError(
+                f"exact mode: {len(self.urls)} shards for {self.world_size} ranks; use more "
+                "shards or resampled mode"
+            )
+        self._nouns = None  # spaCy extractor, built lazily in the worker
+
+    # -- sample stream ---------------------------------------------------------------------------
+    def _seed(self, *parts: int) -> int:
+        return hash((self.cfg.seed, self.epoch, *parts)) & 0x7FFFFFFF
+
+    def worker_quota(self, worker: int, num_workers: int) -> int:
+        """Resampled mode: samples this worker yields, so the rank's workers sum to epoch_samples."""
+        n = self.cfg.epoch_samples
+        return n // num_workers + (worker < n % num_workers)
+
+    def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
+        if self.cfg.resampled:
+            rng = random.Random(self._seed(self.rank, worker, 1))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        urls = list(self.urls)
+        random.Random(self._seed(0)).shuffle(urls)  # same order on every rank, new each epoch
+        mine = urls[self.rank :: self.world_size][worker::num_workers]
+        if not mine:
+            log.warning("rank %d worker %d has no shard (too few shards)", self.rank, worker)
+        for url in mine:
+            yield {"url": url}
+
+    def _resume_skip(self, worker: int, num_workers: int) -> int:
+        """Samples this worker already produced: the DataLoader takes full batches round-robin."""
+        bs = self.cfg.batch_size
+        if self.samples_seen % bs:
+            raise ValueError(f"samples_seen={self.samples_seen} is not a multiple of {bs}")
+        k = self.samples_seen // bs
+        return (k // num_workers + (worker < k % num_workers)) * bs
+
+    def _members(self, shards: Iterator[dict]) -> Iterator[dict]:
+        """Tar members of each shard, then an end-of-shard marker; a broken shard ends early."""
+        for src in shards:
+            url = src["url"]
+            try:
+                stream = wds.gopen.gopen(url)
+            except Exception as exn:
+                self.counter.add("shard_open", f"{url}: {exn!r}")
+                continue
+            try:
+                for member in wds.tariterators.tar_file_iterator(stream):
+                    yield member | {"__url__": url}
+            except (tarfile.ReadError, EOFError) as exn:
+                self.counter.add("truncated_tar", f"{url}: {exn}; the rest of this shard is skipped")
+            except Exception as exn:
+                self.counter.add("tar_format", f"{url}: {exn!r}; the rest of this shard is skipped")
+            finally:
+                try:
+                    stream.close()
+                except Exception as exn:  # a failed pipe: reports its exit status here
+                    self.counter.add("shard_open", f"{url}: {exn!r}")
+            yield {}  # no sample spans two shards
+
+    def raw_samples(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict]:
+        """Undecoded samples of this rank/worker for this epoch, shuffled, resume prefix skipped.
+
+        Resume skips raw samples: a bad sample in the skipped prefix shifts the resume point by one.
+        """
+        members = self._members(self._shards(worker, num_workers))
+        stream = wds.tariterators.group_by_keys(members, handler=self.counter.handler)
+        if self.cfg.shuffle_buffer > 0:
+            rng = random.Random(self._seed(self.rank, worker, 2))
+            stream = wds.filters._shuffle(stream, self.cfg.shuffle_buffer, 100, rng=rng)
+        skip = self._resume_skip(worker, num_workers)
+        for i, sample in enumerate(stream):
+            if i >= skip:
+                yield sample
+
+    def decode(self, sample: dict, rng: random.Random) -> dict | None:
+        """Checks and decodes one sample; counts and returns None when it is bad."""
+        cfg, key = self.cfg, f"{sample.get('__url__')}#{sample.get('__key__')}"
+        img_key = next((e for e in IMAGE_EXTS if e in sample), None)
+        if img_key is None:
+            return self.counter.add("missing_image", key)
+        meta = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+                assert isinstance(meta, dict)
+            except (ValueError, AssertionError):
+                return self.counter.add("bad_json", key)
+        triplet = cfg.kind == "triplets"
+        try:
+            text = _text(sample, "en.txt" if triplet and "en.txt" in sample else "txt")
+            text_bn = _text(sample, "bn.txt")
+        except UnicodeDecodeError:
+            return self.counter.add("bad_caption_encoding", key)
+        if text is None:
+            return self.counter.add("missing_caption", key)
+        if not text:
+            return self.counter.add("empty_caption", key)
+        nouns = None  # list of (start, end, box or None)
+        if triplet:
+            if not text_bn:
+                return self.counter.add("missing_bn_caption", key)
+            if "syn.jpg" not in sample:
+                return self.counter.add("missing_syn_image", key)
+        elif "captions_en" in meta:
+            caps = meta["captions_bn"] if cfg.caption_lang == "bn" else meta["captions_en"]
+            i = rng.randrange(len(caps)) if cfg.random_caption else 0
+            text = caps[i]
+            nouns = (meta["nouns_bn"] if cfg.caption_lang == "bn" else meta["nouns"])[i]
+        elif cfg.caption_lang == "bn":
+            text = text_bn or text
+        if triplet and meta.get("nouns"):
+            nouns = meta["nouns"][meta["captions_en"].index(text)] if text in meta.get("captions_en", []) else None  # fmt: skip
+        try:
+            image, (w, h) = _decode_image(sample[img_key], cfg.image_size)
+        except Exception as exn:  # PIL raises many types for broken files
+            return self.counter.add("bad_image", f"{key}: {exn!r}")
+        out = {"image": image, "text": text, "sample_id": key}
+        if triplet:
+            try:
+                out["image_syn"] = _decode_image(sample["syn.jpg"], cfg.image_size)[0]
+            except Exception as exn:
+                return self.counter.add("missing_syn_image", f"{key}: {exn!r}")
+            out["text_bn"] = text_bn
+        out["nouns"] = self._noun_spans(text, nouns, meta, w, h)
+        return out
+
+    def _noun_spans(self, text, nouns, meta, w, h) -> list[tuple[int, int, list[float] | None]]:
+        if nouns is not None:
+            objs = meta.get("objects", [])
+            return [(n["start"], n["end"], _union_box(objs, n, w, h, self.cfg.image_size)) for n in nouns]  # fmt: skip
+        if self.cfg.noun_source != "spacy":
+            return []
+        if self._nouns is None:
+            from bimac.data.text import NounExtractor
+
+            self._nouns = NounExtractor(self.cfg.spacy_pipeline)
+        return [(n.start, n.end, None) for n in self._nouns(text)]
+
+    # -- batches ---------------------------------------------------------------------------------
+    def collate(self, items: list[dict]) -> dict:
+        """Stack uint8 images, tokenise, map noun character spans to token spans."""
+        n = self.cfg.max_nouns
+        ids, offsets = self.tokenizer.encode_with_offsets([it["text"] for it in items])
+        b = len(items)
+        spans = torch.zeros(b, n, 2, dtype=torch.long)
+        boxes = torch.zeros(b, n, 4, dtype=torch.float32)
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        has_box = torch.zeros(b, n, dtype=torch.bool)
+        for i, it in enumerate(items):
+            tok = token_spans(offsets[i], [(s, e) for s, e, _ in it["nouns"]])
+            j = 0
+            for span, (_, _, box) in zip(tok, it["nouns"]):
+                if span is None or j >= n:
+                    continue
+                spans[i, j] = torch.tensor(span)
+                mask[i, j] = True
+                if box is not None:
+                    boxes[i, j] = torch.tensor(box)
+                    has_box[i, j] = True
+                j += 1
+        batch = {
+            "image": _stack([it["image"] for it in items]),
+            "text": ids,
+            "noun_spans": spans,
+            "noun_mask": mask,
+            "noun_boxes": boxes,
+            "noun_has_box": has_box,
+            "sample_id": [it["sample_id"] for it in items],
+        }
+        if self.cfg.kind == "triplets":
+            batch["image_syn"] = _stack([it["image_syn"] for it in items])
+            batch["text_bn"] = self.tokenizer_bn.encode([it["text_bn"] for it in items])
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        # A resumed DataLoader starts its round-robin at worker 0; the original had reached
+        # worker k % W after k batches, so worker w plays the part of worker (w + k) % W.
+        worker = (worker + self.samples_seen // self.cfg.batch_size) % num_workers
+        rng = random.Random(self._seed(self.rank, worker, 3))
+        quota = self.worker_quota(worker, num_workers) if self.cfg.resampled else math.inf
+        quota -= self._resume_skip(worker, num_workers) if self.cfg.resampled else 0
+        items: list[dict] = []
+        produced = 0
+        for raw in self.raw_samples(worker, num_workers):
+            if produced >= quota:
+                break
+            item = self.decode(raw, rng)
+            if item is None:
+                continue
+            items.append(item)
+            produced += 1
+            if len(items) == self.cfg.batch_size:
+                yield self.collate(items)
+                items = []
+        if items and not self.cfg.drop_last:
+            yield self.collate(items)
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _union_box(objs: list[dict], noun: dict, w: int, h: int, size: int) -> list[float] | None:
+    """The box around a noun's objects, mapped through resize + centre crop, in [0, 1]."""
+    idx = noun.get("objects", [noun["object"]] if "object" in noun else [])
+    if not idx:
+        return None
+    x0 = min(objs[i]["box"][0] for i in idx)
+    y0 = min(objs[i]["box"][1] for i in idx)
+    x1 = max(objs[i]["box"][2] for i in idx)
+    y1 = max(objs[i]["box"][3] for i in idx)
+    scale = size / min(w, h)
+    ox, oy = (round(w * scale) - size) // 2, (round(h * scale) - size) // 2
+    box = [(x0 * scale - ox) / size, (y0 * scale - oy) / size]
+    box += [(x1 * scale - ox) / size, (y1 * scale - oy) / size]
+    return [min(1.0, max(0.0, v)) for v in box]
+
+
+class Loader:
+    """A DataLoader over a ``ShardDataset`` plus its skip counters (``skipped()``)."""
+
+    def __init__(self, dataset: ShardDataset, num_workers: int) -> None:
+        self.dataset = dataset
+        self.loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            persistent_workers=False,
+            prefetch_factor=4 if num_workers else None,
+        )
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.loader)
+
+    def skipped(self) -> dict[str, int]:
+        """Samples skipped so far, by reason, summed over all workers."""
+        return self.dataset.counter.as_dict()
+
+
+def make_loader(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    urls: str | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    epoch: int = 0,
+    samples_seen: int = 0,
+    num_workers: int | None = None,
+    tokenizer_bn: Tokenizer | None = None,
+    counter: SkipCounter | None = None,
+) -> Loader:
+    """The training loader of one rank for one epoch (batches of ``cfg.batch_size``).
+
+    ``urls`` defaults to ``cfg.train_shards``; ``rank``/``world_size`` default to
+    torch.distributed's; ``samples_seen`` (a multiple of the batch size, same ``num_workers``)
+    resumes mid-epoch exactly. Pass the same ``counter`` every epoch to keep running totals.
+    """
+    ds = ShardDataset(
+        cfg, tokenizer, urls, rank=rank, world_size=world_size, epoch=epoch,
+        samples_seen=samples_seen, tokenizer_bn=tokenizer_bn, counter=counter,
+    )  # fmt: skip
+    return Loader(ds, cfg.num_workers if num_workers is None else num_workers)

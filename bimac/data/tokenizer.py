@@ -1,0 +1,220 @@
+"""Tokenizers behind one interface (docs/contracts.md, "Tokenizer").
+
+- ``HFTokenizer``: a ``tokenizers`` tokenizer.json; the embedded world trains its own small one
+  (``train_world_tokenizer``, EN+BN, ~1000 tokens) so tiny models are not dominated by a 49k-row
+  embedding table.
+- ``OpenCLIPTokenizer``: open_clip's CLIP BPE for real English runs (ids equal open_clip's own).
+- ``TransformersTokenizer``: any fast transformers tokenizer, e.g. mBART-50's SentencePiece for
+  Bengali (``facebook/mbart-large-50``, ``src_lang="bn_IN"``).
+
+All return fixed-length ``int64 [B, context_length]`` ids (BOS ... EOS, then ``pad_id``) and, from
+``encode_with_offsets``, each token's character span so noun character spans become token spans
+(``token_spans``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+
+log = logging.getLogger(__name__)
+Offsets = list[list[tuple[int, int]]]
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    context_length: int
+
+    def encode(self, texts: list[str]) -> torch.Tensor: ...
+
+    def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]: ...
+
+    def decode(self, ids: torch.Tensor | list[list[int]]) -> list[str]: ...
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    """``kind``: world (tokenizer.json at ``path``), open_clip (model ``name``), transformers."""
+
+    kind: Literal["world", "open_clip", "transformers"] = "world"
+    path: str = ""  # tokenizer.json of the world (beside its shards)
+    name: str = ""  # open_clip model name or transformers hub name / local directory
+    context_length: int = 32
+    lang: str = "bn_IN"  # transformers: mBART-50 language code
+
+
+def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer a config names (no downloads unless ``name`` is a hub id not in the cache)."""
+    if cfg.kind == "world":
+        if not Path(cfg.path).is_file():
+            raise FileNotFoundError(
+                f"world tokenizer {cfg.path!r} not found; `python -m shards.synthetic` writes "
+                "tokenizer.json beside the shards"
+            )
+        return HFTokenizer.from_file(cfg.path, cfg.context_length)
+    if cfg.kind == "open_clip":
+        return OpenCLIPTokenizer(cfg.name or "ViT-B-32", cfg.context_length)
+    return TransformersTokenizer(cfg.name, cfg.context_length, cfg.lang)
+
+
+def token_spans(
+    offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]
+) -> list[tuple[int, int] | None]:
+    """Token index spans ``[start, end)`` covering each character span; None if truncated away."""
+    out: list[tuple[int, int] | None] = []
+    for cs, ce in char_spans:
+        hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
+        out.append((hit[0], hit[-1] + 1) if hit else None)
+    return out
+
+
+def _pad(rows: list[list[int]], length: int, pad_id: int, eos_id: int) -> torch.Tensor:
+    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r) > length:  # truncate, keeping EOS last
+            r = r[: length - 1] + [eos_id]
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` with BOS/EOS/PAD added by its post-processor and padding."""
+
+    def __init__(self, tok, context_length: int = 32) -> None:
+        self.tok = tok
+        self.context_length = context_length
+        self.pad_id = tok.token_to_id("<pad>")
+        self.bos_id = tok.token_to_id("<s>")
+        self.eos_id = tok.token_to_id("</s>")
+        if None in (self.pad_id, self.bos_id, self.eos_id):
+            raise ValueError("tokenizer.json lacks one of the special tokens <pad>, <s>, </s>")
+        self.vocab_size = tok.get_vocab_size()
+        tok.enable_truncation(context_length)
+        tok.enable_padding(length=context_length, pad_id=self.pad_id, pad_token="<pad>")
+
+    @classmethod
+    def from_file(cls, path: str | Path, context_length: int = 32) -> HFTokenizer:
+        from tokenizers import Tokenizer as _Tok
+
+        return cls(_Tok.from_file(str(path)), context_length)
+
+    def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
+        encs = self.tok.encode_batch(list(texts))
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+        offs = [[(s, e) if sp == 0 else (0, 0) for (s, e), sp in zip(x.offsets, x.special_tokens_mask)] for x in encs]  # fmt: skip
+        return ids, offs
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_with_offsets(texts)[0]
+
+    def decode(self, ids) -> list[str]:
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        return self.tok.decode_batch(rows, skip_special_tokens=True)
+
+
+def train_world_tokenizer(corpus: list[str], vocab_size: int = 1000):
+    """A SentencePiece-style BPE (Metaspace) trained on ``corpus``; decode round-trips exactly."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = _Tok(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    # punctuation apart, so a noun is its own token(s), never merged with the full stop
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    return tok
+
+
+def save_world_tokenizer(path: str | Path, vocab_size: int = 1000, seed: int = 0) -> Path:
+    """Train the embedded world's tokenizer on its captions and save it as ``path``."""
+    from bimac.data.synthetic import world_corpus
+
+    path = Path(path)
+    train_world_tokenizer(world_corpus(2000, seed), vocab_size).save(str(path))
+    return path
+
+
+class OpenCLIPTokenizer:
+    """open_clip's CLIP BPE (lower-cased), with character offsets from its own split pattern."""
+
+    def __init__(self, name: str = "ViT-B-32", context_length: int = 77) -> None:
+        import open_clip
+
+        self.tok = open_clip.get_tokenizer(name)
+        if not hasattr(self.tok, "bpe"):
+            raise ValueError(f"{name}: only open_clip's SimpleTokenizer (CLIP BPE) is wrapped")
+        self.context_length = context_length
+        self.bos_id, self.eos_id, self.pad_id = self.tok.sot_token_id, self.tok.eot_token_id, 0
+        self.vocab_size = self.tok.vocab_size
+
+    def _one(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, offs = [self.bos_id], [(0, 0)]
+        # open_clip lower-cases and collapses whitespace, which keeps character positions
+        for m in self.tok.pat.finditer(text.lower()):
+            piece = "".join(self.tok.byte_encoder[b] for b in m.group().encode("utf-8"))
+            for bpe in self.tok.bpe(piece).split(" "):
+                ids.append(self.tok.encoder[bpe])
+                offs.append(m.span())
+        return ids + [self.eos_id], offs + [(0, 0)]
+
+    def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
+        rows = [self._one(t) for t in texts]
+        ids = _pad([r[0] for r in rows], self.context_length, self.pad_id, self.eos_id)
+        return ids, [r[1][: self.context_length] for r in rows]
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_with_offsets(texts)[0]
+
+    def decode(self, ids) -> list[str]:
+        rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return [self.tok.decode([i for i in r if i not in special]).strip() for r in rows]
+
+
+class TransformersTokenizer:
+    """A fast transformers tokenizer (mBART-50 for Bengali: ``facebook/mbart-large-50``)."""
+
+    def __init__(self, name: str, context_length: int = 64, lang: str | None = "bn_IN") -> None:
+        from transformers import AutoTokenizer
+
+        kw = {"src_lang": lang, "tgt_lang": lang} if lang else {}
+        self.tok = AutoTokenizer.from_pretrained(name, **kw)
+        if not self.tok.is_fast:
+            raise ValueError(f"{name}: a fast tokenizer is needed for character offsets")
+        self.context_length = context_length
+        self.pad_id = self.tok.pad_token_id
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else self.pad_id
+        self.eos_id = self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
+        enc = self.tok(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.context_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        offs = [[tuple(o) for o in row] for row in enc["offset_mapping"].tolist()]
+        return enc["input_ids"].long(), offs
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_with_offsets(texts)[0]
+
+    def decode(self, ids) -> list[str]:
+        return self.tok.batch_decode(ids, skip_special_tokens=True)

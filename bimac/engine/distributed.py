@@ -1,0 +1,71 @@
+"""Process-group set-up: torchrun, srun (SLURM variables), submitit, or a single local process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def export_env() -> None:
+    """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exist.
+
+    ``deepspeed.init_distributed`` reads these and otherwise tries MPI. Under ``srun`` we map the
+    SLURM variables with submitit (master = first host of the node list, port from the job id);
+    with nothing set we are one local process.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        os.environ.setdefault("LOCAL_RANK", "0")
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        import submitit
+
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        logger.info(
+            "mapped SLURM to rank %d/%d, master %s", env.rank, env.world_size, env.master_addr
+        )
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns ``(rank, world_size)``.
+
+    Without CUDA the DeepSpeed accelerator is the CPU one with the gloo backend
+    (``DS_ACCELERATOR`` must be set before DeepSpeed is first imported).
+    """
+    export_env()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def master_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``gpu[01-02,05]`` (submitit's parser)."""
+    from submitit.slurm.slurm import _parse_node_list
+
+    return _parse_node_list(nodelist)[0]
+
+
+if __name__ == "__main__":  # used by slurm/pretrain.sh when scontrol is not available
+    import sys
+
+    print(master_host(sys.argv[1]))

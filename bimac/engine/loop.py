@@ -1,0 +1,375 @@
+"""The one training loop: any task (pretraining, every fine-tuning stage) on DeepSpeed ZeRO.
+
+Per optimizer step each rank draws ``accumulation`` micro-batches, the task returns its weighted
+loss terms, the loop sums them and calls ``engine.backward`` once per micro-batch on that sum
+(DeepSpeed ZeRO-1/2 silently mis-accumulates when backward runs once per term). Contrastive
+negatives are those of the micro-batch: features are not cached across accumulation steps, so
+use accumulation 1 where the global contrastive batch matters.
+
+Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO stage then
+skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
+skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from bimac.config import config_hash
+from bimac.engine import checkpoint as ckpt
+from bimac.engine.config import TrainConfig, derive_accumulation
+from bimac.engine.distributed import init_distributed
+from bimac.engine.preemption import PreemptionFlag, requeue_slurm_job
+from bimac.engine.run_log import RunLogger
+from bimac.engine.schedule import build_lr_scheduler
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Task(Protocol):
+    """What a task gives the engine (docs/contracts.md). Optional extras: ``export(model, dir)``
+    and ``skipped_counts() -> dict[str, int]`` (the loader's skip counters by reason)."""
+
+    def build_model(self) -> nn.Module: ...
+
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Iterable[Any]: ...
+
+    def losses(
+        self, model: nn.Module, batch: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # "completed" | "preempted"
+    step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_deepspeed_config(cfg: TrainConfig, accumulation: int) -> dict[str, Any]:
+    """DeepSpeed config: ``configs/deepspeed/zero{stage}.json`` (or ``cfg.deepspeed_config``)
+    for the ZeRO knobs, with batch sizes, precision and clipping from ``cfg``."""
+    path = Path(cfg.deepspeed_config or f"configs/deepspeed/zero{cfg.zero_stage}.json")
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / path
+    base: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if cfg.deepspeed_config is not None and not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config: {cfg.deepspeed_config} does not exist")
+    zero = base.get("zero_optimization", {})
+    if zero.get("stage", cfg.zero_stage) != cfg.zero_stage:
+        raise ValueError(
+            f"train.zero_stage={cfg.zero_stage} but {path} sets stage {zero['stage']}: make them agree"
+        )
+    return {
+        **base,
+        "train_batch_size": cfg.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {**zero, "stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {**base.get("fp16", {}), "enabled": cfg.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": base.get("steps_per_print", 10**9),
+    }
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam(W); weight decay only on matrices (not on biases, norms, logit scale)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def total_optimizer_steps(cfg: TrainConfig) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.samples_per_epoch > 0:
+        return cfg.epochs * (cfg.samples_per_epoch // cfg.global_batch_size)
+    raise ValueError(
+        "set train.max_steps or train.samples_per_epoch: the schedule needs the run's length "
+        "and a streaming loader does not know it"
+    )
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Samples in a micro-batch: the leading dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    values = batch.values() if isinstance(batch, dict) else batch
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v.shape[0]
+    raise ValueError("cannot count the samples of a batch without tensors")
+
+
+def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
+
+
+def _resolve_resume(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        tag = ckpt.latest_tag(ckpt_root)
+        return ckpt_root / tag if tag else None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"train.resume={cfg.resume!r}: no such checkpoint directory")
+    return path
+
+
+def _gather_skip_counts(task: Any) -> dict[str, int]:
+    if not hasattr(task, "skipped_counts"):
+        return {}
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, dict(task.skipped_counts()))
+    total: Counter[str] = Counter()
+    for counts in gathered:
+        total.update(counts)
+    return dict(total)
+
+
+def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainResult:
+    """Run (or resume) training of ``task`` under DeepSpeed; see the module docstring.
+
+    Collective: every rank calls it. Returns on completion or after a preemption signal (the
+    checkpoint is saved and, under SLURM, the job requeued); raises
+    :class:`NonFiniteTrainingError` when the run diverges.
+    """
+    rank, world = init_distributed()
+    import deepspeed
+
+    accumulation = derive_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world)
+    total_steps = total_optimizer_steps(cfg)
+    chash = config_hash(experiment_config if experiment_config is not None else cfg)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    seed_everything(cfg.seed)  # identical initial weights on every rank
+    model = task.build_model()
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(
+                f"train.activation_checkpointing: {type(model).__name__} has no "
+                "set_grad_checkpointing(enable) method"
+            )
+        model.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=build_deepspeed_config(cfg, accumulation),
+    )
+    seed_everything(cfg.seed + rank)  # independent dropout/augmentation streams per rank
+
+    step, epoch, samples_seen, total_samples, consecutive = 0, 0, 0, 0, 0
+    skipped: Counter[str] = Counter()
+    resume_dir = _resolve_resume(cfg, ckpt_root)
+    if resume_dir is not None:
+        state = ckpt.load_checkpoint(engine, resume_dir)
+        if state["world_size"] != world:
+            raise ValueError(
+                f"checkpoint {resume_dir} was written by {state['world_size']} ranks, this run "
+                f"has {world}: exact resume needs the same world size"
+            )
+        if state["config_hash"] != chash:
+            logger.warning("config changed since %s was saved (hash differs)", resume_dir)
+        step, epoch, total_samples = state["step"], state["epoch"], state["total_samples"]
+        samples_seen = state["samples_seen"][rank]
+        consecutive = state["consecutive_nonfinite"]
+        skipped.update(state["skipped"])
+
+    def client_state() -> dict[str, Any]:
+        cursors: list[Any] = [None] * world
+        dist.all_gather_object(cursors, samples_seen)  # client_state is written by rank 0 only
+        return {
+            "step": step,
+            "epoch": epoch,
+            "samples_seen": cursors,
+            "world_size": world,
+            "total_samples": total_samples,
+            "config_hash": chash,
+            "skipped": dict(skipped),
+            "consecutive_nonfinite": consecutive,
+        }
+
+    run_log = RunLogger(cfg, experiment_config, rank, total_steps, step, chash)
+    history: list[dict[str, Any]] = []
+    last_saved = resume_dir
+    status = "completed"
+    per_rank_cap = cfg.samples_per_epoch // world if cfg.samples_per_epoch else 0
+    t_start, samples_at_start = time.time(), total_samples
+    engine.train()
+    with PreemptionFlag() as preempt:
+        while status == "completed" and step < total_steps and epoch < cfg.epochs:
+            batches = iter(task.build_train_loader(rank, world, epoch, samples_seen))
+            epoch_done = False
+            while status == "completed" and step < total_steps:
+                micro: list[Any] = []
+                while len(micro) < accumulation and not (
+                    per_rank_cap and samples_seen >= per_rank_cap
+                ):
+                    nxt = next(batches, None)
+                    if nxt is None:
+                        break
+                    micro.append(nxt)
+                short = torch.tensor([float(len(micro) < accumulation)])
+                dist.all_reduce(short, op=dist.ReduceOp.MAX)
+                if short.item():  # a rank ran out: the epoch ends on every rank together
+                    epoch_done = True
+                    break
+                skipped_before = engine.skipped_steps
+                terms_sum: dict[str, float] = {}
+                metrics_list: list[dict[str, float]] = []
+                for mb in micro:
+                    terms, metrics = task.losses(engine, _to_device(mb, engine.device))
+                    loss = torch.stack([t.float() for t in terms.values()]).sum()
+                    engine.backward(loss)  # once, on the weighted sum
+                    engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+                    for k, v in terms.items():
+                        terms_sum[k] = (
+                            terms_sum.get(k, 0.0) + v.detach().float().item() / accumulation
+                        )
+                    metrics_list.append(metrics)
+                step_samples = sum(batch_size(mb) for mb in micro)
+                samples_seen += step_samples
+                step += 1
+                gathered: list[Any] = [None] * world
+                local = (terms_sum, _mean_dicts(metrics_list), preempt.requested, step_samples)
+                dist.all_gather_object(gathered, local)
+                total_samples += sum(g[3] for g in gathered)
+                terms_mean = _mean_dicts([g[0] for g in gathered])
+                bad_terms = [k for k, v in terms_mean.items() if not math.isfinite(v)]
+                applied = engine.skipped_steps == skipped_before
+                if not applied:
+                    if bad_terms:
+                        reason = "nonfinite_loss"
+                    else:
+                        reason = "fp16_overflow" if cfg.precision == "fp16" else "nonfinite_grad"
+                    skipped[reason] += 1
+                    consecutive += reason != "fp16_overflow"
+                    logger.warning("step %d skipped (%s): loss terms %s", step, reason, terms_mean)
+                else:
+                    consecutive = 0
+                    if bad_terms:  # the NaN never reached the gradients: applied, said loudly
+                        skipped["nonfinite_loss_applied"] += 1
+                        logger.error("step %d: non-finite %s, finite gradients", step, bad_terms)
+                grad_norm = engine.get_global_grad_norm()
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": sum(terms_mean.values()),
+                    "losses": terms_mean,
+                    "metrics": _mean_dicts([g[1] for g in gathered]),
+                    "lr": float(engine.get_lr()[0]),
+                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                    "applied": applied,
+                    "samples": total_samples,
+                    "skipped": dict(skipped),
+                }
+                if step % cfg.log_every == 0:
+                    data_skips = _gather_skip_counts(task)
+                    record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
+                history.append(record)
+                rate = (total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)
+                run_log.log_step(record, rate)
+                if consecutive >= cfg.max_consecutive_nonfinite:
+                    what = ", ".join(bad_terms) if bad_terms else "gradient norm"
+                    msg = (
+                        f"stopping at step {step}: {consecutive} consecutive steps skipped with "
+                        f"a non-finite {what} (loss terms: {terms_mean}); check that "
+                        "objective's inputs, the learning rate and the precision"
+                    )
+                    run_log.finish({"status": "diverged", "step": step, "message": msg})
+                    raise NonFiniteTrainingError(msg)
+                if any(g[2] for g in gathered):  # preemption on any rank: save and leave
+                    last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+                    status = "preempted"
+                elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+            if epoch_done:
+                epoch, samples_seen = epoch + 1, 0
+
+    export_dir = None
+    if status == "completed":
+        if last_saved is None or last_saved.name != ckpt.tag_for_step(step):
+            last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+        if cfg.export_at_end:
+            export_dir = ckpt.export_model(engine, out / "export", experiment_config, task)
+    tail = history[-min(len(history), 10) :]
+    summary = {
+        "status": status,
+        "step": step,
+        "total_steps": total_steps,
+        "epoch": epoch,
+        "samples": total_samples,
+        "world_size": world,
+        "zero_stage": cfg.zero_stage,
+        "precision": cfg.precision,
+        "config_hash": chash,
+        "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+        "final_losses": _mean_dicts([r["losses"] for r in tail]),
+        "final_metrics": _mean_dicts([r["metrics"] for r in tail]),
+        "skipped": dict(skipped),
+        "checkpoint": str(last_saved) if last_saved else None,
+        "export": str(export_dir) if export_dir else None,
+    }
+    run_log.finish(summary)
+    if status == "preempted" and rank == 0 and cfg.requeue_on_preemption:
+        requeue_slurm_job()
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    return TrainResult(status, step, history, last_saved, export_dir, summary)

@@ -1,0 +1,213 @@
+"""WebDataset loader: round trip, img2dataset shards, exact/resampled splitting, resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.synthetic import make_sample
+from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.writer import write_shards
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = save_world_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    return build_tokenizer(TokenizerConfig(kind="world", path=str(path), context_length=32))
+
+
+def _world(tmp_path, n=40, shard_size=10, triplet=False, split="train"):
+    samples = (make_sample(0, split, i, 64, triplet) for i in range(n))
+    write_shards(samples, tmp_path, shard_size=shard_size)
+    return str(tmp_path / ("{00000..%05d}.tar" % ((n - 1) // shard_size)))
+
+
+def _ids(loader) -> list[str]:
+    return [sid for b in loader for sid in b["sample_id"]]
+
+
+def _cfg(urls, **kw):
+    return DataConfig(train_shards=urls, **({"batch_size": 4, "shuffle_buffer": 0} | kw))
+
+
+def test_round_trip_images_captions_nouns_boxes(tmp_path, tok):
+    urls = _world(tmp_path, n=12, shard_size=5)
+    assert sorted(p.name for p in tmp_path.glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(3)]
+    assert json.loads((tmp_path / "00002_stats.json").read_text())["successes"] == 2
+    cfg = _cfg(urls, random_caption=False)
+    batches = list(make_loader(cfg, tok, rank=0, world_size=1))
+    assert [len(b["sample_id"]) for b in batches] == [4, 4, 4]
+    n_boxes = 0
+    for b in batches:
+        assert b["image"].dtype == torch.uint8 and b["image"].shape[1:] == (3, 64, 64)
+        assert b["text"].dtype == torch.int64 and b["text"].shape[1] == 32
+        for i, sid in enumerate(b["sample_id"]):
+            url, key = sid.split("#")
+            s = make_sample(0, "train", int(key), 64)
+            ref = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+            assert torch.equal(b["image"][i], torch.from_numpy(ref).permute(2, 0, 1))
+            assert tok.decode(b["text"][i : i + 1]) == [s["json"]["captions_en"][0]]
+            nouns = s["json"]["nouns"][0]
+            assert int(b["noun_mask"][i].sum()) == len(nouns)
+            for j, n in enumerate(nouns):
+                st, en = b["noun_spans"][i, j].tolist()
+                assert tok.decode([b["text"][i, st:en].tolist()]) == [n["text"]]
+                objs = [s["json"]["objects"][k]["box"] for k in n["objects"]]
+                union = [min(o[0] for o in objs), min(o[1] for o in objs), max(o[2] for o in objs), max(o[3] for o in objs)]
+                torch.testing.assert_close(b["noun_boxes"][i, j], torch.tensor(union) / 64, atol=1e-5, rtol=0)
+                assert b["noun_has_box"][i, j]
+                n_boxes += 1
+    assert n_boxes >= 12
+
+
+def test_reads_img2dataset_layout_written_by_shardwriter(tmp_path, tok):
+    # what img2dataset writes: non-square JPEGs, caption txt, its own json fields, 9-digit keys
+    with wds.ShardWriter(str(tmp_path / "%05d.tar"), maxcount=3, verbose=0) as w:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.new("RGB", (96, 48), (i * 40, 10, 200)).save(buf, format="JPEG")
+            meta = {"url": f"http://x/{i}.jpg", "key": f"{i:09d}", "status": "success",
+                    "caption": "a dog on a beach", "width": 96, "height": 48, "original_width": 500}  # fmt: skip
+            w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": "a dog on a beach", "json": meta})
+    loader = make_loader(_cfg(str(tmp_path / "*.tar"), image_size=32), tok, rank=0, world_size=1)
+    batches = list(loader)
+    assert sum(len(b["sample_id"]) for b in batches) == 5 and loader.skipped() == {}
+    b = batches[0]
+    assert b["image"].shape == (4, 3, 32, 32)  # shortest side resized, centre crop
+    assert not b["noun_mask"].any() and not b["noun_has_box"].any()
+    # colour survives: the first image is (0, 10, 200)
+    assert abs(int(b["image"][0, 2].float().mean()) - 200) < 8
+
+
+def test_pipe_urls_and_brace_patterns(tmp_path, tok):
+    _world(tmp_path, n=8, shard_size=4)
+    urls = f"pipe:cat {tmp_path}/00000.tar::{tmp_path}/{{00001..00001}}.tar"
+    assert len(_ids(make_loader(_cfg(urls), tok, rank=0, world_size=1))) == 8
+
+
+def test_empty_url_match_is_a_clear_error(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        make_loader(_cfg(str(tmp_path / "*.tar")), tok, rank=0, world_size=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        make_loader(_cfg(str(tmp_path / "{00000..00003}.tar")), tok, rank=0, world_size=1)
+
+
+def test_exact_mode_two_ranks_two_workers_every_sample_once(tmp_path, tok):
+    urls = _world(tmp_path, n=70, shard_size=10)  # 7 shards: uneven over 4 workers
+    expected = {f"{tmp_path}/{i // 10:05d}.tar#{i:09d}" for i in range(70)}
+    orders = []
+    for epoch in (0, 1):
+        ids = []
+        for rank in (0, 1):
+            cfg = _cfg(urls, shuffle_buffer=20, num_workers=2)
+            ids += _ids(make_loader(cfg, tok, rank=rank, world_size=2, epoch=epoch))
+        assert len(ids) == 70 and set(ids) == expected
+        orders.append(ids)
+    assert orders[0] != orders[1]  # seeded shuffling differs per epoch
+    again = []
+    for rank in (0, 1):
+        again += _ids(make_loader(_cfg(urls, shuffle_buffer=20, num_workers=2), tok, rank=rank, world_size=2, epoch=1))
+    assert again == orders[1]  # ... and is reproducible
+
+
+def test_resampled_mode_yields_epoch_length_per_rank(tmp_path, tok):
+    urls = _world(tmp_path, n=20, shard_size=5)
+    cfg = _cfg(urls, resampled=True, epoch_samples=37, num_workers=2, batch_size=8)
+    per_rank = [_ids(make_loader(cfg, tok, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(x) for x in per_rank] == [37, 37]
+    assert per_rank[0] != per_rank[1]
+
+
+def test_resume_skips_the_consumed_prefix(tmp_path, tok):
+    urls = _world(tmp_path, n=48, shard_size=12)
+    cfg = _cfg(urls, shuffle_buffer=10, num_workers=2, batch_size=4)
+    full = _ids(make_loader(cfg, tok, rank=0, world_size=1, epoch=3))
+    resumed = _ids(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=12))
+    assert len(full) == 48 and resumed == full[12:]
+
+
+def _tar(path, members: list[tuple[str, bytes]]):
+    with wds.TarWriter(str(path)) as w:
+        by_key: dict[str, dict] = {}
+        for name, data in members:
+            key, ext = name.split(".", 1)
+            by_key.setdefault(key, {"__key__": key})[ext] = data
+        for sample in by_key.values():
+            w.write(sample)
+
+
+def test_each_bad_input_is_skipped_and_counted(tmp_path, tok, caplog):
+    good = make_sample(0, "train", 0)
+    jpg, meta = good["jpg"], json.dumps(good["json"]).encode()
+    cases = [
+        ("000", {"jpg": jpg, "txt": b"ok", "json": meta}),  # good
+        ("001", {"txt": b"no image", "json": meta}),  # missing_image
+        ("002", {"jpg": b"not a jpeg at all", "txt": b"x", "json": meta}),  # bad_image
+        ("003", {"jpg": jpg[: len(jpg) // 2], "txt": b"x", "json": b"{}"}),  # bad_image (truncated)
+        ("004", {"jpg": jpg, "json": b"{}"}),  # missing_caption
+        ("005", {"jpg": jpg, "txt": b"  ", "json": b"{}"}),  # empty_caption
+        ("006", {"jpg": jpg, "txt": b"\xff\xfe caption", "json": b"{}"}),  # bad_caption_encoding
+        ("007", {"jpg": jpg, "txt": b"x", "json": b"{not json"}),  # bad_json
+        ("008", {"jpg": jpg, "txt": b"fine", "json": b"{}"}),  # good
+    ]
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
+        for key, sample in cases:
+            w.write({"__key__": key} | sample)
+    # a truncated shard: its first samples are read, then a warning and the shard ends
+    write_shards((make_sample(0, "train", i) for i in range(6)), tmp_path / "t", shard_size=6)
+    data = (tmp_path / "t" / "00000.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: int(len(data) * 0.6)])
+    cfg = _cfg(str(tmp_path / "0000{0,1}.tar"), random_caption=False, num_workers=2)
+    loader = make_loader(cfg, tok, rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="bimac.data.loader"):
+        ids = _ids(loader)
+    skipped = loader.skipped()  # counted inside the workers, read in the main process
+    assert skipped == {
+        "missing_image": 1, "bad_image": 2, "missing_caption": 1, "empty_caption": 1,
+        "bad_caption_encoding": 1, "bad_json": 1, "truncated_tar": 1,
+    }  # fmt: skip
+    good_ids = sorted(i.split("#")[1] for i in ids if i.startswith(f"{tmp_path}/00000.tar"))
+    assert good_ids == ["000", "008"]
+    assert 1 <= sum(i.startswith(f"{tmp_path}/00001.tar") for i in ids) < 6
+    assert "truncated_tar" in caplog.text
+
+
+def test_triplet_batches(tmp_path, tok):
+    urls = _world(tmp_path, n=6, shard_size=6, triplet=True)
+    b = next(iter(make_loader(_cfg(urls, kind="triplets", batch_size=6), tok, rank=0, world_size=1)))
+    assert b["image_syn"].shape == b["image"].shape == (6, 3, 64, 64)
+    assert not torch.equal(b["image_syn"], b["image"])
+    assert b["text_bn"].shape == (6, 32)
+    for i, sid in enumerate(b["sample_id"]):
+        s = make_sample(0, "train", int(sid.split("#")[1]), 64, True)
+        assert tok.decode(b["text_bn"][i : i + 1]) == [s["bn.txt"]]
+        assert tok.decode(b["text"][i : i + 1]) == [s["en.txt"]]
+    assert b["noun_mask"].sum(1).min() >= 1
+
+
+def test_missing_triplet_member_is_counted(tmp_path, tok):
+    s = make_sample(0, "train", 1, 64, True)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
+        w.write({k: v for k, v in s.items() if k != "syn.jpg"})
+        w.write({k: v for k, v in s.items() if k != "bn.txt"} | {"__key__": "000000002"})
+    loader = make_loader(_cfg(str(tmp_path / "00000.tar"), kind="triplets"), tok, rank=0, world_size=1)
+    assert _ids(loader) == [] and loader.skipped() == {"missing_syn_image": 1, "missing_bn_caption": 1}
+
+
+def test_skip_counter_reset_and_sharing():
+    c = SkipCounter()
+    c.add("bad_json")
+    c.add("bad_json")
+    assert c.as_dict() == {"bad_json": 2}
+    c.reset()
+    assert c.as_dict() == {}
+    assert Counter() == Counter(c.as_dict())
