@@ -54,14 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     t_ref, (m_ref, s_ref) = best_of(lambda: Cider().compute_score(gts, res), args.repeats)
     t_ours, (m_ours, s_ours) = best_of(lambda: cider_d(cands, refs), args.repeats)
     diff = float(np.abs(np.asarray(s_ref) - s_ours).max())
-    print(f"CIDEr-D, {args.images} candidates x {args.refs} refs, best of {args.repeats}, "
-          f"{platform.processor() or platform.machine()}")
+    print(
+        f"CIDEr-D, {args.images} candidates x {args.refs} refs, best of {args.repeats}, "
+        f"{platform.processor() or platform.machine()}"
+    )
     print()
     print("| implementation | time (s) | corpus CIDEr-D | speed-up | max abs diff per caption |")
     print("|---|---:|---:|---:|---:|")
     print(f"| pycocoevalcap Cider | {t_ref:.3f} | {m_ref:.6f} | 1.0x | - |")
-    print(f"| bimac.metrics.cider | {t_ours:.3f} | {m_ours:.6f} | {t_ref / t_ours:.1f}x | "
-          f"{diff:.1e} |")
+    print(
+        f"| bimac.metrics.cider | {t_ours:.3f} | {m_ours:.6f} | {t_ref / t_ours:.1f}x | "
+        f"{diff:.1e} |"
+    )
 
 
 if __name__ == "__main__":

@@ -101,9 +101,11 @@ class GenerationOutput:
 
 class DecoderAdapter:
     """What the decoding loop needs from a decoder. Subclasses set the token ids and implement
-    ``prepare`` (inputs -> state with one row per input), ``logits`` (state, prefix ``[N, L]`` ->
-    next-token logits ``[N, V]``; with ``use_cache`` only the tokens not yet cached are run) and
-    ``reorder`` (select / repeat state rows: beam reordering, expansion, dropping finished rows)."""
+    ``prepare`` (inputs -> state dict with one row per input, holding the ``"memory"`` tensor
+    ``[B, ...]``), ``logits`` (state, prefix ``[N, L]`` starting with the start token -> float
+    next-token logits ``[N, V]``; with ``use_cache`` only the tokens not yet cached are run, without
+    it the whole prefix) and ``reorder`` (state rows picked by an index: beam reordering, copying
+    one input's state to its beams/samples, dropping finished rows)."""
 
     start_token_id: int
     eos_token_id: int
@@ -123,16 +125,15 @@ class DecoderAdapter:
         raise NotImplementedError
 
     def decode(self, ids: torch.Tensor, lengths: torch.Tensor) -> list[str] | None:
-        """Texts of the generated rows, if a tokenizer was given (EOS/pad stripped)."""
+        """Texts of the generated rows if a tokenizer was given: a transformers tokenizer
+        (``batch_decode``, special tokens skipped) or one with ``decode(LongTensor [N, T]) ->
+        list[str]`` (the ``bimac.data.tokenizer`` contract; it gets the rows padded after EOS)."""
         if self.tokenizer is None:
             return None
-        rows = [
-            [t for t in row[:n].tolist() if t not in (self.eos_token_id, self.pad_token_id)]
-            for row, n in zip(ids, lengths.tolist())
-        ]
-        if hasattr(self.tokenizer, "batch_decode"):  # transformers tokenizers
+        if hasattr(self.tokenizer, "batch_decode"):
+            rows = [row[:n].tolist() for row, n in zip(ids, lengths.tolist())]
             return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return self.tokenizer.decode(rows)
+        return list(self.tokenizer.decode(ids))
 
 
 # ----------------------------------------------------------------------------- open_clip CoCa
@@ -182,6 +183,8 @@ class CocaAdapter(DecoderAdapter):
             raise ValueError("CocaAdapter supports open_clip's default ResidualAttentionBlock only")
         if getattr(self.text, "attn_mask", None) is None or not self.decoder.batch_first:
             raise ValueError("CocaAdapter needs a causal, batch-first CoCa text tower and decoder")
+        if not self.text.output_tokens:
+            raise ValueError("CocaAdapter needs the CoCa text tower built with output_tokens=True")
         self.start_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.pad_token_id = coca.pad_id if pad_token_id is None else pad_token_id
@@ -194,6 +197,8 @@ class CocaAdapter(DecoderAdapter):
 
     def prepare(self, inputs: torch.Tensor) -> dict:
         if inputs.ndim == 4:
+            if not getattr(self.coca.visual, "output_tokens", False):
+                raise ValueError("images need a CoCa vision tower with output_tokens=True")
             _, memory = self.coca._encode_image(inputs)
         elif inputs.ndim == 3:
             memory = inputs

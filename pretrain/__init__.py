@@ -81,7 +81,9 @@ def check_consistency(cfg: PretrainConfig) -> PretrainConfig:
         )
     if d.batch_size != cfg.train.micro_batch_size:
         logger.info("data.batch_size := train.micro_batch_size = %d", cfg.train.micro_batch_size)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(d, batch_size=cfg.train.micro_batch_size))
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(d, batch_size=cfg.train.micro_batch_size)
+        )
     return cfg
 
 
@@ -97,7 +99,9 @@ class BiMACPretrain(PretrainTask):
             )
         self.cfg = cfg
         self.counter = SkipCounter()
-        super().__init__(cfg.model, cfg.objectives, loader_factory=self._loader, tokenizer=tokenizer)
+        super().__init__(
+            cfg.model, cfg.objectives, loader_factory=self._loader, tokenizer=tokenizer
+        )
 
     def _loader(self, rank: int, world_size: int, epoch: int, samples_seen: int):
         return make_loader(

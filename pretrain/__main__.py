@@ -22,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     result = run_pretraining(args.config, args.overrides)
     if rank == 0:
-        print(f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; "
-              f"export: {result.export_dir}; summary: {result.summary.get('final_losses')}")
+        print(
+            f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; "
+            f"export: {result.export_dir}; summary: {result.summary.get('final_losses')}"
+        )
     return 0
 
 

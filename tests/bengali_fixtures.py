@@ -55,7 +55,9 @@ def tiny_marian(root: Path) -> Path:
     vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
     vocab["<pad>"] = len(vocab)
     (root / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    tok = MarianTokenizer(str(root / "src.model"), str(root / "tgt.model"), str(root / "vocab.json"))
+    tok = MarianTokenizer(
+        str(root / "src.model"), str(root / "tgt.model"), str(root / "vocab.json")
+    )
     torch.manual_seed(0)
     config = MarianConfig(
         vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1,
@@ -74,7 +76,8 @@ def tiny_marian(root: Path) -> Path:
 
 def tiny_labse(root: Path) -> Path:
     """Directory with a sentence-transformer: tiny random BERT + mean pooling + normalisation."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel, BertTokenizer
 
     en, bn = corpus()
@@ -82,14 +85,20 @@ def tiny_labse(root: Path) -> Path:
     vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     tok = BertTokenizer(vocab=vocab, do_lower_case=True, strip_accents=False)
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
-                                num_attention_heads=2, intermediate_size=32,
-                                max_position_embeddings=128))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=128,
+        )
+    )
     bert.save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
-    word = models.Transformer(str(root / "bert"), max_seq_length=64)
-    st = SentenceTransformer(modules=[word, models.Pooling(16, "mean"), models.Normalize()],
-                             device="cpu")
+    word = Transformer(str(root / "bert"), max_seq_length=64)
+    st = SentenceTransformer(modules=[word, Pooling(16, "mean"), Normalize()], device="cpu")
     st.save(str(root / "st"))
     return root / "st"
 
@@ -142,8 +151,9 @@ def tiny_kandinsky(root: Path) -> tuple[Path, Path]:
         vocab_size=len(clip_vocab), max_position_embeddings=77,
     ))  # fmt: skip
     torch.manual_seed(0)
-    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=hidden,
-                             num_layers=1)
+    prior = PriorTransformer(
+        num_attention_heads=2, attention_head_dim=12, embedding_dim=hidden, num_layers=1
+    )
     prior.clip_std = torch.nn.Parameter(torch.ones(prior.clip_std.shape))
     torch.manual_seed(0)
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
@@ -155,12 +165,21 @@ def tiny_kandinsky(root: Path) -> tuple[Path, Path]:
         image_mean=[0.48145466, 0.4578275, 0.40821073], size=224,
         image_std=[0.26862954, 0.26130258, 0.27577711],
     )  # fmt: skip
-    prior_scheduler = UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample",
-                                      num_train_timesteps=1000, clip_sample=True,
-                                      clip_sample_range=10.0)
-    prior_pipe = KandinskyPriorPipeline(prior=prior, image_encoder=image_encoder,
-                                        text_encoder=text_encoder, tokenizer=clip_tok,
-                                        scheduler=prior_scheduler, image_processor=image_processor)
+    prior_scheduler = UnCLIPScheduler(
+        variance_type="fixed_small_log",
+        prediction_type="sample",
+        num_train_timesteps=1000,
+        clip_sample=True,
+        clip_sample_range=10.0,
+    )
+    prior_pipe = KandinskyPriorPipeline(
+        prior=prior,
+        image_encoder=image_encoder,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        scheduler=prior_scheduler,
+        image_processor=image_processor,
+    )
 
     en, bn = corpus()
     root.mkdir(parents=True, exist_ok=True)
@@ -193,11 +212,20 @@ def tiny_kandinsky(root: Path) -> tuple[Path, Path]:
         norm_type="spatial", num_vq_embeddings=12, out_channels=3,
         up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"], vq_embed_dim=4,
     )  # fmt: skip
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False,
-                              steps_offset=1, prediction_type="epsilon", thresholding=False)
-    decoder_pipe = KandinskyPipeline(text_encoder=mclip, tokenizer=xlmr_tok, unet=unet,
-                                     scheduler=scheduler, movq=movq)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+        thresholding=False,
+    )
+    decoder_pipe = KandinskyPipeline(
+        text_encoder=mclip, tokenizer=xlmr_tok, unet=unet, scheduler=scheduler, movq=movq
+    )
     prior_pipe.save_pretrained(root / "prior")
     decoder_pipe.save_pretrained(root / "decoder")
     return root / "prior", root / "decoder"

@@ -10,12 +10,14 @@ import pytest
 from bengali_fixtures import byte_clip_tokenizer
 from PIL import Image
 
+from bimac.config import load_config
 from shards.bengali import verify
 from shards.bengali.pack import PackConfig
 from shards.bengali.resumable import ShardRun, parse_cli, read_csv, shard_bounds
 from shards.bengali.synthesise import (
     BN_STOPWORDS,
     EN_STOPWORDS,
+    _version,
     build_prompt,
     sample_key,
     truncate_pair,
@@ -43,8 +45,12 @@ def test_truncation_drops_function_words_from_the_end_first():
     assert count_words(build_prompt(out_en, out_bn)) == 77
     assert len(out_en.split()) == 33 and len(out_bn.split()) == 37
     # every content word survives; the function words removed are the last 17 (EN) and 13 (BN)
-    assert out_en.split() == [w for i, c in enumerate(en_content) for w in (c, "the")[: 1 + (i < 8)]]
-    assert out_bn.split() == [w for i, c in enumerate(bn_content) for w in (c, "এবং")[: 1 + (i < 12)]]
+    assert out_en.split() == [
+        w for i, c in enumerate(en_content) for w in (c, "the")[: 1 + (i < 8)]
+    ]
+    assert out_bn.split() == [
+        w for i, c in enumerate(bn_content) for w in (c, "এবং")[: 1 + (i < 12)]
+    ]
 
 
 def test_truncation_gives_unused_share_to_the_other_language():
@@ -61,10 +67,14 @@ def test_truncation_with_a_clip_tokenizer_keeps_content_words_of_both_languages(
     def n_tokens(text: str) -> int:
         return len(tok(text).input_ids)
 
-    en = ("A large brown dog with a red collar is running across the green grass in the park "
-          "while two children in blue jackets are watching it from a wooden bench near the lake")
-    bn = ("একটি লাল কলার সহ একটি বড় বাদামী কুকুর পার্কে সবুজ ঘাসের উপর দিয়ে দৌড়াচ্ছে এবং "
-          "নীল জ্যাকেট পরা দুটি শিশু হ্রদের কাছে একটি কাঠের বেঞ্চ থেকে এটি দেখছে")
+    en = (
+        "A large brown dog with a red collar is running across the green grass in the park "
+        "while two children in blue jackets are watching it from a wooden bench near the lake"
+    )
+    bn = (
+        "একটি লাল কলার সহ একটি বড় বাদামী কুকুর পার্কে সবুজ ঘাসের উপর দিয়ে দৌড়াচ্ছে এবং "
+        "নীল জ্যাকেট পরা দুটি শিশু হ্রদের কাছে একটি কাঠের বেঞ্চ থেকে এটি দেখছে"
+    )
     assert n_tokens(build_prompt(en, bn)) > 77
     out_en, out_bn = truncate_pair(en, bn, n_tokens)
     assert n_tokens(build_prompt(out_en, out_bn)) <= 77
@@ -112,26 +122,29 @@ def _stub_embedder(vectors):
 
 def test_filter_keeps_exactly_the_pairs_at_or_above_tau(tmp_path, caplog):
     vectors, rows = {}, []
-    for i, (a, b, c) in enumerate(TRIPLES):
+    for i, (a, b, _) in enumerate(TRIPLES):
         en, bn = f"caption {i}", f"বাক্য {i}"
         vectors[en], vectors[bn] = (1.0, 0.0), (float(a), float(b))
         rows.append({"caption_id": i, "image_id": i, "en": en, "bn": bn})
     rows.append({"caption_id": 90, "image_id": 9, "en": "caption x", "bn": " "})  # empty BN
     _translated_shard(tmp_path / "tr", 0, rows[:4])
     _translated_shard(tmp_path / "tr", 1, rows[4:])
-    cfg = verify.VerifyConfig(translated=tmp_path / "tr", out=tmp_path / "ver", tau=0.6,
-                              batch_size=3)
+    cfg = verify.VerifyConfig(
+        translated=tmp_path / "tr", out=tmp_path / "ver", tau=0.6, batch_size=3
+    )
     for i in (0, 1):
         verify.verify_shard(_stub_embedder(vectors), cfg, i)
     report = verify.merge(cfg)
 
     expected = {i: a / c for i, (a, b, c) in enumerate(TRIPLES)}  # 0.28 .. 0.923, 3/5 == tau
     accepted = read_csv(tmp_path / "ver" / "accepted.csv")
-    assert sorted(int(r["caption_id"]) for r in accepted) == [i for i, s in expected.items()
-                                                               if s >= 0.6]
+    assert sorted(int(r["caption_id"]) for r in accepted) == [
+        i for i, s in expected.items() if s >= 0.6
+    ]
     assert 3 in {int(r["caption_id"]) for r in accepted}  # exactly at tau is kept
     scored = read_csv(tmp_path / "ver" / "shard_00000.csv") + read_csv(
-        tmp_path / "ver" / "shard_00001.csv")
+        tmp_path / "ver" / "shard_00001.csv"
+    )
     for r in scored:
         assert float(r["similarity"]) == pytest.approx(expected[int(r["caption_id"])], abs=1e-7)
         assert (r["valid"] == "True") == (expected[int(r["caption_id"])] >= 0.6)
@@ -146,8 +159,10 @@ def test_filter_keeps_exactly_the_pairs_at_or_above_tau(tmp_path, caplog):
 
 
 def test_filter_skips_a_failing_batch_and_counts_it(tmp_path, caplog):
-    rows = [{"caption_id": i, "image_id": 0, "en": f"c{i}", "bn": "boom" if i == 4 else f"ব{i}"}
-            for i in range(6)]
+    rows = [
+        {"caption_id": i, "image_id": 0, "en": f"c{i}", "bn": "boom" if i == 4 else f"ব{i}"}
+        for i in range(6)
+    ]
     vectors = {f"c{i}": (1.0, 0.0) for i in range(6)} | {f"ব{i}": (3.0, 4.0) for i in range(6)}
     _translated_shard(tmp_path / "tr", 0, rows)
     cfg = verify.VerifyConfig(translated=tmp_path / "tr", out=tmp_path / "ver", batch_size=2)
@@ -156,8 +171,10 @@ def test_filter_skips_a_failing_batch_and_counts_it(tmp_path, caplog):
     assert [int(r["caption_id"]) for r in read_csv(tmp_path / "ver" / "shard_00000.csv")] == [
         0, 1, 2, 3]  # fmt: skip
     rejects = read_csv(tmp_path / "ver" / "shard_00000.rejects.csv")
-    assert [(r["caption_id"], r["reason"]) for r in rejects] == [("4", "model_error"),
-                                                                  ("5", "model_error")]
+    assert [(r["caption_id"], r["reason"]) for r in rejects] == [
+        ("4", "model_error"),
+        ("5", "model_error"),
+    ]
     with caplog.at_level(logging.INFO):
         again = verify.verify_shard(_stub_embedder({}), cfg, 0)  # would fail if it ran
     assert again == summary and "nothing to do" in caplog.text
@@ -220,8 +237,18 @@ def test_shard_bounds_cover_everything_once():
 
 def test_parse_cli_reads_flags_overrides_and_yaml(tmp_path):
     (tmp_path / "pack.yaml").write_text("shard_size: 7\nimages: /coco\n")
-    cfg = parse_cli(PackConfig, ["--config", str(tmp_path / "pack.yaml"), "--from-world", "n=5",
-                                 "--out=/x", "--size", "32"])
+    cfg = parse_cli(
+        PackConfig,
+        [
+            "--config",
+            str(tmp_path / "pack.yaml"),
+            "--from-world",
+            "n=5",
+            "--out=/x",
+            "--size",
+            "32",
+        ],
+    )
     assert (cfg.shard_size, str(cfg.images), cfg.from_world, cfg.n, str(cfg.out), cfg.size) == (
         7, "/coco", True, 5, "/x", 32)  # fmt: skip
 
@@ -231,3 +258,51 @@ def test_summary_json_is_what_marks_a_shard_finished(tmp_path):
     run.run(_numbers(2), 5, _check, lambda items: [{"i": it["i"], "out": 1} for it in items])
     assert json.loads(run.summary_path.read_text())["shard"] == 3
     assert run.finished and run.csv_path.name == "shard_00003.csv"
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        ("translate", "shards.bengali.translate:TranslateConfig"),
+        ("verify", "shards.bengali.verify:VerifyConfig"),
+        ("synthesise", "shards.bengali.synthesise:SynthesiseConfig"),
+        ("pack", "shards.bengali.pack:PackConfig"),
+    ],
+)
+def test_stage_configs_load_with_the_paper_settings(name, cls):
+    import importlib
+
+    module, attr = cls.split(":")
+    cfg = load_config(
+        getattr(importlib.import_module(module), attr), f"configs/bengali/{name}.yaml"
+    )
+    paper = {
+        "translate": {"batch_size": 128, "num_shards": 10, "model": "Helsinki-NLP/opus-mt-en-bn"},
+        "verify": {"tau": 0.55, "model": "sentence-transformers/LaBSE"},
+        "synthesise": {
+            "height": 768,
+            "width": 768,
+            "seed": 42,
+            "max_tokens": 77,
+            "en_tokens": 37,
+            "negative_prompt": "low quality, bad anatomy, watermark",
+        },
+        "pack": {"shard_size": 1000},
+    }[name]
+    assert {k: getattr(cfg, k) for k in paper} == paper
+
+
+def test_sidecar_version_finds_the_hub_commit():
+    commit = "0123456789abcdef0123456789abcdef01234567"
+
+    class Pipe:
+        name_or_path = "kandinsky-community/kandinsky-2-1"
+        components = {
+            "unet": type(
+                "M", (), {"config": {"_name_or_path": f"/hub/models--k/snapshots/{commit}/unet"}}
+            )()
+        }  # noqa: E501
+
+    assert _version(Pipe(), "k") == {"name": "k", "revision": commit}
+    Pipe.components = {}
+    assert _version(Pipe(), "k") == {"name": "k", "revision": None}

@@ -24,20 +24,35 @@ REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES, DIM = 96, 8
 
 
+class ToyModel(nn.Module):
+    """An MLP with a 0-dim parameter, like open_clip's ``logit_scale`` (DeepSpeed trips on those)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(DIM, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.scale.dim() == 0
+        return self.mlp(x) * self.scale.exp()
+
+
 class ToyTask:
     """Two weighted loss terms (``mse``, ``l1``) and one metric; dropout exercises the RNG."""
 
     def __init__(self, micro: int, nan_calls: tuple[int, ...] = (), preempt_call: int = -1):
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(N_SAMPLES, DIM, generator=gen)
-        self.y = self.x @ torch.randn(DIM, generator=gen) + 0.1 * torch.randn(N_SAMPLES, generator=gen)
+        self.y = self.x @ torch.randn(DIM, generator=gen) + 0.1 * torch.randn(
+            N_SAMPLES, generator=gen
+        )
         self.micro = micro
         self.nan_calls, self.preempt_call = nan_calls, preempt_call
         self.calls = 0
         self.seen: list[int] = []
 
     def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(DIM, 32), nn.Tanh(), nn.Dropout(0.1), nn.Linear(32, 1))
+        return ToyModel()
 
     def build_train_loader(self, rank, world_size, epoch, samples_seen):
         order = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(100 + epoch))
@@ -55,19 +70,33 @@ class ToyTask:
         mse = (pred - batch["y"]).pow(2).mean()
         if self.calls in self.nan_calls:
             mse = mse * float("nan")
-        return {"mse": mse, "l1": 0.01 * pred.abs().mean()}, {"mae": (pred - batch["y"]).abs().mean().item()}
+        return {"mse": mse, "l1": 0.01 * pred.abs().mean()}, {
+            "mae": (pred - batch["y"]).abs().mean().item()
+        }
 
 
 def _cfg(out: Path, **kw):
     from bimac.engine import TrainConfig
 
-    base = dict(output_dir=out, global_batch_size=8, micro_batch_size=2, max_steps=10, epochs=100,
-                lr=3e-2, warmup_steps=2, wandb="disabled", progress_bar=False, export_at_end=False)
+    base = dict(
+        output_dir=out,
+        global_batch_size=8,
+        micro_batch_size=2,
+        max_steps=10,
+        epochs=100,
+        lr=3e-2,
+        warmup_steps=2,
+        wandb="disabled",
+        progress_bar=False,
+        export_at_end=False,
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def _params(model) -> list[float]:
-    return [round(v, 7) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()]
+    return [
+        round(v, 7) for v in torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    ]
 
 
 def scenario_zero(out: Path) -> dict:
@@ -80,10 +109,15 @@ def scenario_zero(out: Path) -> dict:
         res[f"zero{stage}"] = [h["loss"] for h in r.history]
     # accumulation 2: call 3 falls in step 2 -> step 2 skipped, then training goes on
     r = train(ToyTask(micro=2, nan_calls=(3,)), _cfg(out / "nan1", max_steps=4))
-    res["nan_once"] = {"applied": [h["applied"] for h in r.history], "skipped": r.summary["skipped"]}
+    res["nan_once"] = {
+        "applied": [h["applied"] for h in r.history],
+        "skipped": r.summary["skipped"],
+    }
     try:
-        train(ToyTask(micro=2, nan_calls=tuple(range(1, 100))),
-              _cfg(out / "nan_all", max_steps=10, max_consecutive_nonfinite=3))
+        train(
+            ToyTask(micro=2, nan_calls=tuple(range(1, 100))),
+            _cfg(out / "nan_all", max_steps=10, max_consecutive_nonfinite=3),
+        )
         res["nan_all"] = "no error"
     except NonFiniteTrainingError as err:
         res["nan_all"] = str(err)
@@ -104,12 +138,18 @@ def scenario_resume(out: Path) -> dict:
     rank = torch.distributed.get_rank()
     pre = ToyTask(micro=2, preempt_call=5 if rank == 0 else -1)  # call 5 = first micro of step 3
     r = train(pre, _cfg(out / "c"))
-    res["preempted"] = {"status": r.status, "step": r.step,
-                        "latest": (out / "c" / "checkpoints" / "latest").read_text()}
+    res["preempted"] = {
+        "status": r.status,
+        "step": r.step,
+        "latest": (out / "c" / "checkpoints" / "latest").read_text(),
+    }
     after = ToyTask(micro=2)
     r = train(after, _cfg(out / "c"))
-    res["after_preempt"] = {"status": r.status, "loss": [h["loss"] for h in r.history],
-                            "seen": pre.seen + after.seen}
+    res["after_preempt"] = {
+        "status": r.status,
+        "loss": [h["loss"] for h in r.history],
+        "seen": pre.seen + after.seen,
+    }
     return res
 
 
@@ -122,7 +162,9 @@ def scenario_killed_save(out: Path) -> dict:
 
     def dying_save(obj, f, *a, **k):
         original_save(obj, f, *a, **k)
-        if task.calls >= 8:  # step 4 done (2 micro-batches a step): die after writing the first file of its checkpoint
+        if (
+            task.calls >= 8
+        ):  # step 4 done (2 micro-batches a step): die after writing the first file of its checkpoint
             os._exit(17)
 
     torch.save = dying_save
@@ -137,10 +179,23 @@ def _launch(tmp_path: Path, scenario: str, nproc: int, expect_rc: int = 0) -> di
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={port}", __file__, scenario, str(tmp_path)]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "disabled",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={port}",
+        __file__,
+        scenario,
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
     assert proc.returncode == expect_rc, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = tmp_path / f"{scenario}.json"
@@ -190,7 +245,9 @@ def test_killed_save_keeps_previous_latest(tmp_path):
 def scenario_resume_after_kill(out: Path) -> dict:
     from bimac.engine import train
 
-    r = train(ToyTask(micro=2), _cfg(out / "k", global_batch_size=4, save_every_steps=2, max_steps=6))
+    r = train(
+        ToyTask(micro=2), _cfg(out / "k", global_batch_size=4, save_every_steps=2, max_steps=6)
+    )
     return {"first_step": r.history[0]["step"], "status": r.status}
 
 

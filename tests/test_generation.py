@@ -398,3 +398,26 @@ def test_bad_settings_raise(coca):
         GenerationConfig(top_p=0.0)
     with pytest.raises(ValueError, match="context"):
         generate(coca_adapter(coca), torch.zeros(1, 4, 32), GenerationConfig(max_new_tokens=30))
+
+
+class ListTokenizer:
+    """The bimac.data.tokenizer contract: decode(LongTensor [N, T]) -> list[str]."""
+
+    def decode(self, ids):
+        return [" ".join(str(t) for t in row if t not in (PAD, EOS)) for row in ids.tolist()]
+
+
+class HFStyleTokenizer:
+    def batch_decode(self, rows, skip_special_tokens):
+        assert skip_special_tokens
+        return ["|".join(map(str, row)) for row in rows]
+
+
+def test_texts_from_either_tokenizer_kind():
+    probs = {(): {A: 0.9, EOS: 0.1}, (A,): {B: 0.9, EOS: 0.1}}
+    table = lambda prefix: probs.get(prefix, {EOS: 1.0})  # noqa: E731
+    toy = ToyAdapter(table)
+    toy.tokenizer = ListTokenizer()
+    assert generate(toy, torch.zeros(2, 1, 1), GenerationConfig()).texts == ["3 4", "3 4"]
+    toy.tokenizer = HFStyleTokenizer()
+    assert generate(toy, torch.zeros(1, 1, 1), GenerationConfig()).texts == ["3|4|2"]

@@ -20,20 +20,29 @@ def _free_port() -> int:
 def export_env() -> None:
     """Make RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT exist.
 
-    ``deepspeed.init_distributed`` reads these and otherwise tries MPI. Under ``srun`` we map the
-    SLURM variables with submitit (master = first host of the node list, port from the job id);
-    with nothing set we are one local process.
+    ``deepspeed.init_distributed`` reads these and otherwise tries MPI. In a submitit job,
+    submitit's TorchDistributedEnvironment exports them; under plain ``srun`` we map
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (master = first host of the node list, port from the
+    job id); with nothing set we are one local process.
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         os.environ.setdefault("LOCAL_RANK", "0")
         return
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    if "SUBMITIT_EXECUTOR" in os.environ:  # a submitit job (slurm or local executor)
         import submitit
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        logger.info(
-            "mapped SLURM to rank %d/%d, master %s", env.rank, env.world_size, env.master_addr
+        logger.info("submitit rank %d/%d, master %s", env.rank, env.world_size, env.master_addr)
+        return
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun, one task per GPU
+        job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
+        os.environ.update(
+            RANK=os.environ["SLURM_PROCID"],
+            WORLD_SIZE=os.environ["SLURM_NTASKS"],
+            LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
         )
+        os.environ.setdefault("MASTER_ADDR", master_host(os.environ["SLURM_JOB_NODELIST"]))
+        os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))  # as slurm/pretrain.sh
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -63,9 +72,3 @@ def master_host(nodelist: str) -> str:
     from submitit.slurm.slurm import _parse_node_list
 
     return _parse_node_list(nodelist)[0]
-
-
-if __name__ == "__main__":  # used by slurm/pretrain.sh when scontrol is not available
-    import sys
-
-    print(master_host(sys.argv[1]))

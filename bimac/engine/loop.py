@@ -13,12 +13,13 @@ skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,6 +109,24 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     ]
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+@contextlib.contextmanager
+def _scalar_params_as_vectors(model: nn.Module) -> Iterator[None]:
+    """DeepSpeed 0.19.8 broadcasts every parameter as ``p.data.view(torch.uint8)`` at set-up,
+    which raises on 0-dim parameters (open_clip's ``logit_scale``). Give them shape ``[1]`` while
+    DeepSpeed sets up (its flat ZeRO buffers then hold them as 1 element) and restore ``[]``."""
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.data = p.data.view(1)
+    try:
+        yield
+    finally:
+        for p in scalars:
+            if hasattr(p, "ds_shape"):  # ZeRO-3: gathered into ds_shape, partition stays flat
+                p.ds_shape = torch.Size([])
+            if p.data.numel() == 1:
+                p.data = p.data.view(())
 
 
 def total_optimizer_steps(cfg: TrainConfig) -> int:
@@ -207,12 +226,13 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=build_deepspeed_config(cfg, accumulation),
-    )
+    with _scalar_params_as_vectors(model):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=build_deepspeed_config(cfg, accumulation),
+        )
     seed_everything(cfg.seed + rank)  # independent dropout/augmentation streams per rank
 
     step, epoch, samples_seen, total_samples, consecutive = 0, 0, 0, 0, 0
@@ -336,17 +356,23 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
                     run_log.finish({"status": "diverged", "step": step, "message": msg})
                     raise NonFiniteTrainingError(msg)
                 if any(g[2] for g in gathered):  # preemption on any rank: save and leave
-                    last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+                    last_saved = ckpt.save_checkpoint(
+                        engine, ckpt_root, step, client_state(), cfg.keep_last
+                    )
                     status = "preempted"
                 elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+                    last_saved = ckpt.save_checkpoint(
+                        engine, ckpt_root, step, client_state(), cfg.keep_last
+                    )
             if epoch_done:
                 epoch, samples_seen = epoch + 1, 0
 
     export_dir = None
     if status == "completed":
         if last_saved is None or last_saved.name != ckpt.tag_for_step(step):
-            last_saved = ckpt.save_checkpoint(engine, ckpt_root, step, client_state(), cfg.keep_last)
+            last_saved = ckpt.save_checkpoint(
+                engine, ckpt_root, step, client_state(), cfg.keep_last
+            )
         if cfg.export_at_end:
             export_dir = ckpt.export_model(engine, out / "export", experiment_config, task)
     tail = history[-min(len(history), 10) :]

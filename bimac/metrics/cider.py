@@ -48,8 +48,11 @@ def _encode(captions: Sequence[object], vocab: dict[str, int] | None = None, ids
     keep ids ``1..n_known`` and unknown ones follow. Returns
     ``(tok, lengths, n_known, n_symbols, vocab_or_ids)``.
     """
-    kinds = {isinstance(c, str) or (len(c) > 0 and isinstance(next(iter(c)), str))
-             for c in captions if len(c)}
+    kinds = {
+        isinstance(c, str) or (len(c) > 0 and isinstance(next(iter(c)), str))
+        for c in captions
+        if len(c)
+    }
     if len(kinds) > 1:
         raise TypeError("captions mix string tokens and integer token ids")
     if not kinds or kinds == {True}:
@@ -129,7 +132,7 @@ def _cider_core(
     val = np.zeros((n_sent, n))  # clipped products, on the reference rows
     for k in range(n):
         shifted = np.zeros(total, np.int64)
-        shifted[: total - k] = tok[k:]
+        shifted[: max(total - k, 0)] = tok[k:]
         key = key * base + shifted  # only meaningful where remaining > k
         pos = np.flatnonzero(remaining > k)
         if not len(pos):
@@ -242,7 +245,7 @@ class CiderD:
         self._df: list[np.ndarray] = []
         for k in range(n):
             shifted = np.zeros(len(tok), np.int64)
-            shifted[: len(tok) - k] = tok[k:]
+            shifted[: max(len(tok) - k, 0)] = tok[k:]
             key = key * self._base + shifted  # meaningful where remaining > k
             pos = np.flatnonzero(remaining > k)
             uniq, inv = np.unique(key[pos], return_inverse=True)

@@ -27,7 +27,9 @@ class SpiceUnavailable(RuntimeError):
 def spice_unavailable_reason() -> str | None:
     """None when SPICE can run, else the reason it cannot."""
     lib = _pycocoevalcap_dir() / "spice" / "lib"
-    missing = [f"{CORENLP}{s}.jar" for s in ("", "-models") if not (lib / f"{CORENLP}{s}.jar").exists()]
+    missing = [
+        f"{CORENLP}{s}.jar" for s in ("", "-models") if not (lib / f"{CORENLP}{s}.jar").exists()
+    ]
     if missing:
         return f"Stanford CoreNLP models missing from {lib}: {', '.join(missing)}"
     if not java_available():

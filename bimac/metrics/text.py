@@ -103,9 +103,7 @@ def tokenize(sentences: Sequence[str], lang: str) -> list[str]:
     raise ValueError(f"unsupported language {lang!r}; expected 'en' or 'bn'")
 
 
-def tokenize_groups(
-    groups: Mapping[object, Sequence[str]], lang: str
-) -> dict[object, list[str]]:
+def tokenize_groups(groups: Mapping[object, Sequence[str]], lang: str) -> dict[object, list[str]]:
     """Tokenise a ``{image_id: [captions]}`` mapping in one call (one JVM for English)."""
     keys = list(groups)
     flat = [c for k in keys for c in groups[k]]

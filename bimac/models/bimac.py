@@ -166,6 +166,23 @@ class PatchDecoder(nn.Module):
         return self.out(self.blocks(queries, kv, memory_key_padding_mask=pad))
 
 
+def _init_multimodal_decoder(decoder: nn.Module) -> None:
+    """open_clip's initialisation of the CoCa multimodal decoder, which open_clip 3.3 never runs.
+
+    Its ``text_projection`` is created with ``torch.empty`` (garbage: logits ~1e23 here) and its
+    own ``init_parameters`` raises (it reads a ``.transformer`` attribute the class lacks); only
+    pretrained weights hide this. Same standard deviations as ``MultimodalTransformer.init_parameters``.
+    """
+    width, layers = decoder.width, len(decoder.resblocks)
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    for block in [*decoder.resblocks, *decoder.cross_attn]:
+        nn.init.normal_(block.attn.in_proj_weight, std=width**-0.5)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn.init.normal_(decoder.text_projection, std=width**-0.5)
+
+
 def pool_spans(tokens: torch.Tensor, spans: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``tokens [B, L, D]`` over each span ``[start, end)`` in ``spans [B, N, 2]`` -> ``[B, N, D]``.
 
@@ -192,6 +209,7 @@ class BiMAC(nn.Module):
         super().__init__()
         self.config = config
         self.coca = open_clip.CoCa(**config.coca_kwargs())
+        _init_multimodal_decoder(self.coca.text_decoder)
         if config.pretrained:
             self._load_open_clip(config.pretrained)
         num_patches = config.grid**2

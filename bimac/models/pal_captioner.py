@@ -305,7 +305,7 @@ class PALCaptioner(nn.Module):
         )
         logits = self.mbart.lm_head(out.last_hidden_state) + self.mbart.final_logits_bias
         cross = out.cross_attentions if output_attentions else None
-        if output_attentions and (cross is None or cross[0] is None):
+        if output_attentions and (not cross or cross[0] is None):
             raise RuntimeError("the decoder returned no cross-attentions: it must use eager attention")
         return logits, cross
 
@@ -340,7 +340,15 @@ class PALCaptioner(nn.Module):
     def adapter(self) -> Any:
         from bimac.generation import MBartAdapter
 
-        return MBartAdapter.from_model(self.mbart, forced_first_token_id=self.lang_id, tokenizer=self.tokenizer)
+        adapter = MBartAdapter.from_model(self.mbart, forced_first_token_id=self.lang_id, tokenizer=self.tokenizer)
+        # After the forced code, a caption never contains a language code, <s>, <pad> or <mask>.
+        from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
+
+        tok = self.tokenizer
+        never = {tok.convert_tokens_to_ids(c) for c in FAIRSEQ_LANGUAGE_CODES}
+        never |= {tok.bos_token_id, tok.pad_token_id, tok.mask_token_id}
+        adapter.suppressed_token_ids = tuple(sorted(i for i in never if i is not None))
+        return adapter
 
     @torch.no_grad()
     def caption(self, images: torch.Tensor, gen_cfg: Any = None) -> Any:
@@ -359,6 +367,18 @@ class PALCaptioner(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------
 
+    def _tied_keys(self) -> set[str]:
+        """State-dict keys that share storage with an earlier key (the tied embedding and LM
+        head): safetensors refuses shared storage, and loading the first one restores them."""
+        seen: set[int] = set()
+        tied = set()
+        for k, v in self.state_dict(keep_vars=True).items():
+            ptr = v.data_ptr()
+            if ptr in seen:
+                tied.add(k)
+            seen.add(ptr)
+        return tied
+
     def save_pretrained(self, directory: str | Path) -> None:
         """``model.safetensors`` (bridge + decoder + step; not the frozen tower unless it is
         random), ``config.yaml`` and the tokenizer files; loads without pickled code."""
@@ -366,12 +386,10 @@ class PALCaptioner(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        state = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         if self.cfg.vision != "tiny":
             state = {k: v for k, v in state.items() if not k.startswith("vision.")}
-        # lm_head shares the embedding matrix; safetensors refuses shared storage.
-        state.pop("mbart.lm_head.weight", None)
-        save_file(state, str(directory / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
         save_config(self.cfg, directory / "config.yaml")
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
 
@@ -389,7 +407,8 @@ class PALCaptioner(nn.Module):
         model = cls(cfg, tokenizer=tok)
         state = load_file(str(directory / "model.safetensors"), device=map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("vision.") and k != "mbart.lm_head.weight"]
+        tied = model._tied_keys()
+        missing = [k for k in missing if not k.startswith("vision.") and k not in tied]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.apply_unfreeze(int(model.num_updates))

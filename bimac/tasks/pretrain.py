@@ -151,20 +151,20 @@ class PretrainTask:
             weights = self._reward_weights(model, out, batch, metrics) if o.rf else None
             raw = caption_loss(out["logits"], out["labels"], self.model_config.pad_id, weights)
             terms["cg"] = o.lambda_cg * raw
-            metrics["loss_cg"] = float(raw)
+            metrics["loss_cg"] = raw.item()
         if o.grounding:
             raw, stats = grounding_loss(
                 out["noun_emb"], out["noun_mask"], out["patch_emb"],
                 out["grounding_logit_scale"], out["grounding_logit_bias"], out["matches"],
             )
             terms["grounding"] = o.lambda_git * raw
-            metrics.update(stats, loss_grounding=float(raw))
+            metrics.update(stats, loss_grounding=raw.item())
         if o.git:
             raw = reconstruction_loss(out["reconstruction"], out["target_pixels"], o.rec_norm_pix)
             terms["reconstruction"] = o.lambda_git * raw
-            metrics["loss_reconstruction"] = float(raw)
+            metrics["loss_reconstruction"] = raw.item()
         if "mcl" in terms:
-            metrics["loss_mcl"] = float(terms["mcl"])
+            metrics["loss_mcl"] = terms["mcl"].item()
         if "noun_emb" in out and "noun_boxes" in batch:
             score, count = pointing_game(
                 out["noun_emb"], out["patch_emb"], batch["noun_boxes"], batch["noun_has_box"],

@@ -2,8 +2,8 @@
 
 ``python -m shards.bengali.pack --synthetic work/synthetic --images coco/train2014 --out shards/bn``
 writes ``NNNNN.tar`` with ``KEY.jpg`` (real), ``KEY.syn.jpg``, ``KEY.txt`` and ``KEY.en.txt``
-(English), ``KEY.bn.txt``, ``KEY.json`` (ids, LaBSE similarity, prompt, seed, model versions,
-prompt SHA-256) and ``NNNNN_stats.json`` (img2dataset's counters plus the samples dropped and why).
+(English), ``KEY.bn.txt``, ``KEY.json`` (ids, LaBSE similarity, prompt, prompt SHA-256, seed;
+the sidecar's model names, versions and settings under ``synthesis``) and ``NNNNN_stats.json`` (img2dataset's counters plus the samples dropped and why).
 
 ``python -m shards.bengali.pack --from-world --n 256 --out DIR`` builds the same layout from the
 embedded world (:mod:`bimac.data.synthetic`, whose scenes come with EN/BN captions and a rendered
@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,11 +44,11 @@ from shards.bengali.synthesise import build_prompt, prompt_sha256
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-#: sidecar fields copied into ``KEY.json``
-SIDECAR_FIELDS = (
-    "prompt", "prompt_sha256", "negative_prompt", "seed", "height", "width", "prior_steps",
-    "decoder_steps", "prior_guidance_scale", "guidance_scale", "prior_model", "decoder_model",
-    "dtype", "versions", "image_sha256",
+#: sidecar fields kept under ``synthesis`` in ``KEY.json``: how the companion was made
+SYNTHESIS_FIELDS = (
+    "negative_prompt", "height", "width", "prior_steps", "decoder_steps", "prior_guidance_scale",
+    "guidance_scale", "prior_model", "decoder_model", "dtype", "device", "versions", "generator",
+    "jpeg_quality", "image_sha256",
 )  # fmt: skip
 
 
@@ -90,6 +90,21 @@ def _jpeg_bytes(path: Path, what: str) -> bytes:
         raise BadSample(f"undecodable_{what}", f"{path}: {err}") from err
 
 
+def _good_samples(
+    group: Sequence[T], make_sample: Callable[[T], dict[str, Any]], status: Counter[str], shard: int
+) -> Iterator[dict[str, Any]]:
+    """The samples of ``group`` that could be made; the others counted in ``status`` and logged."""
+    for item in group:
+        try:
+            sample = make_sample(item)
+        except BadSample as err:
+            status[err.reason] += 1
+            log.warning("pack shard %05d: skipped %s", shard, err)
+            continue
+        status["success"] += 1
+        yield sample
+
+
 def pack(
     items: Sequence[T], make_sample: Callable[[T], dict[str, Any]], out: Path, shard_size: int
 ) -> dict[str, Any]:
@@ -112,21 +127,12 @@ def pack(
         status: Counter[str] = Counter()
         started = time.time()
 
-        def samples(group: Sequence[T] = items[k * shard_size : (k + 1) * shard_size],
-                    status: Counter[str] = status):
-            for item in group:
-                try:
-                    sample = make_sample(item)
-                except BadSample as err:
-                    status[err.reason] += 1
-                    log.warning("pack shard %05d: skipped %s", k, err)
-                    continue
-                status["success"] += 1
-                yield sample
-
         tmp = out / f".tmp_{k:05d}_{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tars = write_shards(samples(), tmp, shard_size=shard_size + 1)
+        group = items[k * shard_size : (k + 1) * shard_size]
+        tars = write_shards(
+            _good_samples(group, make_sample, status, k), tmp, shard_size=shard_size + 1
+        )
         if tars:
             os.replace(tars[0], out / f"{k:05d}.tar")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,8 +145,13 @@ def pack(
         totals.update(status)
         log.info("pack shard %05d: %s", k, dict(status))
     if skipped:
-        log.info("pack: %d of %d shards in %s were already finished%s", skipped, n_shards, out,
-                 "; nothing to do" if skipped == n_shards else "")
+        log.info(
+            "pack: %d of %d shards in %s were already finished%s",
+            skipped,
+            n_shards,
+            out,
+            "; nothing to do" if skipped == n_shards else "",
+        )
     return {"shards": n_shards, "already_finished": skipped, "status": dict(totals)}
 
 
@@ -160,20 +171,32 @@ def synthesised_rows(synthetic: Path) -> list[dict[str, str]]:
 
 def coco_triplet(row: dict[str, str], cfg: PackConfig) -> dict[str, Any]:
     """Triplet sample of one synthesised row: the COCO image, the companion, captions, sidecar."""
-    real = _jpeg_bytes(Path(cfg.images) / cfg.image_pattern.format(image_id=int(row["image_id"])),
-                       "real")
+    real = _jpeg_bytes(
+        Path(cfg.images) / cfg.image_pattern.format(image_id=int(row["image_id"])), "real"
+    )
     syn = _jpeg_bytes(Path(cfg.synthetic) / row["image"], "synthetic")
-    sidecar = json.loads((Path(cfg.synthetic) / row["sidecar"]).read_text(encoding="utf-8"))
+    sidecar_path = Path(cfg.synthetic) / row["sidecar"]
+    if not sidecar_path.is_file():
+        raise BadSample("missing_sidecar", str(sidecar_path))
+    sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
     with Image.open(io.BytesIO(real)) as img:
         width, height = img.size
     meta = {
         "caption_id": row["caption_id"], "image_id": row["image_id"],
         "similarity": float(row["similarity"]), "captions_en": [row["en"]],
         "captions_bn": [row["bn"]], "width": width, "height": height,
-        **{k: sidecar[k] for k in SIDECAR_FIELDS},
+        "prompt": sidecar["prompt"], "prompt_sha256": sidecar["prompt_sha256"],
+        "seed": sidecar["seed"], "synthesis": {k: sidecar[k] for k in SYNTHESIS_FIELDS},
     }  # fmt: skip
-    return {"__key__": row["key"], "jpg": real, "syn.jpg": syn, "txt": row["en"],
-            "en.txt": row["en"], "bn.txt": row["bn"], "json": meta}
+    return {
+        "__key__": row["key"],
+        "jpg": real,
+        "syn.jpg": syn,
+        "txt": row["en"],
+        "en.txt": row["en"],
+        "bn.txt": row["bn"],
+        "json": meta,
+    }
 
 
 def world_triplet(index: int, cfg: PackConfig) -> dict[str, Any]:

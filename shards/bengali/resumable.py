@@ -124,8 +124,12 @@ class ShardRun:
 
     def summary(self) -> dict[str, Any]:
         """The summary of a finished shard (saying so in the log)."""
-        log.info("%s %s is already finished (%s); nothing to do", self.stage,
-                 shard_name(self.index), self.summary_path)
+        log.info(
+            "%s %s is already finished (%s); nothing to do",
+            self.stage,
+            shard_name(self.index),
+            self.summary_path,
+        )
         return json.loads(self.summary_path.read_text())
 
     def part_path(self, batch: int) -> Path:
@@ -150,10 +154,17 @@ class ShardRun:
         n_batches = (len(items) + batch_size - 1) // batch_size
         todo = [b for b in range(n_batches) if not self.part_path(b).is_file()]
         if len(todo) < n_batches:
-            log.info("%s %s: resuming, %d of %d batches already done", self.stage,
-                     shard_name(self.index), n_batches - len(todo), n_batches)
+            log.info(
+                "%s %s: resuming, %d of %d batches already done",
+                self.stage,
+                shard_name(self.index),
+                n_batches - len(todo),
+                n_batches,
+            )
         desc = f"{self.stage} {shard_name(self.index)}"
-        for b in tqdm(todo, desc=desc, unit="batch", initial=n_batches - len(todo), total=n_batches):
+        for b in tqdm(
+            todo, desc=desc, unit="batch", initial=n_batches - len(todo), total=n_batches
+        ):
             batch = list(items[b * batch_size : (b + 1) * batch_size])
             rejects = []
             good = []
@@ -171,11 +182,14 @@ class ShardRun:
                     if len(rows) != len(good):
                         raise RuntimeError(f"{len(rows)} outputs for {len(good)} inputs")
                 except Exception as err:  # one bad batch must not stop a day-long job
-                    log.exception("%s: batch %d (%d items) failed, skipped: %s", desc, b,
-                                  len(good), err)
+                    log.exception(
+                        "%s: batch %d (%d items) failed, skipped: %s", desc, b, len(good), err
+                    )
                     rows, failed = [], True
                     rejects.extend({**item, "reason": MODEL_ERROR} for item in good)
-            atomic_write_json(self.part_path(b), {"rows": rows, "rejects": rejects, "failed": failed})
+            atomic_write_json(
+                self.part_path(b), {"rows": rows, "rejects": rejects, "failed": failed}
+            )
         return self._finish(n_batches, len(items), time.time() - started)
 
     def _finish(self, n_batches: int, n_items: int, seconds: float) -> dict[str, Any]:
@@ -200,14 +214,23 @@ class ShardRun:
         }
         atomic_write_json(self.summary_path, summary)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
-        log.info("%s %s done: %d in, %d kept, rejected %s, %d failed batches", self.stage,
-                 shard_name(self.index), n_items, len(rows), summary["rejected"] or "none", failed)
+        log.info(
+            "%s %s done: %d in, %d kept, rejected %s, %d failed batches",
+            self.stage,
+            shard_name(self.index),
+            n_items,
+            len(rows),
+            summary["rejected"] or "none",
+            failed,
+        )
         return summary
 
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import re
 import string
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -44,15 +44,18 @@ PROMPT_TEMPLATE = "A photo of: {en}. In Bengali: {bn}"
 NEGATIVE_PROMPT = "low quality, bad anatomy, watermark"
 
 # Function words dropped first when a caption must be shortened; everything else is content.
-EN_STOPWORDS = frozenset(
-    "a an the of in on at to with and or is are was were be been being its it this that these "
-    "those there some by for from as into onto while his her their our your which who has have "
-    "very up down".split()
-)
-BN_STOPWORDS = frozenset(
-    "একটি একটা একজন এবং ও আর এর এই সেই যে যা হয় হচ্ছে হয়েছে আছে রয়েছে করে করছে কিছু তার তাদের "
-    "সঙ্গে সাথে জন্য থেকে দিয়ে মধ্যে উপর উপরে কাছে খুব কি".split()
-)
+# Compared after NFC normalisation (Bengali য় has two spellings).
+EN_STOPWORDS = frozenset((
+    "a", "an", "the", "of", "in", "on", "at", "to", "with", "and", "or", "is", "are", "was",
+    "were", "be", "been", "being", "its", "it", "this", "that", "these", "those", "there",
+    "some", "by", "for", "from", "as", "into", "onto", "while", "his", "her", "their", "our",
+    "your", "which", "who", "has", "have", "very", "up", "down",
+))  # fmt: skip
+BN_STOPWORDS = frozenset(unicodedata.normalize("NFC", w) for w in (
+    "একটি", "একটা", "একজন", "এবং", "ও", "আর", "এর", "এই", "সেই", "যে", "যা", "হয়", "হচ্ছে",
+    "হয়েছে", "আছে", "রয়েছে", "করে", "করছে", "কিছু", "তার", "তাদের", "সঙ্গে", "সাথে", "জন্য",
+    "থেকে", "দিয়ে", "মধ্যে", "উপর", "উপরে", "কাছে", "খুব", "কি",
+))  # fmt: skip
 
 
 _PUNCTUATION = string.punctuation + "।‘’“”"
@@ -79,7 +82,7 @@ class SynthesiseConfig:
     batch_size: int = 16  # items per saved progress part (images are rendered one at a time)
     jpeg_quality: int = 95
     device: str = "auto"
-    dtype: str = "auto"  # auto: float16 on GPU, float32 on CPU
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"  # auto: fp16 GPU, fp32 CPU
 
 
 def build_prompt(en: str, bn: str) -> str:
@@ -94,7 +97,7 @@ def prompt_sha256(prompt: str) -> str:
 def _drop_one(words: list[str], stopwords: frozenset[str]) -> None:
     """Remove the last function word, or the last word when there is none."""
     for i in range(len(words) - 1, -1, -1):
-        if words[i].lower().strip(_PUNCTUATION) in stopwords:
+        if unicodedata.normalize("NFC", words[i].lower().strip(_PUNCTUATION)) in stopwords:
             del words[i]
             return
     words.pop()
@@ -116,7 +119,9 @@ def truncate_pair(
     en_words, bn_words = en.split(), bn.split()
     sides = ((en_words, EN_STOPWORDS, en_tokens), (bn_words, BN_STOPWORDS, max_tokens - en_tokens))
     while count_tokens(build_prompt(" ".join(en_words), " ".join(bn_words))) > max_tokens:
-        over = [(count_tokens(" ".join(w)) - share, -i) for i, (w, _, share) in enumerate(sides) if w]
+        over = [
+            (count_tokens(" ".join(w)) - share, -i) for i, (w, _, share) in enumerate(sides) if w
+        ]
         if not over:
             raise ValueError(f"the prompt template alone exceeds {max_tokens} tokens")
         words, stopwords, _ = sides[-max(over)[1]]  # the side furthest over; a tie -> English
@@ -131,9 +136,22 @@ def sample_key(caption_id: Any) -> str:
 
 
 def _version(pipe: Any, name: str) -> dict[str, Any]:
-    """Name and (for hub snapshots) commit of a loaded pipeline, for the sidecar."""
-    path = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", name))
-    commit = re.search(r"snapshots/([0-9a-f]{40})", path)
+    """Name and, for a hub download, the commit of a loaded pipeline (for the sidecar).
+
+    A pipeline loaded from the hub knows its snapshot folder (``.../snapshots/<commit>``) through
+    its components' configs; a local folder has no commit.
+    """
+    paths = [str(getattr(pipe, "name_or_path", None) or "")]
+    for component in getattr(pipe, "components", {}).values():
+        config = getattr(component, "config", None)
+        if isinstance(config, dict):  # diffusers models and schedulers
+            paths.append(str(config.get("_name_or_path", "")))
+        elif config is not None:  # transformers models
+            paths += [
+                str(getattr(config, "_commit_hash", None) or ""),
+                str(getattr(config, "_name_or_path", "")),
+            ]
+    commit = re.search(r"(?:^|snapshots/)([0-9a-f]{40})\b", "\n".join(paths), re.MULTILINE)
     return {"name": name, "revision": commit.group(1) if commit else None}
 
 
@@ -155,9 +173,12 @@ class KandinskySynthesiser:
 
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        dtype = {"auto": torch.float16 if self.device.type == "cuda" else torch.float32,
-                 "float16": torch.float16, "float32": torch.float32,
-                 "bfloat16": torch.bfloat16}[cfg.dtype]
+        dtype = {
+            "auto": torch.float16 if self.device.type == "cuda" else torch.float32,
+            "float16": torch.float16,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+        }[cfg.dtype]
         if prior is None:
             prior = KandinskyPriorPipeline.from_pretrained(cfg.prior_model, torch_dtype=dtype)
         if decoder is None:
@@ -170,7 +191,10 @@ class KandinskySynthesiser:
 
     def count_tokens(self, text: str) -> int:
         """Tokens of ``text`` under the stricter of the prior's and the decoder's tokenizers."""
-        return max(len(tok(text).input_ids) for tok in (self.prior.tokenizer, self.decoder.tokenizer))
+        return max(
+            len(tok(text, verbose=False).input_ids)
+            for tok in (self.prior.tokenizer, self.decoder.tokenizer)
+        )
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the prompt that determines an image."""
@@ -178,12 +202,18 @@ class KandinskySynthesiser:
 
         c = self.cfg
         return {
-            "negative_prompt": c.negative_prompt, "seed": c.seed, "height": c.height,
-            "width": c.width, "prior_steps": c.prior_steps, "decoder_steps": c.decoder_steps,
-            "prior_guidance_scale": c.prior_guidance_scale, "guidance_scale": c.guidance_scale,
+            "negative_prompt": c.negative_prompt,
+            "seed": c.seed,
+            "height": c.height,
+            "width": c.width,
+            "prior_steps": c.prior_steps,
+            "decoder_steps": c.decoder_steps,
+            "prior_guidance_scale": c.prior_guidance_scale,
+            "guidance_scale": c.guidance_scale,
             "prior_model": _version(self.prior, c.prior_model),
             "decoder_model": _version(self.decoder, c.decoder_model),
-            "dtype": self.dtype, "device": self.device.type,
+            "dtype": self.dtype,
+            "device": self.device.type,
             "versions": {"diffusers": diffusers.__version__, "torch": torch.__version__},
             "generator": "torch.Generator('cpu').manual_seed(seed), fresh for prior and decoder",
         }
@@ -193,16 +223,23 @@ class KandinskySynthesiser:
         """Render ``prompt`` with ``settings`` (as returned by :meth:`settings`)."""
         s = settings
         prior_out = self.prior(
-            prompt, negative_prompt=s["negative_prompt"], num_inference_steps=s["prior_steps"],
+            prompt,
+            negative_prompt=s["negative_prompt"],
+            num_inference_steps=s["prior_steps"],
             guidance_scale=s["prior_guidance_scale"],
             generator=torch.Generator("cpu").manual_seed(s["seed"]),
         )
         return self.decoder(
-            prompt, image_embeds=prior_out.image_embeds,
+            prompt,
+            image_embeds=prior_out.image_embeds,
             negative_image_embeds=prior_out.negative_image_embeds,
-            negative_prompt=s["negative_prompt"], height=s["height"], width=s["width"],
-            num_inference_steps=s["decoder_steps"], guidance_scale=s["guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(s["seed"]), output_type="pil",
+            negative_prompt=s["negative_prompt"],
+            height=s["height"],
+            width=s["width"],
+            num_inference_steps=s["decoder_steps"],
+            guidance_scale=s["guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(s["seed"]),
+            output_type="pil",
         ).images[0]
 
 
@@ -211,21 +248,35 @@ def synthesise_item(item: dict[str, Any], synth: KandinskySynthesiser, out: Path
     key = sample_key(item["caption_id"])
     image_path, sidecar_path = out / "images" / f"{key}.jpg", out / "images" / f"{key}.json"
     if not sidecar_path.is_file():  # the sidecar is written after the image: present = done
-        en, bn = truncate_pair(item["en"], item["bn"], synth.count_tokens,
-                               synth.cfg.max_tokens, synth.cfg.en_tokens)
+        en, bn = truncate_pair(
+            item["en"], item["bn"], synth.count_tokens, synth.cfg.max_tokens, synth.cfg.en_tokens
+        )
         prompt = build_prompt(en, bn)
         settings = synth.settings()
         data = image_bytes(synth.generate(prompt, settings), synth.cfg.jpeg_quality)
         atomic_write_bytes(image_path, data)
-        atomic_write_json(sidecar_path, {
-            "key": key, "caption_id": item["caption_id"], "image_id": item["image_id"],
-            "en": item["en"], "bn": item["bn"], "similarity": float(item["similarity"]),
-            "prompt": prompt, "prompt_sha256": prompt_sha256(prompt),
-            "jpeg_quality": synth.cfg.jpeg_quality, "image_sha256": hashlib.sha256(data).hexdigest(),
-            **settings,
-        })
-    return {**{k: item[k] for k in ("caption_id", "image_id", "en", "bn", "similarity")},
-            "key": key, "image": f"images/{key}.jpg", "sidecar": f"images/{key}.json"}
+        atomic_write_json(
+            sidecar_path,
+            {
+                "key": key,
+                "caption_id": item["caption_id"],
+                "image_id": item["image_id"],
+                "en": item["en"],
+                "bn": item["bn"],
+                "similarity": float(item["similarity"]),
+                "prompt": prompt,
+                "prompt_sha256": prompt_sha256(prompt),
+                "jpeg_quality": synth.cfg.jpeg_quality,
+                "image_sha256": hashlib.sha256(data).hexdigest(),
+                **settings,
+            },
+        )
+    return {
+        **{k: item[k] for k in ("caption_id", "image_id", "en", "bn", "similarity")},
+        "key": key,
+        "image": f"images/{key}.jpg",
+        "sidecar": f"images/{key}.json",
+    }
 
 
 def regenerate(sidecar: dict[str, Any], synth: KandinskySynthesiser) -> bytes:
@@ -234,8 +285,13 @@ def regenerate(sidecar: dict[str, Any], synth: KandinskySynthesiser) -> bytes:
         raise ValueError(f"sidecar {sidecar['key']}: the prompt does not match its SHA-256")
     for role in ("prior_model", "decoder_model"):
         if sidecar[role]["name"] != getattr(synth.cfg, role):
-            log.warning("regenerate %s: %s was %s, now %s", sidecar["key"], role,
-                        sidecar[role]["name"], getattr(synth.cfg, role))
+            log.warning(
+                "regenerate %s: %s was %s, now %s",
+                sidecar["key"],
+                role,
+                sidecar[role]["name"],
+                getattr(synth.cfg, role),
+            )
     return image_bytes(synth.generate(sidecar["prompt"], sidecar), sidecar["jpeg_quality"])
 
 
@@ -259,10 +315,15 @@ def synthesise_shard(
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
     cfg = parse_cli(SynthesiseConfig, argv)
-    todo = [i for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
-            if not ShardRun(cfg.out, "synthesise", i, FIELDS).finished]
+    todo = [
+        i
+        for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
+        if not ShardRun(cfg.out, "synthesise", i, FIELDS).finished
+    ]
     if not todo:
-        log.info("synthesise: every requested shard in %s is already finished; nothing to do", cfg.out)
+        log.info(
+            "synthesise: every requested shard in %s is already finished; nothing to do", cfg.out
+        )
         return []
     rows = read_csv(cfg.accepted)
     synth = KandinskySynthesiser(cfg)

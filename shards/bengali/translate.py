@@ -50,7 +50,11 @@ def load_coco_captions(path: Path) -> list[dict[str, Any]]:
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     anns = data["annotations"] if isinstance(data, dict) else data
     return [
-        {"caption_id": a["id"], "image_id": a["image_id"], "en": " ".join(str(a["caption"]).split())}
+        {
+            "caption_id": a["id"],
+            "image_id": a["image_id"],
+            "en": " ".join(str(a["caption"]).split()),
+        }
         for a in anns
     ]
 
@@ -75,7 +79,7 @@ class MarianTranslator:
         self.model.to(self.device).eval()
 
     def n_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text).input_ids)
+        return len(self.tokenizer(text, verbose=False).input_ids)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> list[str]:
@@ -84,7 +88,9 @@ class MarianTranslator:
         if self.cfg.num_beams is not None:
             kwargs["num_beams"] = self.cfg.num_beams
         out = self.model.generate(**enc, **kwargs)
-        return [" ".join(t.split()) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return [
+            " ".join(t.split()) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        ]
 
 
 def translate_shard(
@@ -117,10 +123,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse_cli(TranslateConfig, argv)
     if cfg.captions is None:
         raise SystemExit("translate: give the COCO caption JSON with --captions FILE")
-    todo = [i for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
-            if not ShardRun(cfg.out, "translate", i, FIELDS).finished]
+    todo = [
+        i
+        for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
+        if not ShardRun(cfg.out, "translate", i, FIELDS).finished
+    ]
     if not todo:
-        log.info("translate: every requested shard in %s is already finished; nothing to do", cfg.out)
+        log.info(
+            "translate: every requested shard in %s is already finished; nothing to do", cfg.out
+        )
         return []
     rows = load_coco_captions(cfg.captions)
     translator = MarianTranslator(cfg)

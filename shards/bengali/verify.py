@@ -63,16 +63,23 @@ def labse_embedder(cfg: VerifyConfig) -> Embedder:
     model = SentenceTransformer(cfg.model, device=str(pick_device(cfg.device)))
 
     def embed(texts: list[str]) -> np.ndarray:
-        return model.encode(texts, batch_size=len(texts), convert_to_numpy=True,
-                            normalize_embeddings=True, show_progress_bar=False)
+        return model.encode(
+            texts,
+            batch_size=len(texts),
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
 
     return embed
 
 
 def translated_shards(translated: Path) -> list[int]:
     """Indices of the translate shards that are finished (have a summary)."""
-    return sorted(int(p.name.split("_")[1].split(".")[0])
-                  for p in Path(translated).glob("shard_*.summary.json"))
+    return sorted(
+        int(p.name.split("_")[1].split(".")[0])
+        for p in Path(translated).glob("shard_*.summary.json")
+    )
 
 
 def verify_shard(embed: Embedder, cfg: VerifyConfig, index: int) -> dict[str, Any]:
@@ -92,8 +99,10 @@ def verify_shard(embed: Embedder, cfg: VerifyConfig, index: int) -> dict[str, An
         sims = cosine(embed([it["en"] for it in items]), embed([it["bn"] for it in items]))
         if not np.isfinite(sims).all():
             raise ValueError("non-finite similarity (a zero embedding?)")
-        return [{**it, "similarity": float(s), "valid": bool(s >= cfg.tau)}
-                for it, s in zip(items, sims)]
+        return [
+            {**it, "similarity": float(s), "valid": bool(s >= cfg.tau)}
+            for it, s in zip(items, sims)
+        ]
 
     return run.run(rows, cfg.batch_size, check, process)
 
@@ -108,7 +117,9 @@ def merge(cfg: VerifyConfig) -> dict[str, Any]:
     expected = translated_shards(cfg.translated)
     missing = [i for i in expected if not ShardRun(out, "verify", i, FIELDS).finished]
     if not expected or missing:
-        raise FileNotFoundError(f"verify merge: shards not verified yet: {missing or 'all'} in {out}")
+        raise FileNotFoundError(
+            f"verify merge: shards not verified yet: {missing or 'all'} in {out}"
+        )
     accepted, sims, per_shard = [], [], {}
     for i in expected:
         run = ShardRun(out, "verify", i, FIELDS)
@@ -117,8 +128,12 @@ def merge(cfg: VerifyConfig) -> dict[str, Any]:
         kept = [{k: r[k] for k in ACCEPTED_FIELDS} for r in rows if r["valid"] == "True"]
         accepted.extend(kept)
         summary = json.loads(run.summary_path.read_text())
-        per_shard[str(i)] = {"scored": len(rows), "accepted": len(kept),
-                             "below_tau": len(rows) - len(kept), "rejected": summary["rejected"]}
+        per_shard[str(i)] = {
+            "scored": len(rows),
+            "accepted": len(kept),
+            "below_tau": len(rows) - len(kept),
+            "rejected": summary["rejected"],
+        }
     counts, edges = np.histogram(sims, bins=cfg.hist_bins, range=(-1.0, 1.0))
     write_csv(out / "accepted.csv", accepted, ACCEPTED_FIELDS)
     _plot_histogram(sims, cfg, out / "similarity_hist.png")
@@ -132,8 +147,13 @@ def merge(cfg: VerifyConfig) -> dict[str, Any]:
         "histogram": {"edges": edges.round(4).tolist(), "counts": counts.tolist()},
     }
     atomic_write_json(report_path, report)
-    log.info("verify merge: %d of %d scored pairs accepted at tau=%.2f -> %s",
-             len(accepted), len(sims), cfg.tau, out / "accepted.csv")
+    log.info(
+        "verify merge: %d of %d scored pairs accepted at tau=%.2f -> %s",
+        len(accepted),
+        len(sims),
+        cfg.tau,
+        out / "accepted.csv",
+    )
     return report
 
 

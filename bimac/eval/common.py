@@ -1,0 +1,227 @@
+"""What the evaluation scripts share: model loading, image decoding, dataset readers, reports.
+
+Models: a BiMAC export (``--checkpoint DIR``, through ``BiMAC.from_pretrained`` and the tokenizer
+saved beside it) or an open_clip model for comparison (``--open-clip NAME --pretrained TAG|FILE``).
+Both become an :class:`Encoder` with ``images(uint8 [B, 3, S, S]) -> [B, D]`` and
+``texts(list[str]) -> [B, D]`` (L2-normalised), and ``image_size``.
+
+Data specs: ``world:SPLIT[:N]`` renders the embedded world in memory (no files), anything else
+is a WebDataset shard pattern (``dir/{00000..00003}.tar``) unless a script says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Encoder:
+    """Normalised image/text embeddings from some model, in batches."""
+
+    images: Callable[[torch.Tensor], torch.Tensor]
+    texts: Callable[[list[str]], torch.Tensor]
+    image_size: int
+    name: str
+    model: object = None
+    tokenizer: object = None
+
+
+def load_tokenizer(directory: Path, context_length: int):
+    """The tokenizer saved with a BiMAC export (``tokenizer.json`` or a name in ``tokenizer.txt``)."""
+    from bimac.data.tokenizer import HFTokenizer, OpenCLIPTokenizer, TransformersTokenizer
+
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer.from_file(directory / "tokenizer.json", context_length)
+    if (directory / "tokenizer.txt").is_file():
+        name = (directory / "tokenizer.txt").read_text().strip()
+        try:
+            return OpenCLIPTokenizer(name, context_length)
+        except (ValueError, RuntimeError, KeyError):
+            return TransformersTokenizer(name, context_length)
+    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.txt beside the model")
+
+
+def bimac_encoder(checkpoint: str | Path, device: str = "cpu") -> Encoder:
+    """Encoder of a BiMAC export directory (``model.safetensors``, ``config.yaml``, tokenizer)."""
+    from bimac.models.bimac import BiMAC
+
+    directory = Path(checkpoint)
+    model = BiMAC.from_pretrained(directory).to(device).eval()
+    tok = load_tokenizer(directory, model.config.context_length)
+    return Encoder(
+        images=lambda x: model.encode_image(x.to(device)).float(),
+        texts=lambda t: model.encode_text(tok.encode(list(t)).to(device)).float(),
+        image_size=model.config.image_size,
+        name=str(directory),
+        model=model,
+        tokenizer=tok,
+    )
+
+
+def open_clip_encoder(name: str, pretrained: str | None, device: str = "cpu") -> Encoder:
+    """Encoder of an open_clip model (``pretrained``: a tag of ``name`` or a checkpoint file)."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    model = model.to(device).eval()
+    tok = open_clip.get_tokenizer(name)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def images(x: torch.Tensor) -> torch.Tensor:
+        pixels = ((x.float() / 255.0 - mean) / std).to(device)
+        return model.encode_image(pixels, normalize=True).float()
+
+    return Encoder(
+        images=images,
+        texts=lambda t: model.encode_text(tok(list(t)).to(device), normalize=True).float(),
+        image_size=size,
+        name=f"open_clip:{name}:{pretrained}",
+        model=model,
+        tokenizer=tok,
+    )
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` | ``--open-clip/--pretrained``, ``--device``, ``--batch-size``, ``--out``."""
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--checkpoint", help="BiMAC export directory (save_pretrained output)")
+    g.add_argument("--open-clip", help="open_clip model name, for comparison (e.g. ViT-B-32)")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--out", default=None, help="JSON file for the numbers")
+
+
+def encoder_from_args(args: argparse.Namespace) -> Encoder:
+    if args.checkpoint:
+        return bimac_encoder(args.checkpoint, args.device)
+    return open_clip_encoder(args.open_clip, args.pretrained, args.device)
+
+
+def decode_image(data: bytes | str | Path, size: int) -> np.ndarray:
+    """Image bytes or path -> ``uint8 [3, size, size]``: shorter side to ``size`` (bicubic), centre crop."""
+    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+@torch.no_grad()
+def embed_images(
+    encoder: Encoder,
+    sources: Iterable[bytes | str | Path],
+    batch_size: int,
+    total: int | None = None,
+) -> torch.Tensor:
+    """Embeddings ``[N, D]`` (CPU float32) of images given as bytes or paths."""
+    out, batch = [], []
+    for src in tqdm(sources, total=total, desc="images", leave=False):
+        batch.append(decode_image(src, encoder.image_size))
+        if len(batch) == batch_size:
+            out.append(encoder.images(torch.from_numpy(np.stack(batch))).cpu())
+            batch = []
+    if batch:
+        out.append(encoder.images(torch.from_numpy(np.stack(batch))).cpu())
+    if not out:
+        raise ValueError("no images to embed")
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(encoder: Encoder, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Embeddings ``[N, D]`` (CPU float32) of texts."""
+    chunks = range(0, len(texts), batch_size)
+    out = [
+        encoder.texts(texts[i : i + batch_size]).cpu()
+        for i in tqdm(chunks, desc="texts", leave=False)
+    ]
+    if not out:
+        raise ValueError("no texts to embed")
+    return torch.cat(out)
+
+
+def parse_world(spec: str) -> tuple[str, int] | None:
+    """``world:SPLIT[:N]`` -> (split, n) or None for other specs."""
+    if not spec.startswith("world:"):
+        return None
+    parts = spec.split(":")
+    return parts[1], int(parts[2]) if len(parts) > 2 else 200
+
+
+def iter_samples(spec: str, seed: int = 0, size: int = 64) -> Iterator[dict]:
+    """Raw samples ``{"__key__", "jpg", "json", "txt", "cls", ...}`` of a world spec or shards.
+
+    Shard members keep their bytes (``json`` is parsed, ``txt``/``cls`` decoded); the image is
+    the first of ``jpg``/``jpeg``/``png``/``webp`` present.
+    """
+    world = parse_world(spec)
+    if world:
+        from bimac.data.synthetic import make_sample
+
+        split, n = world
+        count = 2 * n if split == "probe" else n  # n pairs for the probe split
+        for i in range(count):
+            yield make_sample(seed, split, i, size)
+        return
+    import webdataset as wds
+
+    from bimac.data.loader import expand_shards
+
+    for raw in wds.WebDataset(expand_shards(spec), shardshuffle=False, empty_check=False):
+        sample = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
+        for ext in ("jpg", "jpeg", "png", "webp"):
+            if ext in raw:
+                sample["jpg"] = raw[ext]
+                break
+        if "json" in raw:
+            sample["json"] = json.loads(raw["json"])
+        for key in ("txt", "cls"):
+            if key in raw:
+                sample[key] = raw[key].decode("utf-8").strip()
+        yield sample
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A markdown table of ``rows`` (numbers with 2 decimals)."""
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [
+            f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
+            for c in columns
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results: dict, out: str | None, title: str) -> None:
+    """Print ``results`` (flat dict of numbers/strings) as a markdown table; write JSON to ``out``."""
+    print(f"### {title}\n")
+    scalars = {
+        k: v for k, v in results.items() if isinstance(v, (int, float, str)) and v is not None
+    }
+    print(markdown_table([scalars]))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        logger.info("wrote %s", out)

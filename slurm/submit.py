@@ -1,0 +1,176 @@
+"""Submit BiMAC pretraining with submitit: one run, or a grid, and collect the results.
+
+    python slurm/submit.py run   --config configs/pretrain/paper.yaml [key=value ...]
+    python slurm/submit.py grid  --grid table5 --config configs/pretrain/paper.yaml --out runs/t5
+    python slurm/submit.py grid  --grid table6 --lambdas 0.1 0.4 0.7 1.0 1.5 --out runs/t6
+    python slurm/submit.py collect --out runs/t6
+
+``table5``: one cell per preset in ``configs/pretrain/ablations/`` (the rows of BiMAC Table 5);
+``table6``: the λ_GIT sweep of Table 6 (``objectives.lambda_git``). Each cell writes
+``<out>/<cell>/summary.json``; ``collect`` (also run after ``grid --wait``) turns them into one
+markdown table. ``--cluster local`` runs the cells as local processes (tests, laptops).
+
+Preemption: the engine saves on USR1 and requeues the job itself; submitit's ``checkpoint()``
+(rank 0 only, so no collective save there) just resubmits, and the run resumes from ``latest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
+
+
+@dataclass
+class Cell:
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+
+
+class PretrainJob(submitit.helpers.Checkpointable):
+    """One pretraining run on every task of a submitit job (one task per GPU)."""
+
+    def __call__(self, config: str, overrides: list[str]) -> dict[str, Any]:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        sys.path.insert(0, str(REPO))
+        from pretrain import run_pretraining
+
+        return run_pretraining(config, overrides).summary
+
+
+def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> list[Cell]:
+    """The cells of ``table5`` (ablation presets) or ``table6`` (λ_GIT values)."""
+    if grid == "table6":
+        return [
+            Cell(f"lambda_git={v:g}", config, [f"objectives.lambda_git={v}"])
+            for v in (lambdas or TABLE6_LAMBDAS)
+        ]
+    if grid == "table5":
+        presets = sorted((Path(config).parent / "ablations").glob("*.yaml"))
+        if not presets:
+            raise FileNotFoundError(f"no ablation presets in {Path(config).parent / 'ablations'}")
+        return [Cell(p.stem, str(p)) for p in presets]
+    raise ValueError(f"unknown grid {grid!r}: table5 or table6")
+
+
+def make_executor(
+    folder: Path,
+    cluster: str | None,
+    nodes: int,
+    gpus_per_node: int,
+    timeout_min: int,
+    partition: str | None,
+) -> submitit.Executor:
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params: dict[str, Any] = dict(
+        nodes=nodes,
+        tasks_per_node=max(1, gpus_per_node),
+        timeout_min=timeout_min,
+    )
+    if executor.cluster == "slurm":
+        params.update(
+            gpus_per_node=gpus_per_node,
+            cpus_per_task=10,
+            slurm_signal_delay_s=120,
+            slurm_partition=partition,
+        )
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+def submit(cells: list[Cell], out: Path, executor: submitit.Executor) -> list[submitit.Job]:
+    """One job per cell; the cell's output directory is ``out/<cell name>``."""
+    if __name__ != "__main__":  # imported (tests): ship this module's job class by value
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    jobs = []
+    with executor.batch():
+        for cell in cells:
+            executor.update_parameters(name=f"bimac-{cell.name}")
+            overrides = [
+                *cell.overrides,
+                f"train.output_dir={out / cell.name}",
+                f"train.run_name={cell.name}",
+            ]
+            jobs.append(executor.submit(PretrainJob(), cell.config, overrides))
+    return jobs
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def collect(out: Path) -> str:
+    """Markdown table of every ``out/*/summary.json`` (one row per cell)."""
+    rows = [(p.parent.name, json.loads(p.read_text())) for p in sorted(out.glob("*/summary.json"))]
+    if not rows:
+        raise FileNotFoundError(f"no */summary.json under {out}")
+    losses = sorted({k for _, s in rows for k in s.get("final_losses", {})})
+    metrics = sorted({k for _, s in rows for k in s.get("final_metrics", {})})
+    head = ["cell", "status", "steps", "samples", "loss", *losses, *metrics, "skipped", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in rows:
+        cells = [name, s.get("status"), s.get("step"), s.get("samples"), s.get("final_loss")]
+        cells += [s.get("final_losses", {}).get(k) for k in losses]
+        cells += [s.get("final_metrics", {}).get(k) for k in metrics]
+        cells += [sum(s.get("skipped", {}).values()), s.get("wall_s")]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=["run", "grid", "collect"])
+    p.add_argument("--config", default="configs/pretrain/paper.yaml")
+    p.add_argument("--grid", choices=["table5", "table6"], default="table6")
+    p.add_argument("--lambdas", type=float, nargs="*", help="table6 values (default: the paper's)")
+    p.add_argument("--out", type=Path, default=Path("runs/grid"))
+    p.add_argument(
+        "--cluster",
+        choices=["slurm", "local", "debug"],
+        default=None,
+        help="default: slurm when available, else local",
+    )
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--timeout-min", type=int, default=48 * 60)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--wait", action="store_true", help="wait for the jobs, then collect")
+    p.add_argument("overrides", nargs="*", help="key=value applied to every cell")
+    a = p.parse_args(argv)
+    if a.mode == "collect":
+        print(collect(a.out))
+        return 0
+    if a.mode == "run":
+        cells = [Cell(Path(a.config).stem, a.config)]
+    else:
+        cells = grid_cells(a.grid, a.config, a.lambdas)
+    for cell in cells:
+        cell.overrides += a.overrides
+    executor = make_executor(
+        a.out / "submitit", a.cluster, a.nodes, a.gpus_per_node, a.timeout_min, a.partition
+    )
+    jobs = submit(cells, a.out, executor)
+    for cell, job in zip(cells, jobs):
+        print(f"{cell.name}: job {job.job_id} -> {a.out / cell.name}")
+    if a.wait:
+        for job in jobs:
+            job.result()
+        print(collect(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""PAL captioner: gradient reach, label format, cross-attention, save/load, and a short CPU
+training run on the embedded world's triplets (tiny config)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bimac.config import load_config
+from bimac.data.synthetic import make_sample
+from bimac.models.pal_captioner import PALCaptioner
+from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask
+
+CONFIG = "configs/finetune/caption_bn/tiny.yaml"
+BENGALI = re.compile(r"^[\u0980-\u09FF\s]+$")
+
+
+def _image(data: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+
+
+def world_batch(model: PALCaptioner, indices) -> dict:
+    """A triplet batch (docs/contracts.md) straight from the embedded world's samples."""
+    samples = [make_sample(0, "train", i, 64, triplet=True) for i in indices]
+    return {
+        "image": torch.stack([_image(s["jpg"]) for s in samples]),
+        "image_syn": torch.stack([_image(s["syn.jpg"]) for s in samples]),
+        "text_bn": model.tokenize([s["bn.txt"] for s in samples]),
+    }
+
+
+@pytest.fixture(scope="module")
+def task():
+    torch.manual_seed(0)
+    return CaptionBnTask(load_config(CaptionBnConfig, CONFIG, ["model.unfreeze=[[0, 1], [5, -1]]"]))
+
+
+def test_labels_are_mbart50_targets_and_shift_starts_with_eos(task):
+    model = task.build_model()
+    labels = model.tokenize(["একটি লাল বৃত্ত।", "দুটি নীল বর্গ আছে।"])
+    assert (labels[:, 0] == model.lang_id).all()  # bn_IN first: the code the decoder must emit
+    assert (labels == model.eos_id).sum(1).tolist() == [1, 1]
+    inputs = model.shift_right(labels)
+    assert (inputs[:, 0] == model.eos_id).all() and torch.equal(inputs[:, 1:], labels[:, :-1])
+    assert model.tokenizer.decode(labels[0], skip_special_tokens=True) == "একটি লাল বৃত্ত।"
+
+
+def test_gradients_reach_bridge_and_unfrozen_layers_never_maxvit(task):
+    model = task.build_model()
+    batch = world_batch(model, range(4))
+    assert not any(p.requires_grad for p in model.vision.parameters())
+    model.train()
+    assert not model.vision.trunk.training  # the frozen tower stays in eval mode
+    terms, _ = task.losses(model, batch)  # step 0: only the top decoder layer trains
+    assert set(terms) == {"ce", "pal", "info_nce", "ot"}
+    sum(terms.values()).backward()
+    layers = model.decoder.layers
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.bridge.parameters())
+    assert all(p.grad is not None for p in layers[-1].parameters())
+    assert all(p.grad is None for p in layers[0].parameters())
+    assert model.decoder.embed_tokens.weight.grad is None
+    assert all(p.grad is None for p in model.vision.parameters())
+    # From step 5 on, the whole decoder trains (the schedule counts optimizer steps).
+    model.zero_grad(set_to_none=True)
+    model.num_updates.fill_(5)
+    sum(task.losses(model, batch)[0].values()).backward()
+    assert all(p.grad is not None for p in layers[0].parameters())
+    assert model.decoder.embed_tokens.weight.grad is not None
+    assert all(p.grad is None for p in model.vision.parameters())
+
+
+def test_cross_attentions_need_eager_attention(task):
+    model = task.build_model()
+    batch = world_batch(model, range(2))
+    memory = model.encode(batch["image"])
+    _, cross = model.decode(memory, batch["text_bn"], output_attentions=True)
+    assert len(cross) == 2 and cross[0].shape[-1] == memory.shape[1]
+    torch.testing.assert_close(cross[-1].sum(-1), torch.ones_like(cross[-1].sum(-1)))
+    model.mbart.set_attn_implementation("sdpa")  # SDPA returns no maps: a clear error, not None
+    with pytest.raises(RuntimeError, match="eager"):
+        model.decode(memory, batch["text_bn"], output_attentions=True)
+
+
+def test_save_and_load_round_trip(task, tmp_path):
+    model = task.build_model().eval()
+    batch = world_batch(model, range(2))
+    model.save_pretrained(tmp_path / "export")
+    loaded = PALCaptioner.from_pretrained(tmp_path / "export").eval()
+    with torch.no_grad():
+        a = model(batch["image"], batch["text_bn"])["logits"]
+        b = loaded(batch["image"], batch["text_bn"])["logits"]
+    torch.testing.assert_close(a, b)
+
+
+def test_tiny_training_lowers_ce_and_captions_in_bengali(task):
+    """100 AdamW steps (batch 8, the full PAL + InfoNCE + OT loss) on 64 world triplets."""
+    torch.manual_seed(0)
+    model = task.build_model()
+    batches = [world_batch(model, range(i, i + 8)) for i in range(0, 64, 8)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    ces = []
+    for step in range(100):
+        terms, metrics = task.losses(model, batches[step % len(batches)])
+        opt.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        opt.step()
+        ces.append(metrics["ce_real"])
+        assert all(torch.isfinite(t) for t in terms.values())
+    first, last = np.mean(ces[:8]), np.mean(ces[-8:])
+    assert last < 0.6 * first, (first, last)
+    out = model.caption(batches[0]["image"][:4])
+    assert (out.ids[:, 0] == model.lang_id).all()  # the forced Bengali code
+    for text in out.texts:
+        assert text.strip() and BENGALI.match(text), text
