@@ -21,6 +21,19 @@ Returned ``logprobs[i, t]`` is always the *model's* log-probability of ``ids[i, 
 prefix (log-softmax of the raw logits, before temperature, top-k/top-p and penalties), i.e. what a
 teacher-forced forward gives; zero after the sequence's end. A forced first token gets its model
 log-probability too (with a leave-one-out SCST baseline its gradient term cancels exactly).
+
+Usage::
+
+    adapter = CocaAdapter(model.coca, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                          pad_token_id=tok.pad_id, tokenizer=tok)
+    out = generate(adapter, images_or_memory, GenerationConfig(strategy="beam", num_beams=5))
+    # SCST: 5 samples per image, log-probabilities with gradients
+    out = generate(adapter, memory, GenerationConfig(strategy="sample", num_return_sequences=5,
+                                                     with_grad=True, seed=step))
+    # PAL: mBART-50 decoder over the bridge's patch tokens, bn_IN forced first
+    adapter = MBartAdapter.from_model(mbart, forced_first_token_id=bn_in_id, tokenizer=tok)
+    out = generate(adapter, bridge_tokens, GenerationConfig(strategy="beam", num_beams=4,
+                                                            no_repeat_ngram_size=3))
 """
 
 from __future__ import annotations

@@ -29,17 +29,17 @@ def world(tmp_path_factory):
         TokenizerConfig(kind="world", path=str(save_world_tokenizer(out / "tokenizer.json")), context_length=32)
     )
     (out / "world.tar").touch()  # never opened: only decode + collate run
-    cfg = DataConfig(train_shards=str(out / "world.tar"), image_size=64, batch_size=32)
+    cfg = DataConfig(train_shards=str(out / "world.tar"), image_size=64, batch_size=16)
     ds = ShardDataset(cfg, tok, rank=0, world_size=1)
     rng = random.Random(0)
     items = []
-    for i in range(320):
+    for i in range(160):
         s = make_sample(0, "train", i, size=64)
         raw = {"__key__": s["__key__"], "__url__": "world.tar", "jpg": s["jpg"],
                "txt": s["txt"].encode(), "json": json.dumps(s["json"]).encode()}
         items.append(ds.decode(raw, rng))
     assert ds.counter.as_dict() == {} or not any(ds.counter.as_dict().values())
-    return tok, [ds.collate(items[i : i + 32]) for i in range(0, len(items), 32)]
+    return tok, [ds.collate(items[i : i + 32]) for i in range(0, len(items), 16)]
 
 
 @pytest.mark.slow

@@ -218,7 +218,7 @@ class ShardDataset(IterableDataset):
         for src in shards:
             url = src["url"]
             try:
-                stream = wds.gopen.gopen(url)
+                stream = wds.gopen(url)
             except Exception as exn:
                 self.counter.add("shard_open", f"{url}: {exn!r}")
                 continue

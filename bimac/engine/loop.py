@@ -112,21 +112,36 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 @contextlib.contextmanager
-def _scalar_params_as_vectors(model: nn.Module) -> Iterator[None]:
-    """DeepSpeed 0.19.8 broadcasts every parameter as ``p.data.view(torch.uint8)`` at set-up,
-    which raises on 0-dim parameters (open_clip's ``logit_scale``). Give them shape ``[1]`` while
-    DeepSpeed sets up (its flat ZeRO buffers then hold them as 1 element) and restore ``[]``."""
-    scalars = [p for p in model.parameters() if p.dim() == 0]
-    for p in scalars:
-        p.data = p.data.view(1)
+def _broadcast_handles_scalars() -> Iterator[None]:
+    """DeepSpeed 0.19.8 broadcasts parameters at set-up as ``p.data.view(torch.uint8)`` (the
+    engine's ``_broadcast_model``; ZeRO-3's ``Init._zero_init_param``), which raises on 0-dim
+    parameters such as open_clip's ``logit_scale``. While ``initialize`` runs, both broadcast
+    through a flat view instead: the same bytes, 0-dim included. We use no model, sequence or
+    expert parallelism, so the data-parallel group is the world."""
+    from deepspeed import comm
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init, ZeroParamStatus
+
+    def flat_bytes(p: torch.Tensor) -> torch.Tensor:
+        return p.data.view(-1).view(torch.uint8)
+
+    def broadcast_model(self: Any) -> None:
+        for p in self.module.parameters():
+            if getattr(p, "ds_status", ZeroParamStatus.AVAILABLE) is ZeroParamStatus.AVAILABLE:
+                comm.broadcast(flat_bytes(p), 0)
+
+    def zero_init_param(self: Any, param: torch.Tensor) -> None:
+        self._convert_to_deepspeed_param(param)
+        group = self.get_partition_dp_group(param)
+        comm.broadcast(flat_bytes(param), comm.get_global_rank(group, 0), group)
+        param.partition()
+
+    originals = DeepSpeedEngine._broadcast_model, Init._zero_init_param
+    DeepSpeedEngine._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
     try:
         yield
     finally:
-        for p in scalars:
-            if hasattr(p, "ds_shape"):  # ZeRO-3: gathered into ds_shape, partition stays flat
-                p.ds_shape = torch.Size([])
-            if p.data.numel() == 1:
-                p.data = p.data.view(())
+        DeepSpeedEngine._broadcast_model, Init._zero_init_param = originals
 
 
 def total_optimizer_steps(cfg: TrainConfig) -> int:
@@ -226,7 +241,7 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
         model.set_grad_checkpointing(True)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_lr_scheduler(optimizer, cfg, total_steps)
-    with _scalar_params_as_vectors(model):
+    with _broadcast_handles_scalars():
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -276,7 +291,7 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
     with PreemptionFlag() as preempt:
         while status == "completed" and step < total_steps and epoch < cfg.epochs:
             batches = iter(task.build_train_loader(rank, world, epoch, samples_seen))
-            epoch_done = False
+            epoch_done, first_step = False, step
             while status == "completed" and step < total_steps:
                 micro: list[Any] = []
                 while len(micro) < accumulation and not (
@@ -364,6 +379,12 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
                     last_saved = ckpt.save_checkpoint(
                         engine, ckpt_root, step, client_state(), cfg.keep_last
                     )
+            if epoch_done and step == first_step and samples_seen == 0:
+                raise RuntimeError(
+                    f"epoch {epoch} gave no optimizer step: each rank needs {accumulation} "
+                    f"micro-batches of {cfg.micro_batch_size}; the loader's skipped samples by "
+                    f"reason: {_gather_skip_counts(task)}"
+                )
             if epoch_done:
                 epoch, samples_seen = epoch + 1, 0
 

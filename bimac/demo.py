@@ -1,0 +1,137 @@
+"""``make demo``: the main job on the embedded world, ``python -m bimac.demo --out DIR [--bengali]``.
+
+Stage 1 (data): render the world's shards for every split (+ the world tokenizer), validate them
+through the trainer's pipeline (``shards.check``), and write a PNG preview grid of images with
+their English and Bengali captions. Each stage is one function so later stages (pretraining,
+evaluation) append to ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import tarfile
+import textwrap
+import warnings
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# split -> number of samples in the demo (the retrieval test split is Flickr30k-1k sized)
+DEMO_SPLITS = {
+    "train": 2000,
+    "val": 500,
+    "retrieval": 1000,
+    "cls_shape": 500,
+    "cls_colour_shape": 500,
+    "probe": 200,
+}
+BENGALI_FONTS = ("Noto Sans Bengali", "Noto Serif Bengali", "Lohit Bengali", "Vrinda", "Mukti")
+
+
+def build_world(out: Path, size: int = 64, seed: int = 0, bengali: bool = False) -> dict[str, str]:
+    """Shards of every split under ``out/shards/<split>``; returns split -> URL pattern."""
+    from shards.synthetic import build
+
+    patterns = {}
+    splits = dict(DEMO_SPLITS) | ({"train_triplets": DEMO_SPLITS["train"]} if bengali else {})
+    for split, n in splits.items():
+        tars = build(
+            out / "shards" / split,
+            split.removesuffix("_triplets"),
+            n,
+            size,
+            seed,
+            triplets=split.endswith("_triplets"),
+            shard_size=500,
+        )
+        patterns[split] = str(out / "shards" / split / f"{{00000..{len(tars) - 1:05d}}}.tar")
+    return patterns
+
+
+def check_world(out: Path, patterns: dict[str, str]) -> dict[str, dict]:
+    """``shards.check`` on every split; writes ``out/check.json`` and fails on any skipped sample."""
+    from shards.check import check
+
+    report = {s: check(p, triplets=s.endswith("_triplets")) for s, p in patterns.items()}
+    (out / "check.json").write_text(json.dumps(report, indent=2))
+    bad = {s: r["skipped"] for s, r in report.items() if r["skipped_total"] or not r["samples"]}
+    if bad:
+        raise RuntimeError(f"the world's shards failed their check: {bad}")
+    for split, r in report.items():
+        log.info("%s: %d samples in %d shards, ok", split, r["samples"], r["shards"])
+    return report
+
+
+def _first_samples(tar: Path, n: int) -> list[dict]:
+    out: dict[str, dict] = {}
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            key, ext = m.name.split(".", 1)
+            if key not in out and len(out) == n:
+                break
+            out.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return list(out.values())
+
+
+def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
+    """A grid of ``n`` images from ``shard`` with their first English and Bengali captions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    from PIL import Image
+
+    fonts = {f.name for f in font_manager.fontManager.ttflist}
+    bn_font = next((f for f in BENGALI_FONTS if f in fonts), None)
+    if bn_font is None:
+        log.warning(
+            "no Bengali font installed (e.g. fonts-noto-core): Bengali captions in %s will show "
+            "as boxes; they are also written to %s",
+            png,
+            png.with_suffix(".txt"),
+        )
+    samples = _first_samples(shard, n)
+    rows = -(-len(samples) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 4.2))
+    lines = []
+    for ax, s in zip(axes.flat, samples):
+        meta = json.loads(s["json"])
+        en, bn = meta["captions_en"][0], meta["captions_bn"][0]
+        lines.append(f"{meta['index']:09d}\t{en}\t{bn}")
+        ax.imshow(Image.open(io.BytesIO(s["jpg"])))
+        ax.set_title("\n".join(textwrap.wrap(en, 34)), fontsize=7)
+        ax.set_xlabel("\n".join(textwrap.wrap(bn, 34)), fontsize=7, fontfamily=bn_font or "sans-serif")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(samples) :]:
+        ax.axis("off")
+    with warnings.catch_warnings():  # missing-glyph warnings: already reported once above
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+    plt.close(fig)
+    png.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return png
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", default="runs/demo", type=Path)
+    p.add_argument("--bengali", action="store_true", help="also build the triplet (PAL) shards")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    a.out.mkdir(parents=True, exist_ok=True)
+    patterns = build_world(a.out, a.size, a.seed, a.bengali)
+    check_world(a.out, patterns)
+    png = preview_grid(a.out / "shards" / "train" / "00000.tar", a.out / "preview.png")
+    log.info("data stage done: shards in %s, preview %s", a.out / "shards", png)
+
+
+if __name__ == "__main__":
+    main()

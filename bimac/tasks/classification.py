@@ -1,0 +1,175 @@
+"""Fine-tuned image classification (BiMAC "Main Results"): a linear probe or full fine-tuning.
+
+A linear head on BiMAC's L2-normalised global image embedding, trained with cross-entropy.
+``mode: linear_probe`` freezes the whole BiMAC (only the head learns); ``mode: full`` trains the
+image tower too. Data: an ImageFolder tree (``DIR/<class>/*.jpg``), WebDataset shards with a
+``cls`` field (plus ``classnames``), or the embedded world's ``world:cls_shape:N[:SEED]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bimac.data import TokenizerConfig
+from bimac.engine import TrainConfig
+from bimac.models.bimac import BiMAC, BiMACConfig
+from bimac.tasks.finetune import FinetuneBase, freeze
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILE = "classifier.safetensors"
+CLASSES_FILE = "classnames.txt"
+
+
+@dataclass
+class ClassificationDataConfig:
+    train: str = "world:cls_shape:256:1"  # ImageFolder dir, shards with cls, world:SPLIT:N[:SEED]
+    test: str = "world:cls_shape:64"
+    classnames: str = ""  # file, one name per line in label order (required with shards)
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class ClassificationConfig:
+    """``configs/finetune/classification/*.yaml``."""
+
+    init: str = ""  # BiMAC export directory to start from; "" = a fresh `model`
+    model: BiMACConfig = field(default_factory=BiMACConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mode: Literal["linear_probe", "full"] = "linear_probe"
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 64
+
+
+def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[int], list[str]]:
+    """Image sources (bytes or paths), integer labels and class names of a dataset spec."""
+    from bimac.eval.classification import _lines, image_folder, shard_items
+    from bimac.eval.common import iter_samples, parse_world
+
+    names = _lines(classnames_file) if classnames_file else None
+    world = parse_world(spec)
+    if world:
+        from bimac.data.synthetic import class_names
+
+        parts = spec.split(":")
+        seed = int(parts[3]) if len(parts) > 3 else 0
+        images, labels = [], []
+        for s in iter_samples(spec, seed=seed):
+            images.append(s["jpg"])
+            labels.append(int(s["json"]["label_index"]))
+        return images, labels, names or class_names(world[0])
+    if Path(spec).is_dir():
+        paths, labels, dirs = image_folder(spec)
+        return paths, labels, names or [d.replace("_", " ") for d in dirs]
+    if not names:
+        raise ValueError(f"{spec}: shards need data.classnames (one class name per line)")
+    images, labels = shard_items(spec)
+    return images, labels, names
+
+
+class ImageClassifier(nn.Module):
+    """BiMAC's normalised image embedding -> linear class logits."""
+
+    def __init__(self, bimac: BiMAC, num_classes: int) -> None:
+        super().__init__()
+        self.bimac = bimac
+        self.head = nn.Linear(bimac.config.embed_dim, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bimac.encode_image(image))
+
+    def save_head(self, directory: str | Path, classnames: list[str]) -> None:
+        """``classifier.safetensors`` and ``classnames.txt`` beside a BiMAC export."""
+        head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        save_file(head, str(Path(directory) / HEAD_FILE))
+        (Path(directory) / CLASSES_FILE).write_text("\n".join(classnames) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> tuple[ImageClassifier, list[str]]:
+        directory = Path(directory)
+        names = (directory / CLASSES_FILE).read_text().splitlines()
+        model = cls(BiMAC.from_pretrained(directory), len(names))
+        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        return model, names
+
+
+def image_batches(images: list[Any], labels: list[int], size: int, batch_size: int,
+                  order: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """``{"image": uint8 [B, 3, S, S], "label": int64 [B]}`` batches in ``order``."""
+    from bimac.eval.common import decode_image
+
+    order = list(range(len(images))) if order is None else order
+    for a in range(0, len(order), batch_size):
+        idx = order[a : a + batch_size]
+        yield {
+            "image": torch.from_numpy(np.stack([decode_image(images[i], size) for i in idx])),
+            "label": torch.tensor([labels[i] for i in idx], dtype=torch.long),
+        }
+
+
+@torch.no_grad()
+def accuracy(model: ImageClassifier, images: list[Any], labels: list[int], size: int,
+             batch_size: int = 64) -> dict[str, float]:
+    """Top-1 / top-5 / mean per-class recall (%) of a trained classifier."""
+    from bimac.eval.classification import classification_metrics
+
+    model.eval()
+    logits = torch.cat([model(b["image"]).float().cpu()
+                        for b in image_batches(images, labels, size, batch_size)])
+    return classification_metrics(logits, torch.tensor(labels))
+
+
+class ClassificationTask(FinetuneBase):
+    """Engine task: cross-entropy of the linear head on BiMAC image embeddings."""
+
+    cfg: ClassificationConfig
+
+    def __init__(self, cfg: ClassificationConfig) -> None:
+        super().__init__(cfg)
+        if cfg.data.image_size != self.model_config.image_size:
+            raise ValueError(f"data.image_size={cfg.data.image_size} != the model's "
+                             f"{self.model_config.image_size}")
+        self.images, self.labels, self.classnames = load_items(cfg.data.train, cfg.data.classnames)
+        logger.info("classification: %d training images, %d classes", len(self.images),
+                    len(self.classnames))
+
+    def build_model(self) -> nn.Module:
+        bimac = self.load_model()
+        if self.cfg.mode == "linear_probe":
+            freeze([bimac])
+        else:  # the image embedding is all the head sees
+            freeze([p for n, p in bimac.named_parameters() if not n.startswith("coca.visual.")])
+        return ImageClassifier(bimac, len(self.classnames))
+
+    def build_train_loader(self, rank: int, world_size: int, epoch: int,
+                           samples_seen: int) -> Iterator[dict[str, Any]]:
+        order = list(range(len(self.images)))
+        random.Random(self.cfg.data.seed * 1000 + epoch).shuffle(order)
+        mine = order[rank::world_size][samples_seen:]
+        return image_batches(self.images, self.labels, self.cfg.data.image_size,
+                             self.cfg.train.micro_batch_size, mine)
+
+    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        logits = model(batch["image"])
+        labels = batch["label"].to(logits.device)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+        return {"classification": loss}, {"train_top1": float((logits.argmax(1) == labels).float().mean())}
+
+    def export(self, model: nn.Module, out_dir: Path) -> None:
+        """A BiMAC export (so every ``bimac`` tool reads it) plus the head and class names."""
+        super().export(model.bimac, out_dir)
+        model.save_head(out_dir, self.classnames)

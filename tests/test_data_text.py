@@ -1,0 +1,114 @@
+"""Tokenizers (world, open_clip, transformers wrapper) and spaCy noun extraction."""
+
+from __future__ import annotations
+
+import io
+
+import open_clip
+import pytest
+import spacy
+import torch
+import webdataset as wds
+from PIL import Image
+
+from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader, token_spans
+from bimac.data.synthetic import make_sample, world_corpus
+from bimac.data.text import NounExtractor
+from bimac.data.tokenizer import OpenCLIPTokenizer, TransformersTokenizer, save_world_tokenizer
+
+
+@pytest.fixture(scope="module")
+def world_tok_path(tmp_path_factory):
+    return save_world_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def tok(world_tok_path):
+    return build_tokenizer(TokenizerConfig(kind="world", path=str(world_tok_path), context_length=32))
+
+
+def test_world_tokenizer_small_and_round_trips_en_and_bn(tok):
+    assert 200 <= tok.vocab_size <= 2000
+    texts = world_corpus(50, seed=9)  # other scenes than the training corpus (seed 0)
+    ids = tok.encode(texts)
+    assert ids.shape == (len(texts), 32) and ids.dtype == torch.long
+    assert tok.decode(ids) == texts
+    assert (ids[:, 0] == tok.bos_id).all()
+    lengths = (ids != tok.pad_id).sum(1)
+    assert (ids[torch.arange(len(texts)), lengths - 1] == tok.eos_id).all()
+    assert any(not t.isascii() for t in texts)  # Bengali covered
+    assert not (ids == tok.tok.token_to_id("<unk>")).any()
+
+
+def test_truncation_keeps_eos(tok):
+    ids = tok.encode([" ".join(["two red circles"] * 30)])
+    assert ids.shape == (1, 32) and ids[0, -1] == tok.eos_id
+
+
+def test_token_spans_hand_computed():
+    offsets = [(0, 0), (0, 3), (3, 7), (7, 8), (9, 14), (0, 0)]
+    assert token_spans(offsets, [(4, 7), (9, 14), (20, 25), (0, 8)]) == [(2, 3), (4, 5), None, (1, 4)]
+
+
+def test_open_clip_wrapper_matches_open_clip_and_maps_nouns():
+    ref = open_clip.get_tokenizer("ViT-B-32")
+    ours = OpenCLIPTokenizer("ViT-B-32", context_length=77)
+    texts = ["Two red circles to the left of a blue square.", "A dog's ball, on the beach!"]
+    assert torch.equal(ours.encode(texts), ref(texts))  # reference: open_clip's own tokenizer
+    ids, offs = ours.encode_with_offsets(texts)
+    (span,) = token_spans(offs[0], [(8, 15)])  # "circles"
+    assert ours.decode([ids[0, span[0] : span[1]].tolist()]) == ["circles"]
+
+
+def test_transformers_wrapper_offsets(world_tok_path, tmp_path, tok):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_file=str(world_tok_path), bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    fast.save_pretrained(tmp_path)
+    wrapped = TransformersTokenizer(str(tmp_path), context_length=32, lang=None)
+    texts = world_corpus(3, seed=4)
+    ids, offs = wrapped.encode_with_offsets(texts)
+    assert torch.equal(ids, tok.encode(texts))
+    assert wrapped.decode(ids) == texts
+    s = make_sample(0, "train", 3)["json"]
+    text, nouns = s["captions_bn"][0], s["nouns_bn"][0]
+    ids, offs = wrapped.encode_with_offsets([text])
+    for n, (a, b) in zip(nouns, token_spans(offs[0], [(n["start"], n["end"]) for n in nouns])):
+        # a Bengali genitive is one token with its noun ("ক্রসের"): the span covers the word
+        assert wrapped.decode([ids[0, a:b].tolist()])[0].startswith(n["text"])
+
+
+def test_world_nouns_equal_scene_nouns():
+    ex = NounExtractor("world")
+    for i in range(100):
+        meta = make_sample(0, "train", i)["json"]
+        caps = meta["captions_en"]
+        for cap, got, want in zip(caps, ex.batch(caps), meta["nouns"]):
+            assert [(n.lemma, n.start, n.end) for n in got] == [(w["lemma"], w["start"], w["end"]) for w in want], cap
+            assert [n.text for n in got] == [cap[n.start : n.end] for n in got]
+
+
+def test_missing_real_pipeline_says_how_to_install():
+    with pytest.raises(RuntimeError, match="spacy download en_core_web_sm"):
+        NounExtractor("en_core_web_sm")
+
+
+def test_pipeline_without_tagger_is_refused(tmp_path):
+    spacy.blank("en").to_disk(tmp_path / "blank")
+    with pytest.raises(RuntimeError, match="found no noun"):
+        NounExtractor(str(tmp_path / "blank"))
+
+
+def test_loader_extracts_nouns_with_spacy_when_json_has_none(tmp_path, tok):
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buf, format="JPEG")
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
+        w.write({"__key__": "000000000", "jpg": buf.getvalue(), "txt": "Two red circles above a star.", "json": {}})
+    cfg = DataConfig(train_shards=str(tmp_path / "00000.tar"), noun_source="spacy", spacy_pipeline="world")
+    b = next(iter(make_loader(cfg, tok, rank=0, world_size=1)))
+    assert b["noun_mask"][0].tolist()[:3] == [True, True, False]
+    spans = b["noun_spans"][0, :2].tolist()
+    assert [tok.decode([b["text"][0, s:e].tolist()])[0] for s, e in spans] == ["circles", "star"]
+    assert not b["noun_has_box"].any()
