@@ -117,7 +117,9 @@ def main() -> None:
             print(rows[-1], file=sys.stderr, flush=True)
     print(f"eps={EPS}, iterations={ITERS}, D={D}, torch threads={args.threads}, "
           f"best of {args.repeats} forward+backward runs\n")  # fmt: skip
-    print("| B | S | method | ms | vs POT loop | vs ot.batch | peak MiB | max abs diff vs POT loop |")
+    print(
+        "| B | S | method | ms | vs POT loop | vs ot.batch | peak MiB | max abs diff vs POT loop |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -186,9 +186,9 @@ def main() -> None:
     )
     print(
         "| ZeRO stage | params MiB/rank | grads MiB/rank | optimizer MiB/rank | total MiB/rank "
-        "| total bytes/param | at paper count GiB/rank | vs stage 0 |"
+        "| bytes/param | at paper count GiB/rank | vs stage 0 | buckets MiB/rank |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = None
     for stage, ranks in rows.items():
         r = ranks[0]
@@ -197,7 +197,8 @@ def main() -> None:
         print(
             f"| {stage} | {r['params'] / MIB:.1f} | {r['gradients'] / MIB:.1f} | "
             f"{r['optimizer'] / MIB:.1f} | {total / MIB:.1f} | {total / measured:.2f} | "
-            f"{total / measured * paper / 2**30:.2f} | {total / base:.2f} |"
+            f"{total / measured * paper / 2**30:.2f} | {total / base:.2f} | "
+            f"{r['buffers'] / MIB:.1f} |"
         )
     print(
         "\nExpected communication sent per GPU per optimizer step at the paper count "

@@ -104,7 +104,9 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
         lines.append(f"{meta['index']:09d}\t{en}\t{bn}")
         ax.imshow(Image.open(io.BytesIO(s["jpg"])))
         ax.set_title("\n".join(textwrap.wrap(en, 34)), fontsize=7)
-        ax.set_xlabel("\n".join(textwrap.wrap(bn, 34)), fontsize=7, fontfamily=bn_font or "sans-serif")
+        ax.set_xlabel(
+            "\n".join(textwrap.wrap(bn, 34)), fontsize=7, fontfamily=bn_font or "sans-serif"
+        )
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(samples) :]:

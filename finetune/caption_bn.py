@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     scores, rows = evaluate_captions(model, cfg)
     table = metrics_table(scores)
     (out / "eval_bn.md").write_text(table + "\n")
-    (out / "eval_bn.json").write_text(json.dumps({"scores": scores, "captions": rows}, ensure_ascii=False, indent=1))
+    (out / "eval_bn.json").write_text(
+        json.dumps({"scores": scores, "captions": rows}, ensure_ascii=False, indent=1)
+    )
     print(table)
     for sid, cap, ref in rows[: cfg.eval.show]:
         print(f"{sid}\n  caption:   {cap}\n  reference: {ref}")

@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=1000, help="samples (probe: 2 per pair)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--triplets", action="store_true", help="add KEY.syn.jpg, KEY.en.txt, KEY.bn.txt")
+    p.add_argument(
+        "--triplets", action="store_true", help="add KEY.syn.jpg, KEY.en.txt, KEY.bn.txt"
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)

@@ -94,15 +94,14 @@ def submit(cells: list[Cell], out: Path, executor: submitit.Executor) -> list[su
 
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
     jobs = []
-    with executor.batch():
-        for cell in cells:
-            executor.update_parameters(name=f"bimac-{cell.name}")
-            overrides = [
-                *cell.overrides,
-                f"train.output_dir={out / cell.name}",
-                f"train.run_name={cell.name}",
-            ]
-            jobs.append(executor.submit(PretrainJob(), cell.config, overrides))
+    for cell in cells:
+        executor.update_parameters(name=f"bimac-{cell.name}")
+        overrides = [
+            *cell.overrides,
+            f"train.output_dir={out / cell.name}",
+            f"train.run_name={cell.name}",
+        ]
+        jobs.append(executor.submit(PretrainJob(), cell.config, overrides))
     return jobs
 
 

@@ -28,7 +28,8 @@ def tok(tmp_path_factory):
 def _world(tmp_path, n=40, shard_size=10, triplet=False, split="train"):
     samples = (make_sample(0, split, i, 64, triplet) for i in range(n))
     write_shards(samples, tmp_path, shard_size=shard_size)
-    return str(tmp_path / ("{00000..%05d}.tar" % ((n - 1) // shard_size)))
+    last = (n - 1) // shard_size
+    return str(tmp_path / f"{{00000..{last:05d}}}.tar")
 
 
 def _ids(loader) -> list[str]:
@@ -41,7 +42,9 @@ def _cfg(urls, **kw):
 
 def test_round_trip_images_captions_nouns_boxes(tmp_path, tok):
     urls = _world(tmp_path, n=12, shard_size=5)
-    assert sorted(p.name for p in tmp_path.glob("*_stats.json")) == [f"0000{i}_stats.json" for i in range(3)]
+    assert sorted(p.name for p in tmp_path.glob("*_stats.json")) == [
+        f"0000{i}_stats.json" for i in range(3)
+    ]
     assert json.loads((tmp_path / "00002_stats.json").read_text())["successes"] == 2
     cfg = _cfg(urls, random_caption=False)
     batches = list(make_loader(cfg, tok, rank=0, world_size=1))
@@ -62,8 +65,15 @@ def test_round_trip_images_captions_nouns_boxes(tmp_path, tok):
                 st, en = b["noun_spans"][i, j].tolist()
                 assert tok.decode([b["text"][i, st:en].tolist()]) == [n["text"]]
                 objs = [s["json"]["objects"][k]["box"] for k in n["objects"]]
-                union = [min(o[0] for o in objs), min(o[1] for o in objs), max(o[2] for o in objs), max(o[3] for o in objs)]
-                torch.testing.assert_close(b["noun_boxes"][i, j], torch.tensor(union) / 64, atol=1e-5, rtol=0)
+                union = [
+                    min(o[0] for o in objs),
+                    min(o[1] for o in objs),
+                    max(o[2] for o in objs),
+                    max(o[3] for o in objs),
+                ]
+                torch.testing.assert_close(
+                    b["noun_boxes"][i, j], torch.tensor(union) / 64, atol=1e-5, rtol=0
+                )
                 assert b["noun_has_box"][i, j]
                 n_boxes += 1
     assert n_boxes >= 12
@@ -77,7 +87,14 @@ def test_reads_img2dataset_layout_written_by_shardwriter(tmp_path, tok):
             Image.new("RGB", (96, 48), (i * 40, 10, 200)).save(buf, format="JPEG")
             meta = {"url": f"http://x/{i}.jpg", "key": f"{i:09d}", "status": "success",
                     "caption": "a dog on a beach", "width": 96, "height": 48, "original_width": 500}  # fmt: skip
-            w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": "a dog on a beach", "json": meta})
+            w.write(
+                {
+                    "__key__": f"{i:09d}",
+                    "jpg": buf.getvalue(),
+                    "txt": "a dog on a beach",
+                    "json": meta,
+                }
+            )
     loader = make_loader(_cfg(str(tmp_path / "*.tar"), image_size=32), tok, rank=0, world_size=1)
     batches = list(loader)
     assert sum(len(b["sample_id"]) for b in batches) == 5 and loader.skipped() == {}
@@ -115,7 +132,11 @@ def test_exact_mode_two_ranks_two_workers_every_sample_once(tmp_path, tok):
     assert orders[0] != orders[1]  # seeded shuffling differs per epoch
     again = []
     for rank in (0, 1):
-        again += _ids(make_loader(_cfg(urls, shuffle_buffer=20, num_workers=2), tok, rank=rank, world_size=2, epoch=1))
+        again += _ids(
+            make_loader(
+                _cfg(urls, shuffle_buffer=20, num_workers=2), tok, rank=rank, world_size=2, epoch=1
+            )
+        )
     assert again == orders[1]  # ... and is reproducible
 
 
@@ -185,7 +206,9 @@ def test_each_bad_input_is_skipped_and_counted(tmp_path, tok, caplog):
 
 def test_triplet_batches(tmp_path, tok):
     urls = _world(tmp_path, n=6, shard_size=6, triplet=True)
-    b = next(iter(make_loader(_cfg(urls, kind="triplets", batch_size=6), tok, rank=0, world_size=1)))
+    b = next(
+        iter(make_loader(_cfg(urls, kind="triplets", batch_size=6), tok, rank=0, world_size=1))
+    )
     assert b["image_syn"].shape == b["image"].shape == (6, 3, 64, 64)
     assert not torch.equal(b["image_syn"], b["image"])
     assert b["text_bn"].shape == (6, 32)
@@ -201,8 +224,13 @@ def test_missing_triplet_member_is_counted(tmp_path, tok):
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
         w.write({k: v for k, v in s.items() if k != "syn.jpg"})
         w.write({k: v for k, v in s.items() if k != "bn.txt"} | {"__key__": "000000002"})
-    loader = make_loader(_cfg(str(tmp_path / "00000.tar"), kind="triplets"), tok, rank=0, world_size=1)
-    assert _ids(loader) == [] and loader.skipped() == {"missing_syn_image": 1, "missing_bn_caption": 1}
+    loader = make_loader(
+        _cfg(str(tmp_path / "00000.tar"), kind="triplets"), tok, rank=0, world_size=1
+    )
+    assert _ids(loader) == [] and loader.skipped() == {
+        "missing_syn_image": 1,
+        "missing_bn_caption": 1,
+    }
 
 
 def test_skip_counter_reset_and_sharing():

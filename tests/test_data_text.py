@@ -24,7 +24,9 @@ def world_tok_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(world_tok_path):
-    return build_tokenizer(TokenizerConfig(kind="world", path=str(world_tok_path), context_length=32))
+    return build_tokenizer(
+        TokenizerConfig(kind="world", path=str(world_tok_path), context_length=32)
+    )
 
 
 def test_world_tokenizer_small_and_round_trips_en_and_bn(tok):
@@ -47,7 +49,12 @@ def test_truncation_keeps_eos(tok):
 
 def test_token_spans_hand_computed():
     offsets = [(0, 0), (0, 3), (3, 7), (7, 8), (9, 14), (0, 0)]
-    assert token_spans(offsets, [(4, 7), (9, 14), (20, 25), (0, 8)]) == [(2, 3), (4, 5), None, (1, 4)]
+    assert token_spans(offsets, [(4, 7), (9, 14), (20, 25), (0, 8)]) == [
+        (2, 3),
+        (4, 5),
+        None,
+        (1, 4),
+    ]
 
 
 def test_open_clip_wrapper_matches_open_clip_and_maps_nouns():
@@ -86,7 +93,9 @@ def test_world_nouns_equal_scene_nouns():
         meta = make_sample(0, "train", i)["json"]
         caps = meta["captions_en"]
         for cap, got, want in zip(caps, ex.batch(caps), meta["nouns"]):
-            assert [(n.lemma, n.start, n.end) for n in got] == [(w["lemma"], w["start"], w["end"]) for w in want], cap
+            assert [(n.lemma, n.start, n.end) for n in got] == [
+                (w["lemma"], w["start"], w["end"]) for w in want
+            ], cap
             assert [n.text for n in got] == [cap[n.start : n.end] for n in got]
 
 
@@ -105,8 +114,17 @@ def test_loader_extracts_nouns_with_spacy_when_json_has_none(tmp_path, tok):
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(buf, format="JPEG")
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
-        w.write({"__key__": "000000000", "jpg": buf.getvalue(), "txt": "Two red circles above a star.", "json": {}})
-    cfg = DataConfig(train_shards=str(tmp_path / "00000.tar"), noun_source="spacy", spacy_pipeline="world")
+        w.write(
+            {
+                "__key__": "000000000",
+                "jpg": buf.getvalue(),
+                "txt": "Two red circles above a star.",
+                "json": {},
+            }
+        )
+    cfg = DataConfig(
+        train_shards=str(tmp_path / "00000.tar"), noun_source="spacy", spacy_pipeline="world"
+    )
     b = next(iter(make_loader(cfg, tok, rank=0, world_size=1)))
     assert b["noun_mask"][0].tolist()[:3] == [True, True, False]
     spans = b["noun_spans"][0, :2].tolist()

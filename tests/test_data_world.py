@@ -34,13 +34,17 @@ EN_REL = {en: r for r, (en, _, _) in RELATIONS.items()}
 def _holds(rel: str, subj: list[dict], ref: list[dict]) -> bool:
     """Every subject box lies strictly on the ``rel`` side of every reference box."""
     return all(
-        {"left": a[2] <= b[0], "right": a[0] >= b[2], "above": a[3] <= b[1], "below": a[1] >= b[3]}[rel]
+        {"left": a[2] <= b[0], "right": a[0] >= b[2], "above": a[3] <= b[1], "below": a[1] >= b[3]}[
+            rel
+        ]
         for a in (o["box"] for o in subj)
         for b in (o["box"] for o in ref)
     )
 
 
-def _check_np(objs: list[dict], count: int, size: str | None, colour: str, shape: str) -> list[dict]:
+def _check_np(
+    objs: list[dict], count: int, size: str | None, colour: str, shape: str
+) -> list[dict]:
     match = [o for o in objs if o["colour"] == colour and o["shape"] == shape]
     assert len(match) == count, (count, colour, shape, objs)
     assert size is None or all(o["size"] == size for o in match)
@@ -65,7 +69,12 @@ def check_en(caption: str, objs: list[dict], relation: str | None) -> None:
             assert (count == 1) == (number == 1), f"number agreement in {caption!r}"
             if words[i] in ("a", "an"):
                 assert (words[i] == "an") == (words[i + 1][0] in "aeiou"), caption
-            nps.append((text.index(" ".join(words[i : j + 2])), _check_np(objs, count, size, colour, shape)))
+            nps.append(
+                (
+                    text.index(" ".join(words[i : j + 2])),
+                    _check_np(objs, count, size, colour, shape),
+                )
+            )
             i = j + 2
         else:
             i += 1
@@ -92,7 +101,11 @@ def check_bn(caption: str, objs: list[dict], relation: str | None) -> None:
             colour = BN_COLOUR[words[j]]
             noun = words[j + 1]
             genitive = noun not in BN_SHAPE
-            shape = BN_SHAPE[noun] if not genitive else next(v for k, v in BN_SHAPE.items() if bn_genitive(k) == noun)
+            shape = (
+                BN_SHAPE[noun]
+                if not genitive
+                else next(v for k, v in BN_SHAPE.items() if bn_genitive(k) == noun)
+            )
             nps.append((genitive, _check_np(objs, BN_COUNT[w], size, colour, shape)))
     assert sum(len(m) for _, m in nps) == len(objs), caption
     rels = [r for bn, r in BN_REL.items() if bn in caption]

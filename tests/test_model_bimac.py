@@ -240,3 +240,36 @@ def test_objective_config_rejects_inconsistent_settings():
         ObjectiveConfig(cg=False, rf=True)
     with pytest.raises(ValueError):
         ObjectiveConfig(mcl=False, cg=False, rf=False, git=False, grounding=False)
+
+
+TABLE5 = {  # preset -> the loss terms it trains (RF weights "cg", it adds no term)
+    "mcl": ({"mcl"}, False),
+    "mcl_cg": ({"mcl", "cg"}, False),
+    "mcl_cg_rf": ({"mcl", "cg"}, True),
+    "mcl_cg_rf_git": ({"mcl", "cg", "reconstruction"}, True),
+    "mcl_cg_git_grounding": ({"mcl", "cg", "reconstruction", "grounding"}, False),
+    "full": ({"mcl", "cg", "reconstruction", "grounding"}, True),
+}
+
+
+@pytest.mark.parametrize("preset", list(TABLE5))
+def test_table5_presets_are_config_changes(preset):
+    from pretrain import load_pretrain_config
+
+    objectives = load_pretrain_config(f"configs/pretrain/ablations/{preset}.yaml").objectives
+    terms, rf = TABLE5[preset]
+    assert objectives.rf == rf and objectives.lambda_git == 0.7 and objectives.lambda_cg == 1.0
+    torch.manual_seed(0)
+    task = PretrainTask(SMALL, objectives, tokenizer=TOK)
+    task._scorer = _FixedScorer([1.0, 1.0, 1.0, 1.0])
+    got, metrics = task.losses(task.build_model(), make_batch())
+    assert set(got) == terms and ("rf_cider" in metrics) == rf
+
+
+def test_table6_presets_only_change_lambda_git():
+    from pretrain import load_pretrain_config
+
+    full = load_pretrain_config("configs/pretrain/ablations/full.yaml").objectives
+    for lam in (0.1, 0.4, 0.7, 1.0, 1.5):
+        sweep = load_pretrain_config(f"configs/pretrain/ablations/lambda_git_{lam}.yaml").objectives
+        assert sweep == dataclasses.replace(full, lambda_git=lam)

@@ -39,7 +39,7 @@ def world(tmp_path_factory):
                "txt": s["txt"].encode(), "json": json.dumps(s["json"]).encode()}
         items.append(ds.decode(raw, rng))
     assert ds.counter.as_dict() == {} or not any(ds.counter.as_dict().values())
-    return tok, [ds.collate(items[i : i + 32]) for i in range(0, len(items), 16)]
+    return tok, [ds.collate(items[i : i + 16]) for i in range(0, len(items), 16)]
 
 
 @pytest.mark.slow

@@ -17,7 +17,10 @@ from bimac.models.pal_captioner import PALCaptioner
 from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask
 
 CONFIG = "configs/finetune/caption_bn/tiny.yaml"
-BENGALI = re.compile(r"^[\u0980-\u09FF\s]+$")
+# Bengali block plus the danda sentence marks (U+0964/5) and zero-width (non-)joiners.
+BENGALI = re.compile(
+    r"^[\u0980-\u09FF\u0964\u0965\u200c\u200d\s]*[\u0980-\u09FF][\u0980-\u09FF\u0964\u0965\u200c\u200d\s]*$"
+)
 
 
 def _image(data: bytes) -> torch.Tensor:
@@ -98,14 +101,17 @@ def test_save_and_load_round_trip(task, tmp_path):
 
 
 def test_tiny_training_lowers_ce_and_captions_in_bengali(task):
-    """100 AdamW steps (batch 8, the full PAL + InfoNCE + OT loss) on 64 world triplets."""
+    """60 AdamW steps (batch 8, the full PAL + InfoNCE + OT loss) on 64 world triplets.
+
+    60 rather than 100 steps keeps the test near a minute on 2 shared cores; CE has halved
+    well before step 60 (measured: 100 steps reach a verbatim world caption)."""
     torch.manual_seed(0)
     model = task.build_model()
     batches = [world_batch(model, range(i, i + 8)) for i in range(0, 64, 8)]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     ces = []
-    for step in range(100):
+    for step in range(60):
         terms, metrics = task.losses(model, batches[step % len(batches)])
         opt.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
@@ -113,7 +119,7 @@ def test_tiny_training_lowers_ce_and_captions_in_bengali(task):
         ces.append(metrics["ce_real"])
         assert all(torch.isfinite(t) for t in terms.values())
     first, last = np.mean(ces[:8]), np.mean(ces[-8:])
-    assert last < 0.6 * first, (first, last)
+    assert last < 0.6 * first, ces
     out = model.caption(batches[0]["image"][:4])
     assert (out.ids[:, 0] == model.lang_id).all()  # the forced Bengali code
     for text in out.texts:

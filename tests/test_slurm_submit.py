@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def world_shards(tmp_path_factory) -> list[str]:
+    from test_engine_pretrain import world_overrides
+
+    return world_overrides(tmp_path_factory.mktemp("world"))
+
+
 def _submit_module():
-    spec = importlib.util.spec_from_file_location("bimac_slurm_submit", REPO / "slurm" / "submit.py")
+    spec = importlib.util.spec_from_file_location(
+        "bimac_slurm_submit", REPO / "slurm" / "submit.py"
+    )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -33,12 +44,22 @@ def test_collect_makes_one_row_per_summary(tmp_path):
     sub = _submit_module()
     for name, loss, pg in (("a", 1.5, 0.25), ("b", 2.0, None)):
         (tmp_path / name).mkdir()
-        summary = {"status": "completed", "step": 4, "samples": 64, "final_loss": loss,
-                   "final_losses": {"mcl": loss}, "final_metrics": {} if pg is None else
-                   {"pointing_game": pg}, "skipped": {"nonfinite_loss": 1}, "wall_s": 3.0}
+        summary = {
+            "status": "completed",
+            "step": 4,
+            "samples": 64,
+            "final_loss": loss,
+            "final_losses": {"mcl": loss},
+            "final_metrics": {} if pg is None else {"pointing_game": pg},
+            "skipped": {"nonfinite_loss": 1},
+            "wall_s": 3.0,
+        }
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     table = sub.collect(tmp_path).splitlines()
-    assert table[0] == "| cell | status | steps | samples | loss | mcl | pointing_game | skipped | wall s |"
+    assert (
+        table[0]
+        == "| cell | status | steps | samples | loss | mcl | pointing_game | skipped | wall s |"
+    )
     assert table[2] == "| a | completed | 4 | 64 | 1.5000 | 1.5000 | 0.2500 | 1 | 3.0000 |"
     assert table[3] == "| b | completed | 4 | 64 | 2.0000 | 2.0000 |  | 1 | 3.0000 |"
     assert (tmp_path / "results.md").read_text().splitlines() == table
@@ -49,9 +70,15 @@ def test_local_executor_runs_a_two_cell_grid(tmp_path, world_shards):
     sub = _submit_module()
     cells = sub.grid_cells("table6", str(REPO / "configs/pretrain/tiny.yaml"), [0.1, 0.7])
     for cell in cells:
-        cell.overrides += [*world_shards, "train.max_steps=2", "train.global_batch_size=4",
-                           "train.micro_batch_size=4", "train.wandb=disabled",
-                           "train.progress_bar=false", "train.export_at_end=false"]
+        cell.overrides += [
+            *world_shards,
+            "train.max_steps=2",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "train.wandb=disabled",
+            "train.progress_bar=false",
+            "train.export_at_end=false",
+        ]
     executor = sub.make_executor(tmp_path / "submitit", "local", 1, 1, 10, None)
     jobs = sub.submit(cells, tmp_path, executor)
     summaries = [job.result() for job in jobs]

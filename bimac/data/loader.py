@@ -226,7 +226,9 @@ class ShardDataset(IterableDataset):
                 for member in wds.tariterators.tar_file_iterator(stream):
                     yield member | {"__url__": url}
             except (tarfile.ReadError, EOFError) as exn:
-                self.counter.add("truncated_tar", f"{url}: {exn}; the rest of this shard is skipped")
+                self.counter.add(
+                    "truncated_tar", f"{url}: {exn}; the rest of this shard is skipped"
+                )
             except Exception as exn:
                 self.counter.add("tar_format", f"{url}: {exn!r}; the rest of this shard is skipped")
             finally:
@@ -377,7 +379,8 @@ class ShardDataset(IterableDataset):
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    """``uint8 [B, 3, H, W]`` in channels-last memory (no copy; ``.to(device)`` handles it)."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def _union_box(objs: list[dict], noun: dict, w: int, h: int, size: int) -> list[float] | None:

@@ -210,11 +210,7 @@ def _contrasting_background(groups: list[Group], rng: random.Random) -> tuple[in
     def dist(a, b):
         return math.dist(a, b)
 
-    ok = [
-        bg
-        for bg in BACKGROUNDS
-        if all(dist(bg, COLOURS[g.colour][0]) > 90 for g in groups)
-    ]
+    ok = [bg for bg in BACKGROUNDS if all(dist(bg, COLOURS[g.colour][0]) > 90 for g in groups)]
     return rng.choice(ok or list(BACKGROUNDS))
 
 
@@ -394,19 +390,31 @@ def captions(scene: Scene) -> tuple[list[Caption], list[Caption]]:
     rel_en, inv, rel_bn = RELATIONS[scene.relation]
     inv_en, _, inv_bn = RELATIONS[inv]
     # 0: A rel B.   1: There be A rel B.   2: B inv A.   3: A be rel B.   4: Rel B there be A.
-    en.append(_np_en(_np_en(_Builder(), a, 0, False).add(f" {rel_en} "), c, 1, False).add(".").done())
+    en.append(
+        _np_en(_np_en(_Builder(), a, 0, False).add(f" {rel_en} "), c, 1, False).add(".").done()
+    )
     b = _np_en(_Builder().add(f"there {_be(a)} "), a, 0, True).add(f" {rel_en} ")
     en.append(_np_en(b, c, 1, True).add(".").done())
-    en.append(_np_en(_np_en(_Builder(), c, 1, False).add(f" {inv_en} "), a, 0, False).add(".").done())
+    en.append(
+        _np_en(_np_en(_Builder(), c, 1, False).add(f" {inv_en} "), a, 0, False).add(".").done()
+    )
     b = _np_en(_Builder(), a, 0, False).add(f" {_be(a)} {rel_en} ")
     en.append(_np_en(b, c, 1, False).add(".").done())
     b = _np_en(_Builder().add(f"{rel_en} "), c, 1, True).add(f" there {_be(a)} ")
     en.append(_np_en(b, a, 0, True).add(".").done())
     # Bengali, same order: A B-এর rel।  A B-এর rel আছে।  B A-এর inv।  A B-এর rel রয়েছে।  B-এর rel A আছে।
-    bn.append(_np_bn(_np_bn(_Builder(), a, 0, False).add(" "), c, 1, False, True).add(f" {rel_bn}।").done())
+    bn.append(
+        _np_bn(_np_bn(_Builder(), a, 0, False).add(" "), c, 1, False, True)
+        .add(f" {rel_bn}।")
+        .done()
+    )
     b = _np_bn(_np_bn(_Builder(), a, 0, True).add(" "), c, 1, True, True)
     bn.append(b.add(f" {rel_bn} আছে।").done())
-    bn.append(_np_bn(_np_bn(_Builder(), c, 1, False).add(" "), a, 0, False, True).add(f" {inv_bn}।").done())
+    bn.append(
+        _np_bn(_np_bn(_Builder(), c, 1, False).add(" "), a, 0, False, True)
+        .add(f" {inv_bn}।")
+        .done()
+    )
     b = _np_bn(_np_bn(_Builder(), a, 0, False).add(" "), c, 1, False, True)
     bn.append(b.add(f" {rel_bn} রয়েছে।").done())
     b = _np_bn(_Builder(), c, 1, True, True).add(f" {rel_bn} ")
@@ -470,7 +478,9 @@ def make_sample(seed: int, split: str, index: int, size: int = 64, triplet: bool
                 a, c = replace(a, colour=c.colour), replace(c, colour=a.colour)
                 scene = Scene([a, c], scene.relation, scene.boxes, scene.background)
             else:  # same two groups, order of the relation swapped: c now sits where a was
-                groups, boxes = layout([c, a], scene.relation, size, _rng(seed, split, base, "swap"))
+                groups, boxes = layout(
+                    [c, a], scene.relation, size, _rng(seed, split, base, "swap")
+                )
                 scene = Scene(groups, scene.relation, boxes, scene.background)
     rng = _rng(seed, split, index, "render")
     img = render(scene, size, rng)

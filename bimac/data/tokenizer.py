@@ -127,10 +127,14 @@ def train_world_tokenizer(corpus: list[str], vocab_size: int = 1000):
     tok = _Tok(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFC()
     # punctuation apart, so a noun is its own token(s), never merged with the full stop
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()]
+    )
     tok.decoder = decoders.Metaspace()
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False
+    )
     tok.train_from_iterator(corpus, trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(

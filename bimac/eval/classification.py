@@ -48,12 +48,13 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def world_templates(split: str) -> list[str]:
-    """Prompts in the embedded world's caption style (shape classes: one per colour)."""
+    """Prompts in the embedded world's caption style ("An orange cross."); shape classes get
+    one prompt per colour, so the ensemble averages over the attribute that is not the label."""
     if split == "cls_shape":
         from bimac.data.synthetic import COLOURS
 
-        return ["a {}"] + [f"a {colour} {{}}" for colour in COLOURS]
-    return ["a {}"]
+        return [f"{'An' if c[0] in 'aeiou' else 'A'} {c} {{}}." for c in COLOURS]
+    return ["A {}.", "An {}."]
 
 
 def class_weights(

@@ -27,7 +27,9 @@ def pal_weights(
     Differentiable in the attention values (the patch selection itself is piecewise constant).
     """
     if not 1 <= k <= len(cross_attentions):
-        raise ValueError(f"pal_weights: k={k} but the decoder returned {len(cross_attentions)} layers")
+        raise ValueError(
+            f"pal_weights: k={k} but the decoder returned {len(cross_attentions)} layers"
+        )
     if tau <= 0 or rho <= 0:
         raise ValueError(f"pal_weights: need tau > 0 and rho > 0, got tau={tau}, rho={rho}")
     att = torch.stack([a.float() for a in cross_attentions[-k:]]).mean(dim=(0, 2))  # [B, T, S]

@@ -62,8 +62,12 @@ def _sinkhorn_log_plan(
     u = torch.where(a > 0, 0.0, -torch.inf).to(a.dtype)
     v = torch.where(b > 0, 0.0, -torch.inf).to(b.dtype)
     for _ in range(n_iters):
-        v = torch.where(b > 0, log_b - torch.logsumexp(log_kernel + u[:, :, None], dim=1), -torch.inf)
-        u = torch.where(a > 0, log_a - torch.logsumexp(log_kernel + v[:, None, :], dim=2), -torch.inf)
+        v = torch.where(
+            b > 0, log_b - torch.logsumexp(log_kernel + u[:, :, None], dim=1), -torch.inf
+        )
+        u = torch.where(
+            a > 0, log_a - torch.logsumexp(log_kernel + v[:, None, :], dim=2), -torch.inf
+        )
     return torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
 
 
@@ -88,7 +92,9 @@ def sinkhorn_ot(
             f"{tuple(cost.shape)}, {tuple(a.shape)}, {tuple(b.shape)}"
         )
     if grad_mode not in ("unrolled", "envelope"):
-        raise ValueError(f"sinkhorn_ot: grad_mode must be 'unrolled' or 'envelope', got {grad_mode!r}")
+        raise ValueError(
+            f"sinkhorn_ot: grad_mode must be 'unrolled' or 'envelope', got {grad_mode!r}"
+        )
     if eps <= 0 or n_iters < 1:
         raise ValueError(f"sinkhorn_ot: need eps > 0 and n_iters >= 1, got {eps}, {n_iters}")
     dtype = torch.promote_types(cost.dtype, torch.float32)

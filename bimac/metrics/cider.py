@@ -31,6 +31,8 @@ references, the candidate/reference matches, all without Python loops over n-gra
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -48,11 +50,16 @@ def _encode(captions: Sequence[object], vocab: dict[str, int] | None = None, ids
     keep ids ``1..n_known`` and unknown ones follow. Returns
     ``(tok, lengths, n_known, n_symbols, vocab_or_ids)``.
     """
-    kinds = {
-        isinstance(c, str) or (len(c) > 0 and isinstance(next(iter(c)), str))
-        for c in captions
-        if len(c)
-    }
+    all_str = set(map(type, captions)) <= {str}  # the common case, checked at C speed
+    kinds = (
+        {True}
+        if all_str and captions
+        else {
+            isinstance(c, str) or (len(c) > 0 and isinstance(next(iter(c)), str))
+            for c in captions
+            if len(c)
+        }
+    )
     if len(kinds) > 1:
         raise TypeError("captions mix string tokens and integer token ids")
     if not kinds or kinds == {True}:
@@ -63,16 +70,17 @@ def _encode(captions: Sequence[object], vocab: dict[str, int] | None = None, ids
         if joined.count(sep) != len(captions) - 1:
             raise ValueError("captions must not contain NUL characters")
         words = joined.split()  # one C-level split; separators mark caption boundaries
-        table = {sep: 0, **(vocab or {})}
-        n_known = len(table) - 1
-        for w in dict.fromkeys(words):
-            table.setdefault(w, len(table))
+        # a new word gets the next id on first lookup: one C-level pass over the words
+        known = {sep: 0, **(vocab or {})}
+        n_known = len(known) - 1
+        table = defaultdict(itertools.count(n_known + 1).__next__, known)
         codes = np.fromiter(map(table.__getitem__, words), np.int64, len(words))
         lengths = np.diff(np.r_[-1, np.flatnonzero(codes == 0), len(codes)]) - 1
+        n_sym = len(table) - 1
         if vocab is None:
             del table[sep]
-            vocab, n_known = table, len(table)
-        return codes[codes != 0], lengths, n_known, len(table) - (sep in table), vocab
+            vocab, n_known = dict(table), n_sym
+        return codes[codes != 0], lengths, n_known, n_sym, vocab
     if vocab is not None:
         raise TypeError("this scorer was built from string tokens; got token ids")
     arrays = [
@@ -178,8 +186,7 @@ def _cider_core(
     v = np.divide(v, denom, out=v, where=denom != 0)
     delta = (glen[cand_of] - glen[ref_rows]).astype(np.float64)
     v *= np.exp(-(delta**2) / (2 * sigma**2))[:, None]
-    per_img = np.zeros((n_img, n))
-    np.add.at(per_img, owner[ref_rows], v)
+    per_img = np.add.reduceat(v, np.cumsum(n_refs) - n_refs, axis=0)  # refs are contiguous
     return per_img.mean(axis=1) / n_refs * 10.0
 
 

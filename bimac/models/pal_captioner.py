@@ -177,7 +177,9 @@ class FrozenVision(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}")
+            raise TypeError(
+                f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
+            )
         images = images.to(self.mean.device)
         if self.bimac is not None:
             return [self.bimac.image_towers(self.bimac.normalize(images))[2]]
@@ -185,7 +187,9 @@ class FrozenVision(nn.Module):
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
         x = (x - self.mean) / self.std
-        maps = self.trunk.forward_intermediates(x, indices=self.stage_indices, intermediates_only=True)
+        maps = self.trunk.forward_intermediates(
+            x, indices=self.stage_indices, intermediates_only=True
+        )
         return [m.flatten(2).transpose(1, 2) for m in maps]
 
 
@@ -220,7 +224,9 @@ def _build_mbart(cfg: PALModelConfig, tokenizer: Any) -> nn.Module:
         mcfg._attn_implementation = "eager"
         model = MBartForConditionalGeneration(mcfg)
     else:
-        model = MBartForConditionalGeneration.from_pretrained(cfg.decoder, attn_implementation="eager")
+        model = MBartForConditionalGeneration.from_pretrained(
+            cfg.decoder, attn_implementation="eager"
+        )
         model.config.forced_bos_token_id = lang_id
         model.config.decoder_start_token_id = tokenizer.eos_token_id
     model.model.encoder = None  # the bridge is the encoder; saves ~200M parameters at full size
@@ -233,11 +239,15 @@ class PALCaptioner(nn.Module):
     def __init__(self, cfg: PALModelConfig, tokenizer: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, cfg.target_lang)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, cfg.target_lang)
+        )
         self.vision = FrozenVision(cfg)
         self.mbart = _build_mbart(cfg, self.tokenizer)
         d = self.mbart.config.d_model
-        self.bridge = nn.ModuleList(nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d)) for c in self.vision.channels)
+        self.bridge = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d)) for c in self.vision.channels
+        )
         self.lang_id = self.tokenizer.convert_tokens_to_ids(cfg.target_lang)
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
@@ -275,7 +285,11 @@ class PALCaptioner(nn.Module):
             if self.decoder.layer_norm is not None:
                 self.decoder.layer_norm.requires_grad_(True)
         self.bridge.requires_grad_(True)
-        logger.info("PAL decoder: %s trainable from step %d", "all layers" if train_all else f"top {n_layers} layers", step)
+        logger.info(
+            "PAL decoder: %s trainable from step %d",
+            "all layers" if train_all else f"top {n_layers} layers",
+            step,
+        )
         self._unfrozen = n_layers
         return n_layers
 
@@ -306,7 +320,9 @@ class PALCaptioner(nn.Module):
         logits = self.mbart.lm_head(out.last_hidden_state) + self.mbart.final_logits_bias
         cross = out.cross_attentions if output_attentions else None
         if output_attentions and (not cross or cross[0] is None):
-            raise RuntimeError("the decoder returned no cross-attentions: it must use eager attention")
+            raise RuntimeError(
+                "the decoder returned no cross-attentions: it must use eager attention"
+            )
         return logits, cross
 
     def forward(
@@ -331,7 +347,11 @@ class PALCaptioner(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """Bengali captions -> labels ``[B, T]`` in mBART-50 target format, ``pad`` filled."""
         enc = self.tokenizer(
-            text_target=texts, max_length=self.cfg.max_length, truncation=True, padding=True, return_tensors="pt"
+            text_target=texts,
+            max_length=self.cfg.max_length,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
         )
         return enc["input_ids"]
 
@@ -340,7 +360,9 @@ class PALCaptioner(nn.Module):
     def adapter(self) -> Any:
         from bimac.generation import MBartAdapter
 
-        adapter = MBartAdapter.from_model(self.mbart, forced_first_token_id=self.lang_id, tokenizer=self.tokenizer)
+        adapter = MBartAdapter.from_model(
+            self.mbart, forced_first_token_id=self.lang_id, tokenizer=self.tokenizer
+        )
         # After the forced code, a caption never contains a language code, <s>, <pad> or <mask>.
         from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
 
@@ -389,7 +411,9 @@ class PALCaptioner(nn.Module):
         state = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
         if self.cfg.vision != "tiny":
             state = {k: v for k, v in state.items() if not k.startswith("vision.")}
-        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors")
+        )
         save_config(self.cfg, directory / "config.yaml")
         self.tokenizer.save_pretrained(str(directory / "tokenizer"))
 
@@ -410,6 +434,7 @@ class PALCaptioner(nn.Module):
         tied = model._tied_keys()
         missing = [k for k in missing if not k.startswith("vision.") and k not in tied]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.apply_unfreeze(int(model.num_updates))
+            raise RuntimeError(
+                f"checkpoint mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         return model

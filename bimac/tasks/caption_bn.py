@@ -85,9 +85,18 @@ class CaptionBnConfig:
 
     model: PALModelConfig = field(default_factory=PALModelConfig)
     losses: PALLossConfig = field(default_factory=PALLossConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(kind="triplets", noun_source="none"))
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(kind="triplets", noun_source="none")
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+
+
+def as_loader_tokenizer(tokenizer: Any, max_length: int, lang: str) -> TransformersTokenizer:
+    """The captioner's mBART-50 tokenizer in the loader's interface (``text_bn`` = labels)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return TransformersTokenizer(tmp, max_length, lang)
 
 
 def _unwrap(model: nn.Module) -> PALCaptioner:
@@ -114,13 +123,10 @@ class CaptionBnTask:
         return PALCaptioner(self.cfg.model, tokenizer=self.tokenizer)
 
     def loader_tokenizer(self) -> TransformersTokenizer:
-        """The captioner's tokenizer in the loader's interface (``text_bn`` = mBART-50 labels)."""
         if self._loader_tokenizer is None:
-            tok_dir = Path(self.cfg.train.output_dir) / "tokenizer"
-            if not (tok_dir / "tokenizer.json").exists():
-                self.tokenizer.save_pretrained(str(tok_dir))
-            self._loader_tokenizer = TransformersTokenizer(
-                str(tok_dir), self.cfg.model.max_length, self.cfg.model.target_lang
+            m = self.cfg.model
+            self._loader_tokenizer = as_loader_tokenizer(
+                self.tokenizer, m.max_length, m.target_lang
             )
         return self._loader_tokenizer
 
@@ -143,7 +149,9 @@ class CaptionBnTask:
     def export(self, model: nn.Module, out_dir: Path) -> None:
         _unwrap(model).save_pretrained(out_dir)
 
-    def losses(self, model: nn.Module, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def losses(
+        self, model: nn.Module, batch: dict
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         lc = self.cfg.losses
         m = _unwrap(model)
         metrics: dict[str, float] = {}
@@ -187,7 +195,9 @@ class CaptionBnTask:
             terms["info_nce"] = lc.alpha * loss
             metrics["info_nce_acc"] = float(stats["info_nce_acc"])
         if lc.beta > 0:
-            ot = sinkhorn_ot(cosine_cost(memory, memory_syn), w, w, lc.ot_eps, lc.ot_iters, lc.ot_grad)
+            ot = sinkhorn_ot(
+                cosine_cost(memory, memory_syn), w, w, lc.ot_eps, lc.ot_iters, lc.ot_grad
+            )
             terms["ot"] = lc.beta * ot.mean()
         return terms, metrics
 
@@ -209,10 +219,10 @@ def evaluate_captions(
     if not urls:
         raise ValueError("eval.shards (or data.val_shards) must name the held-out triplet shards")
     data = DataConfig(**{**cfg.data.__dict__, "batch_size": ev.batch_size, "shuffle_buffer": 0})
-    with tempfile.TemporaryDirectory() as tmp:  # the loader's interface to the model's tokenizer
-        model.tokenizer.save_pretrained(tmp)
-        tok = TransformersTokenizer(tmp, cfg.model.max_length, cfg.model.target_lang)
-    loader = make_loader(data, tok, urls, rank=0, world_size=1, epoch=0, samples_seen=0, num_workers=0)
+    tok = as_loader_tokenizer(model.tokenizer, cfg.model.max_length, cfg.model.target_lang)
+    loader = make_loader(
+        data, tok, urls, rank=0, world_size=1, epoch=0, samples_seen=0, num_workers=0
+    )
     gen = GenerationConfig(
         strategy="beam",
         num_beams=ev.num_beams,
@@ -236,7 +246,10 @@ def evaluate_captions(
         try:
             from bimac.metrics.meteor import Meteor
 
-            scores["METEOR"] = 100 * Meteor.shared("bn").score([c for _, c, _ in rows], [[r] for _, _, r in rows])[0]
+            scores["METEOR"] = (
+                100
+                * Meteor.shared("bn").score([c for _, c, _ in rows], [[r] for _, _, r in rows])[0]
+            )
         except (RuntimeError, FileNotFoundError) as err:
             logger.warning("METEOR skipped: %s", err)
     if ev.bertscore_model:
@@ -253,7 +266,9 @@ def evaluate_captions(
 
 def metrics_table(scores: dict[str, float]) -> str:
     """A one-row markdown table of the evaluation scores (paper Table 2 columns)."""
-    cols = [c for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1") if c in scores]
+    cols = [
+        c for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1") if c in scores
+    ]
     head = "| n | " + " | ".join(cols) + " |"
     sep = "|---" * (len(cols) + 1) + "|"
     row = f"| {int(scores.get('n', 0))} | " + " | ".join(f"{scores[c]:.2f}" for c in cols) + " |"

@@ -1,0 +1,1 @@
+"""Analyses of trained models (figures and statistics of the papers)."""

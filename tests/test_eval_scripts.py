@@ -1,0 +1,170 @@
+"""The evaluation CLIs end to end: COCO caption files in, scores out; retrieval, classification
+and probe on a tiny random-weight BiMAC export (numbers are not meaningful, shapes and files are).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bimac.data.synthetic import make_sample
+from bimac.eval import captioning, classification, probe, retrieval
+from bimac.metrics.bleu import bleu
+from bimac.metrics.cider import cider_d
+from bimac.metrics.text import java_available, normalize_bn
+
+
+def _coco_bn(tmp_path, n=6):
+    images, anns, results = [], [], []
+    for i in range(n):
+        caps = make_sample(0, "val", i)["json"]["captions_bn"]
+        images.append({"id": i, "file_name": f"{i}.jpg"})
+        anns += [{"image_id": i, "caption": c} for c in caps]
+        if i < n - 1:  # the last image gets no result
+            results.append({"image_id": i, "caption": caps[0] if i % 2 else "একটি বড় কালো তারা।"})
+    (tmp_path / "ann.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    refs = {i: [a["caption"] for a in anns if a["image_id"] == i] for i in range(n - 1)}
+    return refs, {r["image_id"]: r["caption"] for r in results}
+
+
+@pytest.mark.skipif(not java_available(), reason="no Java runtime: METEOR needs one")
+def test_captioning_cli_bengali(tmp_path, capsys):
+    refs, res = _coco_bn(tmp_path)
+    out = captioning.main(
+        [
+            "--results",
+            str(tmp_path / "res.json"),
+            "--annotations",
+            str(tmp_path / "ann.json"),
+            "--lang",
+            "bn",
+            "--out",
+            str(tmp_path / "scores.json"),
+        ]
+    )
+    assert json.loads((tmp_path / "scores.json").read_text())["CIDEr-D"] == out["CIDEr-D"]
+    assert "| BLEU-1 |" in capsys.readouterr().out.replace("| BLEU-1 | BLEU-2", "| BLEU-1 |")
+    ids = sorted(res)
+    cands = [normalize_bn(res[i]) for i in ids]
+    ref_lists = [[normalize_bn(r) for r in refs[i]] for i in ids]
+    assert out["CIDEr-D"] == pytest.approx(100 * cider_d(cands, ref_lists)[0], abs=1e-9)
+    assert out["BLEU-4"] == pytest.approx(100 * bleu(cands, ref_lists)[0][3], abs=1e-9)
+    assert out["missing_results"] == 1 and out["images"] == 5
+    assert out["SPICE"] == "unavailable" and out["SPICE_reason"] == "English only"
+    assert 0 < out["METEOR"] < 100
+
+
+def test_captioning_rejects_bad_results(tmp_path):
+    _coco_bn(tmp_path)
+    (tmp_path / "dup.json").write_text(json.dumps([{"image_id": 0, "caption": "a"}] * 2))
+    with pytest.raises(ValueError, match="more than one"):
+        captioning.main(
+            [
+                "--results",
+                str(tmp_path / "dup.json"),
+                "--annotations",
+                str(tmp_path / "ann.json"),
+                "--lang",
+                "bn",
+                "--metrics",
+                "cider",
+            ]
+        )
+    (tmp_path / "alien.json").write_text(json.dumps([{"image_id": 99, "caption": "a"}]))
+    with pytest.raises(ValueError, match="no annotations"):
+        captioning.main(
+            [
+                "--results",
+                str(tmp_path / "alien.json"),
+                "--annotations",
+                str(tmp_path / "ann.json"),
+                "--lang",
+                "bn",
+                "--metrics",
+                "cider",
+            ]
+        )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from bimac.data.tokenizer import train_world_tokenizer
+    from bimac.models.bimac import BiMAC, BiMACConfig
+
+    directory = tmp_path_factory.mktemp("ckpt")
+    texts = [c for i in range(40) for c in make_sample(0, "train", i)["json"]["captions_en"]]
+    torch.manual_seed(0)
+    cfg = BiMACConfig(vocab_size=300, vision_layers=1, text_layers=1, decoder_layers=1)
+    BiMAC(cfg).save_pretrained(directory, tokenizer=train_world_tokenizer(texts, 300))
+    return directory
+
+
+def test_retrieval_karpathy_json(checkpoint, tmp_path):
+    (tmp_path / "img").mkdir()
+    items = []
+    for i in range(6):
+        s = make_sample(0, "retrieval", i)
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(s["jpg"])
+        items.append(
+            {
+                "filename": f"{i}.jpg",
+                "split": "test" if i < 5 else "train",
+                "sentences": [{"raw": c} for c in s["json"]["captions_en"]],
+            }
+        )
+    (tmp_path / "k.json").write_text(json.dumps({"images": items}))
+    out = retrieval.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(tmp_path / "k.json"),
+            "--images",
+            str(tmp_path / "img"),
+            "--max-sim-mb",
+            "0",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert out["images"] == 5 and out["texts"] == 25
+    assert json.loads((tmp_path / "r.json").read_text())["mTR"] == out["mTR"]
+    for k in ("i2t_R@1", "t2i_R@5", "mIR"):
+        assert 0 <= out[k] <= 100
+
+
+def test_classification_image_folder_and_probe_world(checkpoint, tmp_path):
+    for i in range(6):
+        s = make_sample(0, "cls_shape", i)
+        d = tmp_path / "folder" / s["json"]["label"]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.jpg").write_bytes(s["jpg"])
+    (tmp_path / "t.txt").write_text("a {}\na picture of a {}\n")
+    out = classification.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(tmp_path / "folder"),
+            "--templates",
+            str(tmp_path / "t.txt"),
+        ]
+    )
+    assert out["images"] == 6 and out["templates"] == 2
+    assert out["classes"] == len(list((tmp_path / "folder").iterdir()))
+    pr = probe.main(
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            "world:probe:4",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
+    assert pr["examples"] == 4
+    assert pr["group_score"] <= min(pr["text_score"], pr["image_score"])
+    assert {"attribute_text_score", "relation_group_score"} <= set(pr)

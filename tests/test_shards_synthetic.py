@@ -1,0 +1,57 @@
+"""shards.synthetic and shards.check command lines, and the demo's preview grid."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+from PIL import Image
+
+from bimac.demo import preview_grid
+from shards import check, synthetic
+
+
+def test_synthetic_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, capsys):
+    synthetic.main(
+        ["--out", str(tmp_path), "--split", "val", "--n", "25", "--shard-size", "10", "--triplets"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00000.tar", "00000_stats.json", "00001.tar", "00001_stats.json",
+        "00002.tar", "00002_stats.json", "tokenizer.json",
+    ]  # fmt: skip
+    with tarfile.open(tmp_path / "00000.tar") as tf:
+        names = tf.getnames()
+    want = {f"000000000.{e}" for e in ("jpg", "txt", "json", "syn.jpg", "en.txt", "bn.txt")}
+    assert set(names[:6]) == want
+    assert [
+        json.loads((tmp_path / f"0000{i}_stats.json").read_text())["successes"] for i in range(3)
+    ] == [10, 10, 5]
+    capsys.readouterr()
+    check.main([str(tmp_path / "{00000..00002}.tar"), "--triplets"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 25 and summary["shards"] == 3 and summary["skipped_total"] == 0
+    assert summary["duplicate_ids"] == 0 and summary["caption_words"]["min"] >= 2
+
+
+def test_check_counts_bad_samples_and_fails_on_nothing_read(tmp_path, capsys):
+    (tmp_path / "00000.tar").write_bytes(b"\0" * 1024)  # an empty tar: nothing to read
+    with pytest.raises(SystemExit) as e:
+        check.main([str(tmp_path / "00000.tar")])
+    assert e.value.code == 1
+    with pytest.raises(FileNotFoundError, match="matches no shard"):
+        check.check(str(tmp_path / "nothing*.tar"))
+
+
+def test_probe_split_needs_pairs(tmp_path):
+    with pytest.raises(ValueError, match="pairs"):
+        synthetic.build(tmp_path, "probe", 3)
+
+
+def test_preview_grid(tmp_path):
+    synthetic.build(tmp_path, "train", 8, 64, shard_size=8)
+    png = preview_grid(tmp_path / "00000.tar", tmp_path / "preview.png", n=6, cols=3)
+    assert Image.open(png).size[0] > 300
+    lines = png.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 6 and all(len(line.split("\t")) == 3 for line in lines)
+    assert any("টি " in line for line in lines)  # the Bengali caption is there
