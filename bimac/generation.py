@@ -228,13 +228,40 @@ class CocaAdapter(DecoderAdapter):
             v = F.linear(kv, w[2 * d :], None if b is None else b[2 * d :])
             cross_kv.append((_heads(k, blk.attn.num_heads), _heads(v, blk.attn.num_heads)))
         n_self = len(self.text.transformer.resblocks) + len(self.decoder.resblocks)
-        return {"memory": memory, "cross_kv": cross_kv, "self_kv": [None] * n_self, "cached": 0}
+        rows = torch.arange(memory.shape[0], device=memory.device)
+        return {
+            "memory": memory,  # per image; row r reads image row_image[r]
+            "row_image": rows,
+            "cross_kv": cross_kv,  # per image while rows stay grouped, else per row
+            "cross_per_row": False,
+            "self_kv": [None] * n_self,
+            "cached": 0,
+        }
 
     def reorder(self, state: dict, index: torch.Tensor) -> dict:
+        """Self-attention K/V follow the rows. The image K/V stay one per image while every image
+        has the same number of consecutive rows (beams, samples): then the rows' queries attend
+        together and nothing is copied. Dropping finished rows breaks that; the image K/V are
+        then copied to the rows once."""
         pick = lambda t: t.index_select(0, index)  # noqa: E731
+        row_image, cross_kv = state["row_image"][index], state["cross_kv"]
+        per_row = state["cross_per_row"]
+        if per_row:
+            cross_kv = [(pick(k), pick(v)) for k, v in cross_kv]
+        else:
+            n_img = cross_kv[0][0].shape[0] if cross_kv else 1
+            copies = len(row_image) // n_img
+            grouped = len(row_image) == n_img * copies and torch.equal(
+                row_image, torch.arange(n_img, device=row_image.device).repeat_interleave(copies)
+            )
+            if not grouped:
+                cross_kv = [(k[row_image], v[row_image]) for k, v in cross_kv]
+                per_row = True
         return {
-            "memory": pick(state["memory"]),
-            "cross_kv": [(pick(k), pick(v)) for k, v in state["cross_kv"]],
+            "memory": state["memory"],
+            "row_image": row_image,
+            "cross_kv": cross_kv,
+            "cross_per_row": per_row,
             "self_kv": [
                 None if kv is None else (pick(kv[0]), pick(kv[1])) for kv in state["self_kv"]
             ],
@@ -244,7 +271,8 @@ class CocaAdapter(DecoderAdapter):
     def logits(self, state: dict, prefix: torch.Tensor, use_cache: bool) -> torch.Tensor:
         if not use_cache:  # the model's own full forward over the whole prefix
             _, tokens = self.text(prefix)
-            return self.decoder(state["memory"], tokens)[:, -1]
+            memory = state["memory"].index_select(0, state["row_image"])
+            return self.decoder(memory, tokens)[:, -1]
         start = state["cached"]
         new = prefix[:, start:]
         cast = self.text.transformer.get_cast_dtype()
@@ -257,9 +285,8 @@ class CocaAdapter(DecoderAdapter):
         for blk, cross in zip(self.decoder.resblocks, self.decoder.cross_attn):
             x = self._self_block(blk, x, state, layer)
             layer += 1
-            x = self._cross_block(
-                cross, x, *state["cross_kv"][layer - 1 - len(self.text.transformer.resblocks)]
-            )
+            k, v = state["cross_kv"][layer - 1 - len(self.text.transformer.resblocks)]
+            x = self._cross_block(cross, x, k, v, state["cross_per_row"])
         state["cached"] = prefix.shape[1]
         out = self.decoder.ln_final(x[:, -1])
         return out @ self.decoder.text_projection
@@ -283,11 +310,24 @@ class CocaAdapter(DecoderAdapter):
             mask = torch.ones(n_new, n_all, dtype=torch.bool, device=x.device).tril(n_all - n_new)
         return self._finish_block(blk, x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
-    def _cross_block(self, blk: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def _cross_block(
+        self, blk: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, per_row: bool
+    ) -> torch.Tensor:
         d = x.shape[-1]
         w, b = blk.attn.in_proj_weight, blk.attn.in_proj_bias
-        q = F.linear(blk.ln_1(x), w[:d], None if b is None else b[:d])
-        attn = F.scaled_dot_product_attention(_heads(q, blk.attn.num_heads), k, v)
+        q = _heads(F.linear(blk.ln_1(x), w[:d], None if b is None else b[:d]), blk.attn.num_heads)
+        if per_row:
+            attn = F.scaled_dot_product_attention(q, k, v)
+        else:  # the rows of one image are extra queries against that image's K/V
+            n, h, length, dh = q.shape
+            n_img = k.shape[0]
+            q = q.view(n_img, n // n_img, h, length, dh).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(q.reshape(n_img, h, -1, dh), k, v)
+            attn = (
+                attn.view(n_img, h, n // n_img, length, dh)
+                .transpose(1, 2)
+                .reshape(n, h, length, dh)
+            )
         return self._finish_block(blk, x, attn)
 
 

@@ -5,7 +5,8 @@
     python slurm/submit.py grid  --grid table6 --lambdas 0.1 0.4 0.7 1.0 1.5 --out runs/t6
     python slurm/submit.py collect --out runs/t6
 
-``table5``: one cell per preset in ``configs/pretrain/ablations/`` (the rows of BiMAC Table 5);
+``table5``: one cell per preset in ``configs/pretrain/ablations/`` (the rows of BiMAC Table 5;
+their ``objectives`` sections applied to ``--config``);
 ``table6``: the λ_GIT sweep of Table 6 (``objectives.lambda_git``). Each cell writes
 ``<out>/<cell>/summary.json``; ``collect`` (also run after ``grid --wait``) turns them into one
 markdown table. ``--cluster local`` runs the cells as local processes (tests, laptops).
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+ABLATIONS = REPO / "configs" / "pretrain" / "ablations"
 TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
 
 
@@ -48,18 +51,34 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
 
 def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> list[Cell]:
-    """The cells of ``table5`` (ablation presets) or ``table6`` (λ_GIT values)."""
+    """The cells of ``table5`` or ``table6`` on top of ``config`` (tiny or paper).
+
+    Table 5 takes the ``objectives`` section of each preset in ``configs/pretrain/ablations/``
+    (not ``lambda_git_*``), so the same rows run on any base config, ordered as in the paper
+    (more objectives later; grounding after the row without it).
+    """
     if grid == "table6":
         return [
             Cell(f"lambda_git={v:g}", config, [f"objectives.lambda_git={v}"])
             for v in (lambdas or TABLE6_LAMBDAS)
         ]
-    if grid == "table5":
-        presets = sorted((Path(config).parent / "ablations").glob("*.yaml"))
-        if not presets:
-            raise FileNotFoundError(f"no ablation presets in {Path(config).parent / 'ablations'}")
-        return [Cell(p.stem, str(p)) for p in presets]
-    raise ValueError(f"unknown grid {grid!r}: table5 or table6")
+    if grid != "table5":
+        raise ValueError(f"unknown grid {grid!r}: table5 or table6")
+    presets = [p for p in sorted(ABLATIONS.glob("*.yaml")) if not p.stem.startswith("lambda_git")]
+    if not presets:
+        raise FileNotFoundError(f"no ablation presets in {ABLATIONS}")
+    cells = []
+    for preset in presets:
+        objectives = (yaml.safe_load(preset.read_text()) or {}).get("objectives", {})
+        overrides = [f"objectives.{k}={json.dumps(v)}" for k, v in objectives.items()]
+        cells.append(
+            (
+                sum(v is True for v in objectives.values()),
+                objectives.get("grounding", False),
+                Cell(preset.stem, config, overrides),
+            )
+        )
+    return [cell for *_, cell in sorted(cells, key=lambda c: c[:2])]
 
 
 def make_executor(

@@ -56,7 +56,7 @@ def test_round_trip_images_captions_nouns_boxes(tmp_path, tok):
         for i, sid in enumerate(b["sample_id"]):
             url, key = sid.split("#")
             s = make_sample(0, "train", int(key), 64)
-            ref = np.asarray(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+            ref = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
             assert torch.equal(b["image"][i], torch.from_numpy(ref).permute(2, 0, 1))
             assert tok.decode(b["text"][i : i + 1]) == [s["json"]["captions_en"][0]]
             nouns = s["json"]["nouns"][0]
@@ -148,12 +148,32 @@ def test_resampled_mode_yields_epoch_length_per_rank(tmp_path, tok):
     assert per_rank[0] != per_rank[1]
 
 
-def test_resume_skips_the_consumed_prefix(tmp_path, tok):
-    urls = _world(tmp_path, n=48, shard_size=12)
-    cfg = _cfg(urls, shuffle_buffer=10, num_workers=2, batch_size=4)
-    full = _ids(make_loader(cfg, tok, rank=0, world_size=1, epoch=3))
-    resumed = _ids(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=12))
-    assert len(full) == 48 and resumed == full[12:]
+def _batches(loader) -> list[list[str]]:
+    return [b["sample_id"] for b in loader]
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_at_every_batch_boundary_continues_the_same_stream(tmp_path, tok, resampled):
+    # 5 shards of 12 over 2 workers (uneven: one worker finishes first), batch 5 (partial batches)
+    urls = _world(tmp_path, n=60, shard_size=12)
+    cfg = _cfg(
+        urls, shuffle_buffer=10, num_workers=2, batch_size=5, resampled=resampled, epoch_samples=37
+    )
+    full = _batches(make_loader(cfg, tok, rank=0, world_size=1, epoch=3))
+    flat = [i for b in full for i in b]
+    assert len(flat) == (37 if resampled else 60)
+    assert sorted(len(b) for b in full)[0] < 5  # partial batches occur
+    bounds = [sum(len(b) for b in full[:k]) for k in range(1, len(full))]
+    for seen in (
+        bounds[0],
+        bounds[len(bounds) // 2],
+        bounds[-2],
+        bounds[-1],
+    ):  # late: one worker done
+        resumed = _batches(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=seen))
+        assert [i for r in resumed for i in r] == flat[seen:], seen
+    with pytest.raises(ValueError, match="batch boundary|multiple"):
+        list(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=3))
 
 
 def _tar(path, members: list[tuple[str, bytes]]):
@@ -187,13 +207,14 @@ def test_each_bad_input_is_skipped_and_counted(tmp_path, tok, caplog):
     write_shards((make_sample(0, "train", i) for i in range(6)), tmp_path / "t", shard_size=6)
     data = (tmp_path / "t" / "00000.tar").read_bytes()
     (tmp_path / "00001.tar").write_bytes(data[: int(len(data) * 0.6)])
-    cfg = _cfg(str(tmp_path / "0000{0,1}.tar"), random_caption=False, num_workers=2)
+    urls = f"{tmp_path}/0000{{0,1}}.tar::pipe:exit 3"  # a failing pipe: command
+    cfg = _cfg(urls, random_caption=False, num_workers=2)
     loader = make_loader(cfg, tok, rank=0, world_size=1)
     ids = _ids(loader)
     skipped = loader.skipped()  # counted inside the workers, read in the main process
     assert skipped == {
         "missing_image": 1, "bad_image": 2, "missing_caption": 1, "empty_caption": 1,
-        "bad_caption_encoding": 1, "bad_json": 1, "truncated_tar": 1,
+        "bad_caption_encoding": 1, "bad_json": 1, "truncated_tar": 1, "shard_open": 1,
     }  # fmt: skip
     good_ids = sorted(i.split("#")[1] for i in ids if i.startswith(f"{tmp_path}/00000.tar"))
     assert good_ids == ["000", "008"]
@@ -241,3 +262,23 @@ def test_skip_counter_reset_and_sharing():
     c.reset()
     assert c.as_dict() == {}
     assert Counter() == Counter(c.as_dict())
+
+
+def test_bengali_pairs_use_bengali_captions_and_nouns(tmp_path, tok):
+    urls = _world(tmp_path, n=8, shard_size=8)
+    cfg = _cfg(urls, caption_lang="bn", batch_size=8)
+    b = next(iter(make_loader(cfg, tok, rank=0, world_size=1)))
+    for i, sid in enumerate(b["sample_id"]):
+        meta = make_sample(0, "train", int(sid.split("#")[1]))["json"]
+        (text,) = tok.decode(b["text"][i : i + 1])
+        k = meta["captions_bn"].index(text)  # one of the five Bengali captions, drawn at random
+        for j, n in enumerate(meta["nouns_bn"][k]):
+            st, en = b["noun_spans"][i, j].tolist()
+            assert tok.decode([b["text"][i, st:en].tolist()])[0].startswith(n["text"])
+    # a pair without a Bengali caption is counted, not silently given the English one
+    with wds.TarWriter(str(tmp_path / "en_only.tar")) as w:
+        w.write({"__key__": "k", "jpg": make_sample(0, "train", 0)["jpg"], "txt": "a cat"})
+    loader = make_loader(
+        _cfg(str(tmp_path / "en_only.tar"), caption_lang="bn"), tok, rank=0, world_size=1
+    )
+    assert _ids(loader) == [] and loader.skipped() == {"missing_bn_caption": 1}

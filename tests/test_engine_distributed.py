@@ -105,8 +105,13 @@ def scenario_zero(out: Path) -> dict:
 
     res = {}
     for stage in (1, 2, 3):
-        r = train(ToyTask(micro=2), _cfg(out / f"z{stage}", zero_stage=stage, max_steps=8))
+        cfg = _cfg(out / f"z{stage}", zero_stage=stage, max_steps=8, export_at_end=stage == 3)
+        r = train(ToyTask(micro=2), cfg)
         res[f"zero{stage}"] = [h["loss"] for h in r.history]
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "z3" / "export" / "model.safetensors"))  # gathered from ZeRO-3
+    res["export"] = {k: list(v.shape) for k, v in exported.items()}
     # accumulation 2: call 3 falls in step 2 -> step 2 skipped, then training goes on
     r = train(ToyTask(micro=2, nan_calls=(3,)), _cfg(out / "nan1", max_steps=4))
     res["nan_once"] = {
@@ -211,6 +216,13 @@ def test_zero_stages_train_and_nonfinite_is_skipped(tmp_path):
         assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, (stage, losses)
     # the three stages optimise the same function from the same init: same curve (fp32)
     assert res["zero1"] == pytest.approx(res["zero3"], rel=1e-4)
+    assert res["export"] == {
+        "mlp.0.weight": [32, DIM],
+        "mlp.0.bias": [32],
+        "mlp.3.weight": [1, 32],
+        "mlp.3.bias": [1],
+        "scale": [],
+    }
     assert res["nan_once"]["applied"] == [True, False, True, True]
     assert res["nan_once"]["skipped"] == {"nonfinite_loss": 1}
     assert "3 consecutive" in res["nan_all"] and "mse" in res["nan_all"]

@@ -70,6 +70,8 @@ def test_section_file_with_overrides(tmp_path):
 
 
 def scenario_tiny(out: Path, overrides: list[str]) -> dict:
+    import torch
+
     from pretrain import run_pretraining
 
     res = {}
@@ -78,7 +80,7 @@ def scenario_tiny(out: Path, overrides: list[str]) -> dict:
             REPO / "configs/pretrain/tiny.yaml",
             [*overrides, f"train.zero_stage={stage}", "train.max_steps=4", "train.warmup_steps=1",
              "train.global_batch_size=8", "train.micro_batch_size=4", "objectives.rf=false",
-             f"train.output_dir={out / f'z{stage}'}", "train.export_at_end=false"],
+             f"train.output_dir={out / f'z{stage}'}", f"train.export_at_end={stage == 3}"],
         )  # fmt: skip
         res[f"zero{stage}"] = [h["losses"] for h in r.history]
     r = run_pretraining(
@@ -87,6 +89,12 @@ def scenario_tiny(out: Path, overrides: list[str]) -> dict:
     )
     res["golden"] = [h["losses"] for h in r.history]
     res["export"] = sorted(p.name for p in r.export_dir.iterdir())
+    if torch.distributed.get_rank() == 0:  # the ZeRO-3 export gathers the partitions
+        from bimac.models.bimac import BiMAC
+
+        z3 = BiMAC.from_pretrained(out / "z3" / "export")
+        res["z3_export_params"] = sum(p.numel() for p in z3.parameters())
+        res["params"] = sum(p.numel() for p in BiMAC.from_pretrained(r.export_dir).parameters())
     return res
 
 
@@ -115,6 +123,7 @@ def test_zero_stages_and_golden_curve_on_tiny(tmp_path, world_shards):
     for k in res["zero1"][0]:
         assert [s[k] for s in res["zero3"]] == pytest.approx([s[k] for s in res["zero1"]], rel=1e-3)
     assert res["export"] == ["config.yaml", "model.safetensors", "tokenizer.json"]
+    assert res["z3_export_params"] == res["params"] > 0
     if os.environ.get("BIMAC_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps({"overrides": GOLDEN_OVERRIDES, "world_size": 2,

@@ -3,6 +3,7 @@ RNG round trip, checkpoint bookkeeping, SLURM variable mapping, preemption signa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -167,3 +168,23 @@ def test_requeue_calls_scontrol(monkeypatch, tmp_path):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert requeue_slurm_job() is True
     assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
+
+
+def test_run_logger_writes_metrics_and_summary(tmp_path):
+    from bimac.engine.run_log import RunLogger
+
+    cfg = TrainConfig(output_dir=tmp_path, wandb="disabled", progress_bar=False)
+    log = RunLogger(cfg, None, rank=0, total_steps=2, start_step=0, config_hash="abc")
+    rec = {"step": 1, "loss": 2.5, "losses": {"mcl": 2.5}, "metrics": {}, "lr": 0.1,
+           "grad_norm": 1.0, "skipped": {}}  # fmt: skip
+    log.log_step(rec, samples_per_s=10.0)
+    log.finish({"status": "completed", "step": 1})
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
+        rec
+    ]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["run_name"] == tmp_path.name
+    assert len(summary["git_commit"]) in (40, len("unknown"))
+    other_rank = RunLogger(TrainConfig(output_dir=tmp_path / "r1"), None, 1, 2, 0, "abc")
+    other_rank.finish({"status": "completed"})
+    assert not (tmp_path / "r1").exists()

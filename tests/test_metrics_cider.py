@@ -108,3 +108,24 @@ def test_bad_input_is_rejected():
         CiderD([["a b c"]]).score([[1, 2, 3]], [["a b c"]])
     with pytest.raises(TypeError, match="mix"):
         cider_d(["a b"], [[[1, 2]]])
+
+
+def test_large_vocabulary_uses_compacted_keys_and_still_matches():
+    # 20,000 distinct tokens: 4-gram keys times the sentence count overflow int64, so the
+    # core compacts the keys first (np.unique) for that order.
+    rng = np.random.default_rng(3)
+    vocab = [f"t{i}" for i in range(20_000)]
+    words = iter(rng.permutation(vocab).tolist() * 2)
+
+    def sent(k: int) -> str:
+        return " ".join(next(words) for _ in range(k))
+
+    refs = [[sent(12) for _ in range(5)] for _ in range(300)]
+    cands = [r[0].split()[:6] for r in refs]  # shares n-grams with its first reference
+    cands = [" ".join(c) for c in cands]
+    _, expected = Cider().compute_score(
+        dict(enumerate(refs)), {i: [c] for i, c in enumerate(cands)}
+    )
+    np.testing.assert_allclose(cider_d(cands, refs)[1], expected, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="too many"):
+        cider_d(["a"], [[" ".join(f"w{i}" for i in range(60_000))]])

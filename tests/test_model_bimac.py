@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,7 +38,9 @@ def make_batch(b: int = 4, cfg: BiMACConfig = SMALL, seed: int = 0) -> dict:
     mask[1] = False  # a caption without nouns
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0, 0, 0, 0]]] * b)
     return {
-        "image": torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8),
+        "image": torch.randint(
+            0, 256, (b, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
+        ),
         "text": text,
         "noun_spans": spans,
         "noun_mask": mask,
@@ -51,7 +54,12 @@ def test_configs_load_and_paper_is_coca_base_at_256():
     tiny = load_model_config("configs/model/tiny.yaml")
     paper = load_model_config("configs/model/paper.yaml")
     assert (tiny.image_size, tiny.patch_size, tiny.vision_layers) == (64, 8, 2)
-    assert (paper.image_size, paper.vision_width, paper.vision_layers, paper.vocab_size) == (256, 768, 12, 49408)
+    assert (paper.image_size, paper.vision_width, paper.vision_layers, paper.vocab_size) == (
+        256,
+        768,
+        12,
+        49408,
+    )
     with pytest.raises(ConfigError):
         load_config(BiMACConfig, None, ["freeze=[eyes]"])
 
@@ -65,10 +73,18 @@ def test_forward_shapes_raw_patch_grid_and_uint8_only():
     batch = make_batch(cfg=cfg)
     out = model(batch["image"], batch["text"], batch["noun_spans"], batch["noun_mask"])
     p = cfg.grid**2
-    assert out["patch_emb"].shape == (4, p, cfg.grounding_dim)  # the raw grid, not the 6 pooled queries
-    assert out["decoder_memory"].shape[1] == 5  # the pooler's queries minus the global one feed D_txt
+    assert out["patch_emb"].shape == (
+        4,
+        p,
+        cfg.grounding_dim,
+    )  # the raw grid, not the 6 pooled queries
+    assert (
+        out["decoder_memory"].shape[1] == 5
+    )  # the pooler's queries minus the global one feed D_txt
     assert out["logits"].shape == (4, cfg.context_length - 1, cfg.vocab_size)
-    assert out["reconstruction"].shape == out["target_pixels"].shape == (4, p, 3 * cfg.patch_size**2)
+    assert (
+        out["reconstruction"].shape == out["target_pixels"].shape == (4, p, 3 * cfg.patch_size**2)
+    )
     assert (out["matches"][~batch["noun_mask"]] == -1).all()
     emb = model.encode_image(batch["image"])
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(4))
@@ -92,12 +108,18 @@ def test_patchify_and_pool_spans_by_hand():
 def test_save_and_load_pretrained_round_trip(tmp_path):
     torch.manual_seed(0)
     model = BiMAC(SMALL).eval()
-    tok = SimpleNamespace(save=lambda path: open(path, "w").write("{}"))
+    tok = SimpleNamespace(save=lambda path: Path(path).write_text("{}"))
     model.save_pretrained(tmp_path / "export", tokenizer=tok)
-    assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.yaml", "tokenizer.json"}
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {
+        "model.safetensors",
+        "config.yaml",
+        "tokenizer.json",
+    }
     loaded = BiMAC.from_pretrained(tmp_path / "export").eval()
     batch = make_batch()
-    torch.testing.assert_close(loaded.encode_image(batch["image"]), model.encode_image(batch["image"]))
+    torch.testing.assert_close(
+        loaded.encode_image(batch["image"]), model.encode_image(batch["image"])
+    )
     a = model(batch["image"], batch["text"], batch["noun_spans"], batch["noun_mask"])
     b = loaded(batch["image"], batch["text"], batch["noun_spans"], batch["noun_mask"])
     for key in ("logits", "reconstruction", "noun_emb"):
@@ -159,8 +181,10 @@ def test_build_model_freezes_what_no_active_objective_uses():
     assert not model.coca.logit_scale.requires_grad  # fixed τ = 0.5
     assert not any(p.requires_grad for p in model.coca.text_decoder.parameters())
     assert not any(p.requires_grad for p in model.patch_decoder.parameters())
-    learnable = PretrainTask(SMALL, ObjectiveConfig(mcl=True, cg=False, rf=False, git=False,
-                                                    grounding=False, temperature=None)).build_model()
+    learnable = PretrainTask(
+        SMALL,
+        ObjectiveConfig(mcl=True, cg=False, rf=False, git=False, grounding=False, temperature=None),
+    ).build_model()
     assert learnable.coca.logit_scale.requires_grad
 
 
@@ -170,7 +194,9 @@ def test_switching_an_objective_off_removes_exactly_its_term(off):
     model = PretrainTask(SMALL, ALL_NO_RF).build_model()
     batch = make_batch()
     full, _ = PretrainTask(SMALL, ALL_NO_RF).losses(model, batch)
-    part, _ = PretrainTask(SMALL, dataclasses.replace(ALL_NO_RF, **{off: False})).losses(model, batch)
+    part, _ = PretrainTask(SMALL, dataclasses.replace(ALL_NO_RF, **{off: False})).losses(
+        model, batch
+    )
     name = {"git": "reconstruction"}.get(off, off)
     assert set(full) - set(part) == {name} and set(part) < set(full)
     for k in part:
@@ -228,7 +254,9 @@ def test_reward_with_real_cider_and_training_corpus():
     model = PretrainTask(SMALL, ALL_NO_RF).build_model()
     batch = make_batch()
     corpus = [[[5, 6, 7]], [[8, 9]], [[5, 9, 10, 11]]]
-    task = PretrainTask(SMALL, dataclasses.replace(ALL_NO_RF, rf=True), tokenizer=TOK, reward_corpus=corpus)
+    task = PretrainTask(
+        SMALL, dataclasses.replace(ALL_NO_RF, rf=True), tokenizer=TOK, reward_corpus=corpus
+    )
     terms, metrics = task.losses(model, batch)
     assert np.isfinite(metrics["rf_cider"]) and torch.isfinite(terms["cg"])
     with pytest.raises(RuntimeError, match="tokenizer"):

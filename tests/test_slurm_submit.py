@@ -36,8 +36,17 @@ def test_table6_cells_are_the_paper_lambdas():
         [f"objectives.lambda_git={v}"] for v in (0.1, 0.4, 0.7, 1.0, 1.5)
     ]
     assert cells[0].name == "lambda_git=0.1"
-    with pytest.raises(FileNotFoundError, match="ablation presets"):
-        sub.grid_cells("table5", str(REPO / "tests" / "nowhere" / "tiny.yaml"))
+
+
+def test_table5_cells_follow_the_paper_rows():
+    sub = _submit_module()
+    cells = sub.grid_cells("table5", "configs/pretrain/paper.yaml")
+    assert [c.name for c in cells] == ["mcl", "mcl_cg", "mcl_cg_rf", "mcl_cg_rf_git",
+                                       "mcl_cg_git_grounding", "full"]  # fmt: skip
+    assert all(c.config == "configs/pretrain/paper.yaml" for c in cells)
+    assert (
+        "objectives.cg=false" in cells[0].overrides and "objectives.mcl=true" in cells[0].overrides
+    )
 
 
 def test_collect_makes_one_row_per_summary(tmp_path):

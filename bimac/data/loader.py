@@ -24,6 +24,7 @@ import os
 import random
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -174,6 +175,8 @@ class ShardDataset(IterableDataset):
         self.tokenizer = tokenizer
         self.tokenizer_bn = tokenizer_bn or tokenizer
         self.counter = counter or SkipCounter()
+        if cfg.caption_lang == "bn" and cfg.noun_source == "spacy":
+            raise ValueError("noun_source=spacy extracts English nouns; use json or none for bn")
         if cfg.resampled and cfg.epoch_samples <= 0:
             raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
         if not cfg.resampled and len(self.urls) < self.world_size:
@@ -192,26 +195,65 @@ class ShardDataset(IterableDataset):
         n = self.cfg.epoch_samples
         return n // num_workers + (worker < n % num_workers)
 
+    def _shard_urls(self, worker: int, num_workers: int) -> list[str]:
+        """Exact mode: this worker's shards (seeded per-epoch order, split by rank then worker)."""
+        urls = list(self.urls)
+        random.Random(self._seed(0)).shuffle(urls)  # same order on every rank, new each epoch
+        return urls[self.rank :: self.world_size][worker::num_workers]
+
     def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
         if self.cfg.resampled:
             rng = random.Random(self._seed(self.rank, worker, 1))
             while True:
                 yield {"url": rng.choice(self.urls)}
-        urls = list(self.urls)
-        random.Random(self._seed(0)).shuffle(urls)  # same order on every rank, new each epoch
-        mine = urls[self.rank :: self.world_size][worker::num_workers]
+        mine = self._shard_urls(worker, num_workers)
         if not mine:
             log.warning("rank %d worker %d has no shard (too few shards)", self.rank, worker)
         for url in mine:
             yield {"url": url}
 
-    def _resume_skip(self, worker: int, num_workers: int) -> int:
-        """Samples this worker already produced: the DataLoader takes full batches round-robin."""
-        bs = self.cfg.batch_size
-        if self.samples_seen % bs:
-            raise ValueError(f"samples_seen={self.samples_seen} is not a multiple of {bs}")
-        k = self.samples_seen // bs
-        return (k // num_workers + (worker < k % num_workers)) * bs
+    def _worker_sizes(self, num_workers: int) -> list[int] | None:
+        """Samples each worker yields this epoch: known in resampled mode; in exact mode read from
+        the shards' ``*_stats.json`` (img2dataset's ``successes``) when every shard has one."""
+        if self.cfg.resampled:
+            return [self.worker_quota(w, num_workers) for w in range(num_workers)]
+        sizes = []
+        for w in range(num_workers):
+            total = 0
+            for url in self._shard_urls(w, num_workers):
+                stats = Path(url.removesuffix(".tar") + "_stats.json")
+                if not url.endswith(".tar") or not stats.is_file():
+                    return None
+                total += json.loads(stats.read_text())["successes"]
+            sizes.append(total)
+        return sizes
+
+    def resume_plan(self, num_workers: int) -> tuple[list[int], int]:
+        """After ``samples_seen`` samples of this epoch: samples each worker had produced and the
+        worker whose batch came next, replaying the DataLoader's round-robin over its workers."""
+        bs, seen, w = self.cfg.batch_size, self.samples_seen, 0
+        done = [0] * num_workers
+        if seen == 0:
+            return done, 0
+        sizes = self._worker_sizes(num_workers)
+        if sizes is None:  # sizes unknown: valid while every worker still yields full batches
+            if seen % bs:
+                raise ValueError(f"samples_seen={seen} is not a multiple of batch size {bs}")
+            k = seen // bs
+            done = [(k // num_workers + (v < k % num_workers)) * bs for v in range(num_workers)]
+            return done, k % num_workers
+        left = [n - n % bs for n in sizes] if self.cfg.drop_last else sizes
+        count = 0
+        while count < seen:
+            if all(d >= n for d, n in zip(done, left)):
+                raise ValueError(f"samples_seen={seen} is beyond this epoch ({sum(left)} samples)")
+            n = max(0, min(bs, left[w] - done[w]))
+            done[w] += n
+            count += n
+            w = (w + 1) % num_workers
+        if count != seen:
+            raise ValueError(f"samples_seen={seen} does not fall on a batch boundary")
+        return done, w
 
     def _members(self, shards: Iterator[dict]) -> Iterator[dict]:
         """Tar members of each shard, then an end-of-shard marker; a broken shard ends early."""
@@ -222,24 +264,28 @@ class ShardDataset(IterableDataset):
             except Exception as exn:
                 self.counter.add("shard_open", f"{url}: {exn!r}")
                 continue
+            reason = detail = None
             try:
-                for member in wds.tariterators.tar_file_iterator(stream):
-                    yield member | {"__url__": url}
-            except (tarfile.ReadError, EOFError) as exn:
-                self.counter.add(
-                    "truncated_tar", f"{url}: {exn}; the rest of this shard is skipped"
-                )
-            except Exception as exn:
-                self.counter.add("tar_format", f"{url}: {exn!r}; the rest of this shard is skipped")
+                try:
+                    for member in wds.tariterators.tar_file_iterator(stream):
+                        yield member | {"__url__": url}
+                except (tarfile.ReadError, EOFError) as exn:
+                    reason, detail = "truncated_tar", f"{exn}; the rest of this shard is skipped"
+                except OSError as exn:  # e.g. a pipe: command that failed
+                    reason, detail = "shard_open", repr(exn)
+                except Exception as exn:
+                    reason, detail = "tar_format", f"{exn!r}; the rest of this shard is skipped"
             finally:
                 try:
                     stream.close()
-                except Exception as exn:  # a failed pipe: reports its exit status here
-                    self.counter.add("shard_open", f"{url}: {exn!r}")
+                except Exception as exn:  # a failed pipe: command reports its exit status here
+                    reason, detail = "shard_open", repr(exn)
+            if reason:
+                self.counter.add(reason, f"{url}: {detail}")
             yield {}  # no sample spans two shards
 
-    def raw_samples(self, worker: int = 0, num_workers: int = 1) -> Iterator[dict]:
-        """Undecoded samples of this rank/worker for this epoch, shuffled, resume prefix skipped.
+    def raw_samples(self, worker: int = 0, num_workers: int = 1, skip: int = 0) -> Iterator[dict]:
+        """Undecoded samples of this rank/worker for this epoch, shuffled, first ``skip`` dropped.
 
         Resume skips raw samples: a bad sample in the skipped prefix shifts the resume point by one.
         """
@@ -248,7 +294,6 @@ class ShardDataset(IterableDataset):
         if self.cfg.shuffle_buffer > 0:
             rng = random.Random(self._seed(self.rank, worker, 2))
             stream = wds.filters._shuffle(stream, self.cfg.shuffle_buffer, 100, rng=rng)
-        skip = self._resume_skip(worker, num_workers)
         for i, sample in enumerate(stream):
             if i >= skip:
                 yield sample
@@ -288,9 +333,11 @@ class ShardDataset(IterableDataset):
             text = caps[i]
             nouns = (meta["nouns_bn"] if cfg.caption_lang == "bn" else meta["nouns"])[i]
         elif cfg.caption_lang == "bn":
-            text = text_bn or text
-        if triplet and meta.get("nouns"):
-            nouns = meta["nouns"][meta["captions_en"].index(text)] if text in meta.get("captions_en", []) else None  # fmt: skip
+            if not text_bn:
+                return self.counter.add("missing_bn_caption", key)
+            text = text_bn
+        if triplet and text in meta.get("captions_en", []):  # world triplets: nouns of en.txt
+            nouns = meta["nouns"][meta["captions_en"].index(text)]
         try:
             image, (w, h) = _decode_image(sample[img_key], cfg.image_size)
         except Exception as exn:  # PIL raises many types for broken files
@@ -322,30 +369,25 @@ class ShardDataset(IterableDataset):
         """Stack uint8 images, tokenise, map noun character spans to token spans."""
         n = self.cfg.max_nouns
         ids, offsets = self.tokenizer.encode_with_offsets([it["text"] for it in items])
-        b = len(items)
-        spans = torch.zeros(b, n, 2, dtype=torch.long)
-        boxes = torch.zeros(b, n, 4, dtype=torch.float32)
-        mask = torch.zeros(b, n, dtype=torch.bool)
-        has_box = torch.zeros(b, n, dtype=torch.bool)
+        spans, boxes = (
+            np.zeros((len(items), n, 2), np.int64),
+            np.zeros((len(items), n, 4), np.float32),
+        )
+        mask, has_box = np.zeros((len(items), n), bool), np.zeros((len(items), n), bool)
         for i, it in enumerate(items):
             tok = token_spans(offsets[i], [(s, e) for s, e, _ in it["nouns"]])
-            j = 0
-            for span, (_, _, box) in zip(tok, it["nouns"]):
-                if span is None or j >= n:
-                    continue
-                spans[i, j] = torch.tensor(span)
-                mask[i, j] = True
+            kept = [(span, box) for span, (_, _, box) in zip(tok, it["nouns"]) if span][:n]
+            for j, (span, box) in enumerate(kept):
+                spans[i, j], mask[i, j] = span, True
                 if box is not None:
-                    boxes[i, j] = torch.tensor(box)
-                    has_box[i, j] = True
-                j += 1
+                    boxes[i, j], has_box[i, j] = box, True
         batch = {
             "image": _stack([it["image"] for it in items]),
             "text": ids,
-            "noun_spans": spans,
-            "noun_mask": mask,
-            "noun_boxes": boxes,
-            "noun_has_box": has_box,
+            "noun_spans": torch.from_numpy(spans),
+            "noun_mask": torch.from_numpy(mask),
+            "noun_boxes": torch.from_numpy(boxes),
+            "noun_has_box": torch.from_numpy(has_box),
             "sample_id": [it["sample_id"] for it in items],
         }
         if self.cfg.kind == "triplets":
@@ -354,16 +396,17 @@ class ShardDataset(IterableDataset):
         return batch
 
     def __iter__(self) -> Iterator[dict]:
-        worker, num_workers = _worker()
-        # A resumed DataLoader starts its round-robin at worker 0; the original had reached
-        # worker k % W after k batches, so worker w plays the part of worker (w + k) % W.
-        worker = (worker + self.samples_seen // self.cfg.batch_size) % num_workers
+        physical, num_workers = _worker()
+        done, next_worker = self.resume_plan(num_workers)
+        # A resumed DataLoader starts its round-robin at worker 0; the original would next have
+        # asked `next_worker`, so physical worker p plays the part of worker p + next_worker.
+        worker = (physical + next_worker) % num_workers
         rng = random.Random(self._seed(self.rank, worker, 3))
         quota = self.worker_quota(worker, num_workers) if self.cfg.resampled else math.inf
-        quota -= self._resume_skip(worker, num_workers) if self.cfg.resampled else 0
+        quota -= done[worker]
         items: list[dict] = []
         produced = 0
-        for raw in self.raw_samples(worker, num_workers):
+        for raw in self.raw_samples(worker, num_workers, done[worker]):
             if produced >= quota:
                 break
             item = self.decode(raw, rng)

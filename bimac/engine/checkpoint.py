@@ -136,7 +136,7 @@ def export_model(engine: Any, out_dir: Path, experiment_config: Any, task: Any) 
     ``task.export(model, out_dir)`` when the task provides one (e.g. to add the tokenizer).
     """
     import deepspeed
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from bimac.config import save_config
 
@@ -154,7 +154,9 @@ def export_model(engine: Any, out_dir: Path, experiment_config: Any, task: Any) 
             if hasattr(task, "export"):
                 task.export(module, out_dir)
             else:
-                save_model(module, str(out_dir / "model.safetensors"))
+                # ZeRO parameters are views into flat buffers: write standalone copies
+                state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                save_file(state, str(out_dir / "model.safetensors"))
             if experiment_config is not None and not (out_dir / "config.yaml").exists():
                 save_config(experiment_config, out_dir / "config.yaml")
     dist.barrier()

@@ -49,11 +49,13 @@ def grounding_loss(
     valid nouns of every *other* caption in the batch. The loss is minus the mean of these terms
     over all matched nouns of the batch, so padding changes nothing and a caption without nouns
     adds nothing (a batch without any nouns gives an exact zero that still backpropagates).
+    As in Eq. 7 the negatives are summed, not averaged, so the term grows with the (per-rank)
+    batch; the learnable bias (initialised at -5 in BiMAC) keeps it small at the start.
     Returns ``(loss, {"grounding_pos": mean σ(s⁺), "grounding_nouns": count})``.
     """
     if matches is None:
         matches = hungarian_match(torch.einsum("bnd,bpd->bnp", noun_emb, patch_emb), noun_mask)
-    b, n, _ = noun_emb.shape
+    b = noun_emb.shape[0]
     positive = noun_mask & (matches >= 0)  # [B, N]
     matched = torch.gather(patch_emb, 1, matches.clamp(min=0).unsqueeze(-1).expand(-1, -1, patch_emb.shape[-1]))
     s_pos = logit_scale * (noun_emb * matched).sum(-1) + logit_bias  # [B, N]

@@ -39,7 +39,7 @@ import numpy as np
 
 __all__ = ["CiderD", "cider_d"]
 
-_INT64_MAX = np.iinfo(np.int64).max
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def _encode(captions: Sequence[object], vocab: dict[str, int] | None = None, ids=None):
@@ -119,7 +119,7 @@ def _cider_core(
     """
     n_img = len(n_refs)
     n_sent = len(lengths)
-    if float(base) ** n >= _INT64_MAX:
+    if base**n > _INT64_MAX:
         raise ValueError(
             f"{base - 1} distinct tokens are too many for exact int64 {n}-gram keys "
             f"(at most {int(_INT64_MAX ** (1 / n)) - 1})"
@@ -146,7 +146,7 @@ def _cider_core(
         if not len(pos):
             continue
         s = sent[pos]
-        if float(base) ** (k + 1) * n_sent < _INT64_MAX:
+        if base ** (k + 1) * n_sent <= _INT64_MAX:  # exact Python ints: no overflow
             comb, uniq = key[pos] * n_sent + s, None
         else:
             uniq, inv = np.unique(key[pos], return_inverse=True)
@@ -240,7 +240,7 @@ class CiderD:
         self._vocab = table if self._is_str else None
         self._ids = None if self._is_str else table
         self._base = n_sym + 1
-        if float(self._base) ** n >= _INT64_MAX:
+        if self._base**n > _INT64_MAX:
             raise ValueError(f"{n_sym} distinct corpus tokens: too many for int64 {n}-gram keys")
         per_doc = np.array([len(r) for r in corpus], np.int64)
         owner = np.repeat(np.arange(len(corpus)), per_doc)

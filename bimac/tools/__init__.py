@@ -1,0 +1,1 @@
+"""User-facing tools behind the ``bimac`` command: each module has ``main(argv)``."""
