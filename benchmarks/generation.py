@@ -91,7 +91,7 @@ def main() -> None:
                 for use_cache in (False, True)
             ]
             print(
-                f"| {name} | {label} | {batch} | {rates[0]:.0f} | {rates[1]:.0f} | "
+                f"| {name} | {label} | {batch} | {rates[0]:.1f} | {rates[1]:.1f} | "
                 f"{rates[1] / rates[0]:.1f}x |",
                 flush=True,
             )

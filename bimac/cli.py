@@ -21,7 +21,10 @@ import sys
 # command -> (module with main(argv), one-line description); `finetune` / `eval` take a stage
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain.__main__", "BiMAC pretraining on the shared engine (DeepSpeed ZeRO)"),
-    "finetune": ("finetune.{}", "a fine-tuning stage: retrieval, caption, classification, caption_bn"),
+    "finetune": (
+        "finetune.{}",
+        "a fine-tuning stage: retrieval, caption, classification, caption_bn",
+    ),
     "eval": ("bimac.eval.{}", "evaluation: retrieval, classification, captioning, probe"),
     "caption": ("bimac.tools.caption", "caption images (English BiMAC or Bengali PAL export)"),
     "classify": ("bimac.tools.classify", "zero-shot (--labels) or fine-tuned-head classification"),
@@ -56,13 +59,17 @@ def resolve(argv: list[str]) -> tuple[str, list[str]]:
     if command in STAGES:
         stages = STAGES[command]
         if not rest or rest[0] in ("-h", "--help"):
-            print(f"usage: bimac {command} {{{','.join(stages)}}} [options]\n\n"
-                  f"{COMMANDS[command][1]}\n`bimac {command} STAGE --help` explains a stage's "
-                  "options and their defaults.")
+            print(
+                f"usage: bimac {command} {{{','.join(stages)}}} [options]\n\n"
+                f"{COMMANDS[command][1]}\n`bimac {command} STAGE --help` explains a stage's "
+                "options and their defaults."
+            )
             raise SystemExit(0 if rest else 2)
         if rest[0] not in stages:
-            print(f"bimac {command}: unknown stage {rest[0]!r}; one of {', '.join(stages)}",
-                  file=sys.stderr)
+            print(
+                f"bimac {command}: unknown stage {rest[0]!r}; one of {', '.join(stages)}",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         module, rest = module.format(rest[0]), rest[1:]
     return module, rest

@@ -60,12 +60,18 @@ def open_clip_model_config(cfg: BiMACConfig) -> dict[str, Any]:
 
 def preprocess_config(cfg: BiMACConfig) -> dict[str, Any]:
     """open_clip preprocessing equal to BiMAC's: shorter side bicubic, centre crop, mean/std."""
-    return {"size": cfg.image_size, "mean": list(cfg.image_mean), "std": list(cfg.image_std),
-            "interpolation": "bicubic", "resize_mode": "shortest"}
+    return {
+        "size": cfg.image_size,
+        "mean": list(cfg.image_mean),
+        "std": list(cfg.image_std),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
 
 
-def export_open_clip(model: BiMAC | str | Path, out_dir: str | Path,
-                     name: str | None = None) -> OpenClipExport:
+def export_open_clip(
+    model: BiMAC | str | Path, out_dir: str | Path, name: str | None = None
+) -> OpenClipExport:
     """Write BiMAC's CoCa towers as an open_clip checkpoint directory (see the module docstring).
 
     ``model``: a BiMAC or a BiMAC export directory (its tokenizer is copied along). ``name``:
@@ -83,8 +89,9 @@ def export_open_clip(model: BiMAC | str | Path, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / f"{name}.json"
     config_path.write_text(json.dumps(model_cfg, indent=2))
-    (out / LOCAL_CONFIG_FILE).write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(cfg)}, indent=2))
+    (out / LOCAL_CONFIG_FILE).write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_config(cfg)}, indent=2)
+    )
     state = {k: v.detach().contiguous().cpu() for k, v in model.coca.state_dict().items()}
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
@@ -107,25 +114,37 @@ def register_open_clip(path: str | Path) -> list[str]:
             open_clip.add_model_config(f)
             names.append(f.stem)
     if not names:
-        raise FileNotFoundError(f"{path}: no open_clip model config (.json with embed_dim, "
-                                "vision_cfg, text_cfg)")
+        raise FileNotFoundError(
+            f"{path}: no open_clip model config (.json with embed_dim, vision_cfg, text_cfg)"
+        )
     return names
 
 
 # what BiMACConfig can express of an open_clip CoCa config: key -> (BiMAC field, default)
-_VISION = {"image_size": ("image_size", None), "patch_size": ("patch_size", None),
-           "width": ("vision_width", None), "layers": ("vision_layers", None),
-           "head_width": ("vision_head_width", 64), "attentional_pool": ("attentional_pool", False),
-           "attn_pooler_queries": ("attn_pooler_queries", 256),
-           "attn_pooler_heads": ("attn_pooler_heads", 8)}
-_TEXT = {"context_length": ("context_length", None), "vocab_size": ("vocab_size", None),
-         "width": ("text_width", None), "heads": ("text_heads", None),
-         "layers": ("text_layers", None), "pad_id": ("pad_id", 0)}
+_VISION = {
+    "image_size": ("image_size", None),
+    "patch_size": ("patch_size", None),
+    "width": ("vision_width", None),
+    "layers": ("vision_layers", None),
+    "head_width": ("vision_head_width", 64),
+    "attentional_pool": ("attentional_pool", False),
+    "attn_pooler_queries": ("attn_pooler_queries", 256),
+    "attn_pooler_heads": ("attn_pooler_heads", 8),
+}
+_TEXT = {
+    "context_length": ("context_length", None),
+    "vocab_size": ("vocab_size", None),
+    "width": ("text_width", None),
+    "heads": ("text_heads", None),
+    "layers": ("text_layers", None),
+    "pad_id": ("pad_id", 0),
+}
 _IGNORED = {"output_tokens", "embed_cls", "mlp_ratio"}
 
 
-def bimac_config_from_open_clip(model_cfg: dict[str, Any] | str, pretrained: str | None = None,
-                                **overrides: Any) -> BiMACConfig:
+def bimac_config_from_open_clip(
+    model_cfg: dict[str, Any] | str, pretrained: str | None = None, **overrides: Any
+) -> BiMACConfig:
     """:class:`BiMACConfig` with the tower shapes of an open_clip CoCa config (a dict, or a model
     name such as ``coca_ViT-B-32``) and ``pretrained`` (tag or file) as the weights to load.
     BiMAC-only fields (grounding and patch-decoder sizes) come from ``overrides`` or defaults.
@@ -150,8 +169,10 @@ def bimac_config_from_open_clip(model_cfg: dict[str, Any] | str, pretrained: str
                 raise ConfigError(f"open_clip {section} lacks {key!r}")
             fields[name] = sub.get(key, default)
     mm = model_cfg["multimodal_cfg"]
-    if mm.get("width", fields["text_width"]) != fields["text_width"] or \
-            mm.get("heads", fields["text_heads"]) != fields["text_heads"]:
+    if (
+        mm.get("width", fields["text_width"]) != fields["text_width"]
+        or mm.get("heads", fields["text_heads"]) != fields["text_heads"]
+    ):
         raise ConfigError("BiMAC's caption decoder has the text tower's width and heads")
     fields["decoder_layers"] = mm["layers"]
     if "init_logit_scale" in model_cfg:
@@ -174,8 +195,13 @@ def write_model_config(cfg: BiMACConfig, path: str | Path) -> Path:
     return path
 
 
-def import_open_clip(arch: str, pretrained: str, out_dir: str | Path | None = None,
-                     tokenizer: str | None = None, **overrides: Any) -> BiMAC:
+def import_open_clip(
+    arch: str,
+    pretrained: str,
+    out_dir: str | Path | None = None,
+    tokenizer: str | None = None,
+    **overrides: Any,
+) -> BiMAC:
     """BiMAC whose CoCa towers hold open_clip weights (``arch``: a registered CoCa name, or a
     ``<name>.json`` / export directory, which is registered first). With ``out_dir``, also writes
     a BiMAC export there plus ``model.yaml`` (to start ``python -m pretrain`` from)."""

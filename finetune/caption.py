@@ -29,19 +29,23 @@ def score_export(export: str | Path, cfg: CaptionConfig, annotations: str, image
     e = cfg.eval
     refs, sources = load_annotations(annotations, "en")
     beams = e.num_beams if e.strategy == "beam" else 1
-    results = generate_captions(export, sources, images or None, e.strategy, beams,
-                                e.max_new_tokens, e.batch_size)
+    results = generate_captions(
+        export, sources, images or None, e.strategy, beams, e.max_new_tokens, e.batch_size
+    )
     scores = score_captions(results, refs, "en", tuple(e.metrics))
-    scores["examples"] = [{"image_id": k, "caption": v, "references": refs[k][:2]}
-                          for k, v in list(results.items())[:5]]
+    scores["examples"] = [
+        {"image_id": k, "caption": v, "references": refs[k][:2]}
+        for k, v in list(results.items())[:5]
+    ]
     return scores
 
 
 def evaluate_phase(export: Path, cfg: CaptionConfig) -> dict:
     out = {"test": score_export(export, cfg, cfg.eval.annotations, cfg.eval.images)}
     if cfg.eval.nocaps_annotations:
-        out["nocaps"] = score_export(export, cfg, cfg.eval.nocaps_annotations,
-                                     cfg.eval.nocaps_images)
+        out["nocaps"] = score_export(
+            export, cfg, cfg.eval.nocaps_annotations, cfg.eval.nocaps_images
+        )
     return out
 
 
@@ -51,8 +55,11 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
     from bimac.engine.distributed import init_distributed
 
     out = Path(cfg.train.output_dir)
-    results: dict = {"stage": "caption", "init": cfg.init or "random",
-                     "annotations": cfg.eval.annotations}
+    results: dict = {
+        "stage": "caption",
+        "init": cfg.init or "random",
+        "annotations": cfg.eval.annotations,
+    }
     if eval_only:
         if not cfg.init:
             raise ValueError("--eval-only needs `init` (a BiMAC export to caption with)")
@@ -67,14 +74,19 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
     if cfg.scst.max_steps and xe.status == "completed":
         s = cfg.scst
         scst_cfg = dataclasses.replace(cfg, init=str(xe.export_dir))
-        scst_train = dataclasses.replace(cfg.train, output_dir=out / "scst", max_steps=s.max_steps,
-                                         lr=s.lr, warmup_steps=0)
+        scst_train = dataclasses.replace(
+            cfg.train, output_dir=out / "scst", max_steps=s.max_steps, lr=s.lr, warmup_steps=0
+        )
         task = CaptionTask(scst_cfg, "scst")
         scst = train(task, scst_train, scst_cfg)
         rewards = [r["metrics"]["scst_reward"] for r in scst.history]
-        results["scst"] = {"status": scst.status, "step": scst.step, "export": str(scst.export_dir),
-                           "reward_first": rewards[0] if rewards else None,
-                           "reward_last": rewards[-1] if rewards else None}
+        results["scst"] = {
+            "status": scst.status,
+            "step": scst.step,
+            "export": str(scst.export_dir),
+            "reward_first": rewards[0] if rewards else None,
+            "reward_last": rewards[-1] if rewards else None,
+        }
         exports["scst"] = scst.export_dir
     if rank == 0 and cfg.eval.enabled:
         for phase, export in exports.items():
@@ -84,8 +96,11 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
         write_results(out, "caption", results)
         for phase in exports:
             test = results[phase].get("eval", {}).get("test", {})
-            print(phase + ": " + ", ".join(f"{k}={v:.2f}" for k, v in test.items()
-                                           if isinstance(v, float)))
+            print(
+                phase
+                + ": "
+                + ", ".join(f"{k}={v:.2f}" for k, v in test.items() if isinstance(v, float))
+            )
     return results
 
 

@@ -51,13 +51,21 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
     rank, _ = init_distributed()
     task = ClassificationTask(cfg)
     d = cfg.data
-    results: dict = {"stage": "classification", "mode": cfg.mode, "init": cfg.init or "random",
-                     "train_data": d.train, "test_data": d.test}
+    results: dict = {
+        "stage": "classification",
+        "mode": cfg.mode,
+        "init": cfg.init or "random",
+        "train_data": d.train,
+        "test_data": d.test,
+    }
     test = load_items(d.test, d.classnames) if rank == 0 else None
     if test is not None:
         images, labels, names = test
-        start = (bimac_encoder(cfg.init) if cfg.init else
-                 bimac_encoder_of(fresh_model(task, cfg.train.seed).bimac, task.tokenizer, "init"))
+        start = (
+            bimac_encoder(cfg.init)
+            if cfg.init
+            else bimac_encoder_of(fresh_model(task, cfg.train.seed).bimac, task.tokenizer, "init")
+        )
         results["zero_shot"] = zero_shot(start, images, labels, names, d.test, cfg.eval_batch_size)
     if not eval_only:
         train_cfg = cfg.train
@@ -67,8 +75,9 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
         results.update(status=result.status, step=result.step, export=str(result.export_dir))
         if test is not None and result.export_dir is not None:
             model, _ = ImageClassifier.from_pretrained(result.export_dir)
-            results["fine_tuned"] = accuracy(model, images, labels, d.image_size,
-                                             cfg.eval_batch_size)
+            results["fine_tuned"] = accuracy(
+                model, images, labels, d.image_size, cfg.eval_batch_size
+            )
     if rank == 0:
         write_results(Path(cfg.train.output_dir), "classification", results)
         for key in ("zero_shot", "fine_tuned"):

@@ -21,16 +21,22 @@ def load_experiment(cls: type[T], path: str | Path, overrides: list[str] = ()) -
     name a YAML file, as in the pretraining configs) + ``key=value`` overrides -> ``cls``."""
     from pretrain import _read_experiment_yaml
 
-    return from_dict(cls, merge(_read_experiment_yaml(Path(path)), parse_overrides(list(overrides))))
+    return from_dict(
+        cls, merge(_read_experiment_yaml(Path(path)), parse_overrides(list(overrides)))
+    )
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """``--config`` and ``key=value`` overrides, the same for every stage."""
-    p = argparse.ArgumentParser(prog=prog, description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="experiment YAML (configs/finetune/...)")
-    p.add_argument("--eval-only", action="store_true",
-                   help="no training: evaluate the `init` export (default: train, then evaluate)")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="no training: evaluate the `init` export (default: train, then evaluate)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=20")
     return p
 

@@ -46,8 +46,11 @@ def run(cfg: RetrievalConfig, eval_only: bool = False) -> dict:
     pairs = eval_pairs(cfg) if rank == 0 and cfg.eval.enabled else None
     results: dict = {"stage": "retrieval", "init": cfg.init or "random", "data": cfg.eval.data}
     if pairs:
-        start = (bimac_encoder(cfg.init) if cfg.init else
-                 bimac_encoder_of(fresh_model(task, cfg.train.seed), task.tokenizer, "init"))
+        start = (
+            bimac_encoder(cfg.init)
+            if cfg.init
+            else bimac_encoder_of(fresh_model(task, cfg.train.seed), task.tokenizer, "init")
+        )
         results["before"] = evaluate(start, *pairs, cfg.eval.batch_size)
     if eval_only:
         return _finish(cfg, rank, results)
@@ -64,8 +67,9 @@ def _finish(cfg: RetrievalConfig, rank: int, results: dict) -> dict:
         for when in ("before", "after"):
             if when in results:
                 r = results[when]
-                print(f"{when}: " + ", ".join(f"{k}={r[k]:.2f}" for k in r
-                                              if isinstance(r[k], float)))
+                print(
+                    f"{when}: " + ", ".join(f"{k}={r[k]:.2f}" for k in r if isinstance(r[k], float))
+                )
     return results
 
 

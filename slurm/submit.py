@@ -43,7 +43,9 @@ class PretrainJob(submitit.helpers.Checkpointable):
     """One pretraining run on every task of a submitit job (one task per GPU)."""
 
     def __call__(self, config: str, overrides: list[str]) -> dict[str, Any]:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
         sys.path.insert(0, str(REPO))
         from pretrain import run_pretraining
 

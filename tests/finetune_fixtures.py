@@ -22,9 +22,19 @@ if str(ROOT) not in sys.path:
 
 MODEL_YAML = "configs/model/tiny.yaml"
 # a smaller model than configs/model/tiny.yaml: same code paths, a fraction of the CPU time
-SMALL = ["image_size=32", "vision_width=64", "text_width=64", "vision_layers=1", "text_layers=1",
-         "decoder_layers=1", "embed_dim=32", "patch_decoder_layers=1", "patch_decoder_width=32",
-         "grounding_dim=16", "context_length=16"]
+SMALL = [
+    "image_size=32",
+    "vision_width=64",
+    "text_width=64",
+    "vision_layers=1",
+    "text_layers=1",
+    "decoder_layers=1",
+    "embed_dim=32",
+    "patch_decoder_layers=1",
+    "patch_decoder_width=32",
+    "grounding_dim=16",
+    "context_length=16",
+]
 
 
 def world_shards(root: Path, n: int = 48, size: int = 64) -> tuple[Path, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -14,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.loader import tar_members
 from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.writer import write_shards
@@ -282,3 +284,53 @@ def test_bengali_pairs_use_bengali_captions_and_nouns(tmp_path, tok):
         _cfg(str(tmp_path / "en_only.tar"), caption_lang="bn"), tok, rank=0, world_size=1
     )
     assert _ids(loader) == [] and loader.skipped() == {"missing_bn_caption": 1}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_members_equals_tarfile(tmp_path, fmt):
+    # reference: Python's tarfile; long names, ustar prefixes, non-ASCII, directories, links
+    names = [
+        "000000001.jpg",
+        "000000001.json",
+        "d/" * 60 + "long.txt",
+        "k\u00e9y.txt",
+        "__meta__",
+        "e.bin",
+    ]
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tf:
+        tf.addfile(_dir_info("adir"))
+        for i, name in enumerate(names):
+            if fmt == tarfile.USTAR_FORMAT and not name.isascii():
+                continue
+            data = bytes(range(256)) * i + b"x" * (i * 37)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 1.5e9 + 0.25
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("alink")
+        link.type, link.linkname = tarfile.SYMTYPE, "e.bin"
+        tf.addfile(link)
+    with tarfile.open(path) as tf:
+        want = [
+            (m.name, tf.extractfile(m).read()) for m in tf if m.isreg() and m.name != "__meta__"
+        ]
+    with open(path, "rb") as f:
+        got = [(m["fname"], m["data"]) for m in tar_members(f)]
+    assert got == want and len(got) >= 4
+
+
+def _dir_info(name: str) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_tar_members_truncated_and_corrupt(tmp_path):
+    write_shards((make_sample(0, "train", i) for i in range(3)), tmp_path, shard_size=3)
+    data = (tmp_path / "00000.tar").read_bytes()
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(data[: len(data) // 2])))
+    corrupt = bytearray(data)
+    corrupt[1024 + 130] ^= 0x01  # a size digit of the second header
+    with pytest.raises(tarfile.HeaderError):
+        list(tar_members(io.BytesIO(bytes(corrupt))))

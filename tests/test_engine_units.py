@@ -110,16 +110,16 @@ def test_latest_is_atomic_and_prune_keeps_the_newest(tmp_path):
     assert ckpt.latest_tag(tmp_path / "missing") is None
 
 
+def _private_environ(monkeypatch, drop: tuple[str, ...]) -> None:
+    """export_env writes os.environ: give it a copy so nothing leaks into later tests."""
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in drop})
+
+
 def test_slurm_variables_map_to_torch_env(monkeypatch):
-    for k in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "SUBMITIT_EXECUTOR",
-    ):
-        monkeypatch.delenv(k, raising=False)
+    _private_environ(
+        monkeypatch,
+        ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"),
+    )
     slurm = dict(
         SLURM_JOB_ID="4242",
         SLURM_PROCID="11",
@@ -142,8 +142,9 @@ def test_slurm_variables_map_to_torch_env(monkeypatch):
 
 
 def test_local_single_process_env(monkeypatch):
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(k, raising=False)
+    _private_environ(
+        monkeypatch, ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SUBMITIT_EXECUTOR")
+    )
     export_env()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
 

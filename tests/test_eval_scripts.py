@@ -97,7 +97,22 @@ def checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt")
     texts = [c for i in range(40) for c in make_sample(0, "train", i)["json"]["captions_en"]]
     torch.manual_seed(0)
-    cfg = BiMACConfig(vocab_size=300, vision_layers=1, text_layers=1, decoder_layers=1)
+    cfg = BiMACConfig(
+        vocab_size=300,
+        image_size=32,
+        patch_size=8,
+        vision_width=64,
+        vision_layers=1,
+        vision_head_width=32,
+        text_width=64,
+        text_layers=1,
+        text_heads=2,
+        decoder_layers=1,
+        grounding_dim=32,
+        patch_decoder_width=32,
+        patch_decoder_layers=1,
+        patch_decoder_heads=2,
+    )
     BiMAC(cfg).save_pretrained(directory, tokenizer=train_world_tokenizer(texts, 300))
     return directory
 

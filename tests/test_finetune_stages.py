@@ -8,13 +8,19 @@ import json
 
 import pytest
 import torch
-
-from bimac.models.bimac import BiMAC, load_model_config
 from finetune_fixtures import SMALL, world_shards
 
-COMMON = ["train.max_steps=2", "train.micro_batch_size=8", "train.global_batch_size=8",
-          "train.progress_bar=false", "train.wandb=disabled", "train.log_every=1",
-          "train.save_every_steps=0"]
+from bimac.models.bimac import BiMAC, load_model_config
+
+COMMON = [
+    "train.max_steps=2",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=8",
+    "train.progress_bar=false",
+    "train.wandb=disabled",
+    "train.log_every=1",
+    "train.save_every_steps=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +30,15 @@ def world(tmp_path_factory):
 
 def _overrides(world, out):
     tar, tok = world
-    return [*COMMON, f"tokenizer.path={tok}", f"data.train_shards={tar}", "data.num_workers=0",
-            f"train.output_dir={out}", *(f"model.{o}" for o in SMALL), "data.image_size=32"]
+    return [
+        *COMMON,
+        f"tokenizer.path={tok}",
+        f"data.train_shards={tar}",
+        "data.num_workers=0",
+        f"train.output_dir={out}",
+        *(f"model.{o}" for o in SMALL),
+        "data.image_size=32",
+    ]
 
 
 def _read(path):
@@ -37,8 +50,14 @@ def test_retrieval_stage_writes_recall_before_and_after(world, tmp_path):
     from finetune.retrieval import main
 
     out = tmp_path / "ret"
-    main(["--config", "configs/finetune/retrieval/tiny.yaml", *_overrides(world, out),
-          "eval.data=world:retrieval:12"])
+    main(
+        [
+            "--config",
+            "configs/finetune/retrieval/tiny.yaml",
+            *_overrides(world, out),
+            "eval.data=world:retrieval:12",
+        ]
+    )
     res = _read(out / "eval_retrieval.json")
     assert res["status"] == "completed" and res["step"] == 2
     for when in ("before", "after"):
@@ -57,10 +76,20 @@ def test_caption_stage_runs_xe_then_scst_and_scores_both(world, tmp_path):
     from finetune.caption import main
 
     out = tmp_path / "cap"
-    main(["--config", "configs/finetune/caption/tiny.yaml", *_overrides(world, out),
-          "scst.max_steps=1", "scst.samples=2", "scst.max_new_tokens=6",
-          "eval.annotations=world:val:6", "eval.metrics=[bleu,cider]", "eval.max_new_tokens=6",
-          "eval.num_beams=2"])
+    main(
+        [
+            "--config",
+            "configs/finetune/caption/tiny.yaml",
+            *_overrides(world, out),
+            "scst.max_steps=1",
+            "scst.samples=2",
+            "scst.max_new_tokens=6",
+            "eval.annotations=world:val:6",
+            "eval.metrics=[bleu,cider]",
+            "eval.max_new_tokens=6",
+            "eval.num_beams=2",
+        ]
+    )
     res = _read(out / "eval_caption.json")
     for phase in ("xe", "scst"):
         assert res[phase]["status"] == "completed"
@@ -76,13 +105,22 @@ def test_classification_stage_linear_probe(world, tmp_path):
 
     out = tmp_path / "cls"
     _, tok = world
-    main(["--config", "configs/finetune/classification/tiny.yaml", *COMMON,
-          f"tokenizer.path={tok}", f"train.output_dir={out}", *(f"model.{o}" for o in SMALL),
-          "data.image_size=32", "data.train=world:cls_shape:16:1", "data.test=world:cls_shape:8"])
+    main(
+        [
+            "--config",
+            "configs/finetune/classification/tiny.yaml",
+            *COMMON,
+            f"tokenizer.path={tok}",
+            f"train.output_dir={out}",
+            *(f"model.{o}" for o in SMALL),
+            "data.image_size=32",
+            "data.train=world:cls_shape:16:1",
+            "data.test=world:cls_shape:8",
+        ]
+    )
     res = _read(out / "eval_classification.json")
     assert res["zero_shot"]["images"] == 8 and res["zero_shot"]["classes"] == 10
     assert 0 <= res["fine_tuned"]["top1"] <= res["fine_tuned"]["top5"] <= 100
-    start = BiMAC(load_model_config("configs/model/tiny.yaml", SMALL))
     trained = BiMAC.from_pretrained(out / "export")
     # linear probe: the towers did not move (same seed -> same start), only the head trained
     torch.manual_seed(0)
@@ -92,8 +130,9 @@ def test_classification_stage_linear_probe(world, tmp_path):
 
 
 def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
-    """40 cross-entropy steps, then 20 SCST steps (leave-one-out baseline, 4 samples per image)
-    on 4 fixed batches: the mean CIDEr-D of seeded samples on those batches goes up."""
+    """40 cross-entropy steps, then 20 SCST steps (leave-one-out baseline, 8 samples per image)
+    on 4 fixed batches: the mean CIDEr-D of seeded samples on those batches goes up (measured
+    0.465 -> 0.667 on the dev machine)."""
     from bimac.data import DataConfig, TokenizerConfig
     from bimac.generation import CocaAdapter, GenerationConfig, generate
     from bimac.tasks.caption import CaptionConfig, CaptionTask, SCSTConfig
@@ -102,9 +141,14 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
     cfg = CaptionConfig(
         model=load_model_config("configs/model/tiny.yaml", SMALL),
         tokenizer=TokenizerConfig(kind="world", path=str(tok), context_length=16),
-        data=DataConfig(train_shards=str(tar), batch_size=8, image_size=32, shuffle_buffer=0,
-                        random_caption=False),
-        scst=SCSTConfig(samples=4, max_new_tokens=12, baseline="leave_one_out"),
+        data=DataConfig(
+            train_shards=str(tar),
+            batch_size=8,
+            image_size=32,
+            shuffle_buffer=0,
+            random_caption=False,
+        ),
+        scst=SCSTConfig(samples=8, max_new_tokens=12, baseline="leave_one_out"),
     )
     torch.manual_seed(0)
     xe, scst = CaptionTask(cfg, "xe"), CaptionTask(cfg, "scst")
@@ -114,15 +158,22 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
 
     def mean_reward() -> float:
         t = scst.tokenizer
-        adapter = CocaAdapter(model.coca, bos_token_id=t.bos_id, eos_token_id=t.eos_id,
-                              pad_token_id=0)
+        adapter = CocaAdapter(
+            model.coca, bos_token_id=t.bos_id, eos_token_id=t.eos_id, pad_token_id=0
+        )
         rewards = []
         with torch.no_grad():
             for b in batches:
-                memory = model(b["image"], b["text"], grounding=False,
-                               reconstruction=False)["decoder_memory"]
-                gen = generate(adapter, memory, GenerationConfig(
-                    strategy="sample", num_return_sequences=8, max_new_tokens=12, seed=1))
+                memory = model(b["image"], b["text"], grounding=False, reconstruction=False)[
+                    "decoder_memory"
+                ]
+                gen = generate(
+                    adapter,
+                    memory,
+                    GenerationConfig(
+                        strategy="sample", num_return_sequences=8, max_new_tokens=12, seed=1
+                    ),
+                )
                 refs = scst.batch_references(b["sample_id"])
                 rewards.append(scst.rewards(gen.ids, [r for r in refs for _ in range(8)]))
         return float(torch.cat(rewards).mean())
@@ -135,9 +186,14 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
             sum(terms.values()).backward()
             opt.step()
 
-    run(xe, 40, 3e-3)
-    before = mean_reward()
-    run(scst, 20, 1e-3)
-    after = mean_reward()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: extra threads only spin on a shared 2-core box
+    try:
+        run(xe, 40, 3e-3)
+        before = mean_reward()
+        run(scst, 20, 5e-4)
+        after = mean_reward()
+    finally:
+        torch.set_num_threads(threads)
     print(f"mean CIDEr-D of sampled captions: {before:.3f} -> {after:.3f}")
-    assert after > before + 0.02
+    assert after > before + 0.05

@@ -21,14 +21,19 @@ from bimac.interchange import (
 )
 from bimac.models.bimac import BiMAC, load_model_config
 
-ATTN_POOL = ["attentional_pool=true", "embed_dim=128", "attn_pooler_queries=16",
-             "attn_pooler_heads=4"]
+ATTN_POOL = [
+    "attentional_pool=true",
+    "embed_dim=128",
+    "attn_pooler_queries=16",
+    "attn_pooler_heads=4",
+]
 
 
 def _inputs(cfg):
     g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           generator=g)
+    images = torch.randint(
+        0, 256, (4, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g
+    )
     ids = torch.randint(4, cfg.vocab_size, (4, cfg.context_length), generator=g)
     ids[:, 0] = 1
     for i, n in enumerate((5, 9, 17, cfg.context_length - 1)):  # BOS .. EOS then pad
@@ -43,8 +48,9 @@ def test_exported_towers_embed_like_bimac(tmp_path, overrides):
     model = BiMAC(load_model_config("configs/model/tiny.yaml", overrides)).eval()
     files = export_open_clip(model, tmp_path / "oc")
     assert register_open_clip(files.directory) == [files.name]
-    oc, _, preprocess = open_clip.create_model_and_transforms(files.name,
-                                                              pretrained=str(files.weights))
+    oc, _, preprocess = open_clip.create_model_and_transforms(
+        files.name, pretrained=str(files.weights)
+    )
     oc_local, _, _ = open_clip.create_model_and_transforms(f"local-dir:{files.directory}")
     assert type(oc).__name__ == "CoCa"
     images, ids = _inputs(model.config)
@@ -56,8 +62,9 @@ def test_exported_towers_embed_like_bimac(tmp_path, overrides):
             theirs = net.encode_image((images.float() / 255 - mean) / std, normalize=True)
             # the tolerance; identical weights and code give identical numbers here
             torch.testing.assert_close(theirs, ours_img, atol=1e-5, rtol=0)
-            torch.testing.assert_close(net.encode_text(ids, normalize=True), ours_txt,
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                net.encode_text(ids, normalize=True), ours_txt, atol=1e-5, rtol=0
+            )
     # open_clip's own val transform gives BiMAC's input pixels (square image: no rounding)
     buf = io.BytesIO()
     Image.fromarray(np.asarray(images[0].permute(1, 2, 0))).resize((96, 96)).save(buf, "PNG")
@@ -71,8 +78,13 @@ def test_import_puts_open_clip_weights_into_bimac(tmp_path):
     model = BiMAC(load_model_config("configs/model/tiny.yaml"))
     files = export_open_clip(model, tmp_path / "oc")
     (files.directory / "tokenizer.json").write_text("{}")  # copied along with the weights
-    imported = import_open_clip(str(files.directory), str(files.weights), tmp_path / "bimac",
-                                grounding_dim=64, patch_decoder_width=128)
+    imported = import_open_clip(
+        str(files.directory),
+        str(files.weights),
+        tmp_path / "bimac",
+        grounding_dim=64,
+        patch_decoder_width=128,
+    )
     theirs = imported.coca.state_dict()
     for name, tensor in model.coca.state_dict().items():
         assert torch.equal(theirs[name], tensor), name
@@ -85,9 +97,22 @@ def test_import_puts_open_clip_weights_into_bimac(tmp_path):
 def test_config_of_open_clip_coca_base_matches_the_paper_model():
     cfg = bimac_config_from_open_clip("coca_ViT-B-32")
     paper = load_model_config("configs/model/paper.yaml")
-    for field in ("embed_dim", "patch_size", "vision_width", "vision_layers", "vision_head_width",
-                  "attentional_pool", "attn_pooler_queries", "attn_pooler_heads", "text_width",
-                  "text_layers", "text_heads", "decoder_layers", "context_length", "vocab_size"):
+    for field in (
+        "embed_dim",
+        "patch_size",
+        "vision_width",
+        "vision_layers",
+        "vision_head_width",
+        "attentional_pool",
+        "attn_pooler_queries",
+        "attn_pooler_heads",
+        "text_width",
+        "text_layers",
+        "text_heads",
+        "decoder_layers",
+        "context_length",
+        "vocab_size",
+    ):
         assert getattr(cfg, field) == getattr(paper, field), field
     assert cfg.image_size == 224 and cfg.pretrained_arch == "coca_ViT-B-32"
 

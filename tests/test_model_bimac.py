@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,9 @@ from bimac.config import ConfigError, load_config
 from bimac.losses import caption_loss
 from bimac.models.bimac import BiMAC, BiMACConfig, load_model_config, patchify, pool_spans
 from bimac.tasks.pretrain import ObjectiveConfig, PretrainTask
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the `pretrain` entry-point package (not installed as a module)
 
 TOK = SimpleNamespace(pad_id=0, bos_id=1, eos_id=2, vocab_size=50)
 SMALL = BiMACConfig(
@@ -51,8 +55,8 @@ def make_batch(b: int = 4, cfg: BiMACConfig = SMALL, seed: int = 0) -> dict:
 
 
 def test_configs_load_and_paper_is_coca_base_at_256():
-    tiny = load_model_config("configs/model/tiny.yaml")
-    paper = load_model_config("configs/model/paper.yaml")
+    tiny = load_model_config(REPO / "configs/model/tiny.yaml")
+    paper = load_model_config(REPO / "configs/model/paper.yaml")
     assert (tiny.image_size, tiny.patch_size, tiny.vision_layers) == (64, 8, 2)
     assert (paper.image_size, paper.vision_width, paper.vision_layers, paper.vocab_size) == (
         256,
@@ -284,7 +288,7 @@ TABLE5 = {  # preset -> the loss terms it trains (RF weights "cg", it adds no te
 def test_table5_presets_are_config_changes(preset):
     from pretrain import load_pretrain_config
 
-    objectives = load_pretrain_config(f"configs/pretrain/ablations/{preset}.yaml").objectives
+    objectives = load_pretrain_config(REPO / f"configs/pretrain/ablations/{preset}.yaml").objectives
     terms, rf = TABLE5[preset]
     assert objectives.rf == rf and objectives.lambda_git == 0.7 and objectives.lambda_cg == 1.0
     torch.manual_seed(0)
@@ -297,7 +301,9 @@ def test_table5_presets_are_config_changes(preset):
 def test_table6_presets_only_change_lambda_git():
     from pretrain import load_pretrain_config
 
-    full = load_pretrain_config("configs/pretrain/ablations/full.yaml").objectives
+    full = load_pretrain_config(REPO / "configs/pretrain/ablations/full.yaml").objectives
     for lam in (0.1, 0.4, 0.7, 1.0, 1.5):
-        sweep = load_pretrain_config(f"configs/pretrain/ablations/lambda_git_{lam}.yaml").objectives
+        sweep = load_pretrain_config(
+            REPO / f"configs/pretrain/ablations/lambda_git_{lam}.yaml"
+        ).objectives
         assert sweep == dataclasses.replace(full, lambda_git=lam)

@@ -21,7 +21,12 @@ Public API (everything here is importable from ``bimac.data``)::
 ``make_loader(cfg, tokenizer, urls=None, *, rank, world_size, epoch, samples_seen, num_workers,
 tokenizer_bn, counter) -> Loader``: exact mode (default) yields every sample of the shard set once
 per epoch over all ranks x workers; ``cfg.resampled=True`` yields ``cfg.epoch_samples`` samples per
-rank. Triplets (``cfg.kind="triplets"``) add ``image_syn`` and ``text_bn`` (``tokenizer_bn``).
+rank. Shuffling is seeded by ``(cfg.seed, epoch, rank, worker)``. ``samples_seen`` resumes this
+rank's epoch exactly at any batch boundary (same batch size and ``num_workers``; exact mode needs
+the shards' ``*_stats.json`` once a worker has run dry). Pass one ``SkipCounter`` to every epoch's
+loader for running totals. Triplets (``cfg.kind="triplets"``) add ``image_syn`` and ``text_bn``
+(``tokenizer_bn``, default ``tokenizer``); ``cfg.caption_lang="bn"`` makes pairs Bengali.
+Skip reasons: ``bimac.data.REASONS``.
 The world in Python: ``bimac.data.synthetic.make_sample(seed, split, index, size, triplet)``.
 Nouns: ``bimac.data.text.NounExtractor("world" | "en_core_web_sm")(text) -> list[Noun]``.
 """

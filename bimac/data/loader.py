@@ -123,6 +123,61 @@ def expand_shards(pattern: str) -> list[str]:
     return urls
 
 
+def tar_members(stream) -> Iterator[dict]:
+    """``{"fname", "data"}`` of each regular file in a tar stream, in order.
+
+    A lean replacement for ``tarfile``'s streaming reader (which webdataset uses): ~12x less CPU
+    per sample on img2dataset shards, where every member carries a PAX header (float mtime).
+    Handles ustar prefixes, PAX ``path`` records and GNU long names; skips webdataset's
+    ``__meta__`` files. A short read raises ``tarfile.ReadError`` (truncated shard), a header
+    with a bad checksum ``tarfile.HeaderError``.
+    """
+    read = stream.read
+    long_name = None
+    while True:
+        hdr = read(512)
+        if len(hdr) < 512:
+            if hdr:
+                raise tarfile.ReadError("unexpected end of data")
+            return
+        if hdr.count(0) == 512:  # end-of-archive marker
+            return
+        if sum(hdr) - sum(hdr[148:156]) + 256 != int(hdr[148:156].strip(b"\0 ") or b"0", 8):
+            raise tarfile.HeaderError("bad tar header checksum")
+        size = hdr[124:136]
+        size = (
+            int.from_bytes(size[1:], "big")
+            if size[0] & 0x80
+            else int(size.strip(b"\0 ") or b"0", 8)
+        )
+        padded = (size + 511) & ~511
+        data = read(padded)
+        if len(data) < padded:
+            raise tarfile.ReadError("unexpected end of data")
+        data, kind = data[:size], hdr[156:157]
+        if kind == b"x":  # PAX extended header: only the path matters here
+            for rec in data.split(b"\n"):
+                _, _, kv = rec.partition(b" ")
+                if kv.startswith(b"path="):
+                    long_name = kv[5:].decode("utf-8")
+            continue
+        if kind == b"L":  # GNU long name
+            long_name = data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global headers, ...
+            long_name = None
+            continue
+        name = long_name
+        if name is None:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8")
+            prefix = hdr[345:500].split(b"\0", 1)[0] if hdr[257:262] == b"ustar" else b""
+            if prefix:
+                name = prefix.decode("utf-8") + "/" + name
+        long_name = None
+        if not (name.startswith("__") and name.endswith("__")):
+            yield {"fname": name, "data": data}
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -267,8 +322,9 @@ class ShardDataset(IterableDataset):
             reason = detail = None
             try:
                 try:
-                    for member in wds.tariterators.tar_file_iterator(stream):
-                        yield member | {"__url__": url}
+                    for member in tar_members(stream):
+                        member["__url__"] = url
+                        yield member
                 except (tarfile.ReadError, EOFError) as exn:
                     reason, detail = "truncated_tar", f"{exn}; the rest of this shard is skipped"
                 except OSError as exn:  # e.g. a pipe: command that failed
@@ -422,8 +478,16 @@ class ShardDataset(IterableDataset):
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
-    """``uint8 [B, 3, H, W]`` in channels-last memory (no copy; ``.to(device)`` handles it)."""
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    """``uint8 [B, 3, H, W]`` in channels-last memory (``.to(device)`` handles it).
+
+    In a DataLoader worker the batch is stacked straight into shared memory, which the worker
+    would otherwise copy it into when handing it to the main process.
+    """
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    np.stack(arrays, out=out.numpy())
+    return out.permute(0, 3, 1, 2)
 
 
 def _union_box(objs: list[dict], noun: dict, w: int, h: int, size: int) -> list[float] | None:
@@ -479,8 +543,11 @@ def make_loader(
     """The training loader of one rank for one epoch (batches of ``cfg.batch_size``).
 
     ``urls`` defaults to ``cfg.train_shards``; ``rank``/``world_size`` default to
-    torch.distributed's; ``samples_seen`` (a multiple of the batch size, same ``num_workers``)
-    resumes mid-epoch exactly. Pass the same ``counter`` every epoch to keep running totals.
+    torch.distributed's; ``samples_seen`` (this rank's samples already consumed this epoch, at a
+    batch boundary, same batch size and ``num_workers``) resumes mid-epoch exactly: the
+    DataLoader's round-robin over workers is replayed (``ShardDataset.resume_plan``). A bad sample
+    inside the skipped prefix shifts the resume point by one. Pass the same ``counter`` every
+    epoch to keep running totals.
     """
     ds = ShardDataset(
         cfg, tokenizer, urls, rank=rank, world_size=world_size, epoch=epoch,

@@ -31,7 +31,9 @@ def export_env() -> None:
     if "SUBMITIT_EXECUTOR" in os.environ:  # a submitit job (slurm or local executor)
         import submitit
 
-        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        env = submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=False, overwrite=True
+        )
         logger.info("submitit rank %d/%d, master %s", env.rank, env.world_size, env.master_addr)
         return
     if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:  # srun, one task per GPU

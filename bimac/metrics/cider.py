@@ -23,8 +23,9 @@ everything from EOS on, and padding). A scorer is string- or id-based, fixed by 
 Candidates sharing references (several samples per image) may repeat the same reference list.
 
 How it is vectorised: an n-gram is one int64 key in base ``B = vocabulary + 1`` (so
-``B ** n`` must stay below 2**63: at most 55,107 distinct tokens for n = 4, checked). Per
-order, the values ``key * n_sentences + sentence`` are sorted once; runs give term
+``B ** n`` must stay below 2**63: at most 55,107 distinct tokens in one call or corpus for
+n = 4, else a ValueError). Per order, the values ``key * n_sentences + sentence`` (keys first
+compacted with ``np.unique`` where that product would overflow) are sorted once; runs give term
 frequencies, document frequencies and, because each candidate is laid out just before its own
 references, the candidate/reference matches, all without Python loops over n-grams.
 """

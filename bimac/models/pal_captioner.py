@@ -251,12 +251,14 @@ class PALCaptioner(nn.Module):
         self.lang_id = self.tokenizer.convert_tokens_to_ids(cfg.target_lang)
         self.pad_id = self.tokenizer.pad_token_id
         self.eos_id = self.tokenizer.eos_token_id
-        # Optimizer steps taken; drives the unfreezing schedule and is saved with the weights.
+        # Training micro-batches seen (the task divides by the accumulation to get optimizer
+        # steps); drives the unfreezing schedule and is saved with the weights, so resume keeps it.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         if cfg.gradient_checkpointing:
-            self.mbart.gradient_checkpointing_enable()
+            self.set_grad_checkpointing(True)
         # Everything but the tower starts trainable so an optimizer built now holds it all; the
-        # training task applies the schedule (apply_unfreeze) before each step.
+        # training task applies the schedule (apply_unfreeze) before each step. A parameter
+        # frozen by the schedule has no gradient, so AdamW leaves it as it is until its turn.
         self._unfrozen: int | None = None
 
     # -- parameters -------------------------------------------------------------------------
@@ -265,11 +267,12 @@ class PALCaptioner(nn.Module):
     def decoder(self) -> nn.Module:
         return self.mbart.model.decoder
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything the optimizer should hold (bridge + the whole decoder), frozen-now or not:
-        progressive unfreezing toggles ``requires_grad``; a parameter without a gradient is
-        skipped by AdamW, so it stays put until its turn."""
-        return [*self.bridge.parameters(), *self.mbart.parameters()]
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing of the decoder layers (the engine's ``activation_checkpointing``)."""
+        # transformers 5.x renamed gradient_* to activation_checkpointing_* (old names deprecated).
+        verb = "enable" if enable else "disable"
+        fn = getattr(self.mbart, f"activation_checkpointing_{verb}", None)
+        (fn or getattr(self.mbart, f"gradient_checkpointing_{verb}"))()
 
     def apply_unfreeze(self, step: int) -> int:
         """Set ``requires_grad`` per the schedule at optimizer ``step``; returns the layer count."""

@@ -88,8 +88,9 @@ def reference_index(shards: str, tokenizer: Any, lang: str = "en") -> dict[str, 
         caps = [c for c in caps if c]
         if not caps:
             continue
-        ids = strip_special(tokenizer.encode(caps), tokenizer.bos_id, tokenizer.eos_id,
-                            tokenizer.pad_id)
+        ids = strip_special(
+            tokenizer.encode(caps), tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        )
         index[f"{s['__url__']}#{s['__key__']}"] = ids
     if not index:
         raise ValueError(f"{shards}: no captions to use as SCST references")
@@ -106,8 +107,12 @@ class CaptionTask(FinetuneBase):
 
     cfg: CaptionConfig
 
-    def __init__(self, cfg: CaptionConfig, phase: Literal["xe", "scst"] = "xe",
-                 references: dict[str, list[list[int]]] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CaptionConfig,
+        phase: Literal["xe", "scst"] = "xe",
+        references: dict[str, list[list[int]]] | None = None,
+    ) -> None:
         super().__init__(cfg)
         if phase not in ("xe", "scst"):
             raise ValueError(f"phase must be 'xe' or 'scst', got {phase!r}")
@@ -118,20 +123,34 @@ class CaptionTask(FinetuneBase):
     def build_model(self) -> nn.Module:
         model = self.load_model()
         # caption objectives touch the ViT trunk, the text tower's token outputs and the decoder
-        freeze([model.coca.logit_scale, model.coca.text.text_projection, model.patch_decoder,
-                model.patch_norm, model.patch_proj, model.noun_norm, model.noun_proj,
-                model.grounding_logit_scale, model.grounding_logit_bias])
+        freeze(
+            [
+                model.coca.logit_scale,
+                model.coca.text.text_projection,
+                model.patch_decoder,
+                model.patch_norm,
+                model.patch_proj,
+                model.noun_norm,
+                model.noun_proj,
+                model.grounding_logit_scale,
+                model.grounding_logit_bias,
+            ]
+        )
         if model.coca.visual.proj is not None:
             freeze([model.coca.visual.proj])
         return model
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int,
-                           samples_seen: int) -> Iterable:
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Iterable:
         return self.shard_loader(self.cfg.data, rank, world_size, epoch, samples_seen)
 
-    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        out = model(batch["image"], batch["text"], caption=True, grounding=False,
-                    reconstruction=False)
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        out = model(
+            batch["image"], batch["text"], caption=True, grounding=False, reconstruction=False
+        )
         if self.phase == "xe":
             loss = caption_loss(out["logits"], out["labels"], self.model_config.pad_id)
             return {"caption": loss}, {}
@@ -145,8 +164,9 @@ class CaptionTask(FinetuneBase):
 
         if self._scorer is None:
             if self.references is None:
-                self.references = reference_index(self.cfg.data.train_shards, self.tokenizer,
-                                                  self.cfg.data.caption_lang)
+                self.references = reference_index(
+                    self.cfg.data.train_shards, self.tokenizer, self.cfg.data.caption_lang
+                )
             self._scorer = CiderD(list(self.references.values()))
         return self._scorer
 
@@ -168,8 +188,12 @@ class CaptionTask(FinetuneBase):
 
         s, tok = self.cfg.scst, self.tokenizer
         net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(net.coca, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                              pad_token_id=self.model_config.pad_id)
+        adapter = CocaAdapter(
+            net.coca,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=self.model_config.pad_id,
+        )
         max_new = min(s.max_new_tokens, self.model_config.context_length - 1)
         k = s.samples
         gen = generate(adapter, memory, GenerationConfig(
@@ -185,12 +209,21 @@ class CaptionTask(FinetuneBase):
         greedy = None
         if s.baseline == "greedy":
             with torch.no_grad():
-                g = generate(adapter, memory.detach(),
-                             GenerationConfig(strategy="greedy", max_new_tokens=max_new))
+                g = generate(
+                    adapter,
+                    memory.detach(),
+                    GenerationConfig(strategy="greedy", max_new_tokens=max_new),
+                )
             greedy = self.rewards(g.ids, refs)
             metrics["greedy_reward"] = float(greedy.mean())
             greedy = greedy.repeat_interleave(k)
         dev = gen.logprobs.device
-        loss = scst_loss(gen.logprobs, mask, rewards.to(dev), s.baseline,
-                         None if greedy is None else greedy.to(dev), k)
+        loss = scst_loss(
+            gen.logprobs,
+            mask,
+            rewards.to(dev),
+            s.baseline,
+            None if greedy is None else greedy.to(dev),
+            k,
+        )
         return {"scst": loss}, metrics

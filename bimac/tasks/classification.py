@@ -107,8 +107,9 @@ class ImageClassifier(nn.Module):
         return model, names
 
 
-def image_batches(images: list[Any], labels: list[int], size: int, batch_size: int,
-                  order: list[int] | None = None) -> Iterator[dict[str, Any]]:
+def image_batches(
+    images: list[Any], labels: list[int], size: int, batch_size: int, order: list[int] | None = None
+) -> Iterator[dict[str, Any]]:
     """``{"image": uint8 [B, 3, S, S], "label": int64 [B]}`` batches in ``order``."""
     from bimac.eval.common import decode_image
 
@@ -122,14 +123,16 @@ def image_batches(images: list[Any], labels: list[int], size: int, batch_size: i
 
 
 @torch.no_grad()
-def accuracy(model: ImageClassifier, images: list[Any], labels: list[int], size: int,
-             batch_size: int = 64) -> dict[str, float]:
+def accuracy(
+    model: ImageClassifier, images: list[Any], labels: list[int], size: int, batch_size: int = 64
+) -> dict[str, float]:
     """Top-1 / top-5 / mean per-class recall (%) of a trained classifier."""
     from bimac.eval.classification import classification_metrics
 
     model.eval()
-    logits = torch.cat([model(b["image"]).float().cpu()
-                        for b in image_batches(images, labels, size, batch_size)])
+    logits = torch.cat(
+        [model(b["image"]).float().cpu() for b in image_batches(images, labels, size, batch_size)]
+    )
     return classification_metrics(logits, torch.tensor(labels))
 
 
@@ -141,11 +144,14 @@ class ClassificationTask(FinetuneBase):
     def __init__(self, cfg: ClassificationConfig) -> None:
         super().__init__(cfg)
         if cfg.data.image_size != self.model_config.image_size:
-            raise ValueError(f"data.image_size={cfg.data.image_size} != the model's "
-                             f"{self.model_config.image_size}")
+            raise ValueError(
+                f"data.image_size={cfg.data.image_size} != the model's "
+                f"{self.model_config.image_size}"
+            )
         self.images, self.labels, self.classnames = load_items(cfg.data.train, cfg.data.classnames)
-        logger.info("classification: %d training images, %d classes", len(self.images),
-                    len(self.classnames))
+        logger.info(
+            "classification: %d training images, %d classes", len(self.images), len(self.classnames)
+        )
 
     def build_model(self) -> nn.Module:
         bimac = self.load_model()
@@ -155,19 +161,29 @@ class ClassificationTask(FinetuneBase):
             freeze([p for n, p in bimac.named_parameters() if not n.startswith("coca.visual.")])
         return ImageClassifier(bimac, len(self.classnames))
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int,
-                           samples_seen: int) -> Iterator[dict[str, Any]]:
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Iterator[dict[str, Any]]:
         order = list(range(len(self.images)))
         random.Random(self.cfg.data.seed * 1000 + epoch).shuffle(order)
         mine = order[rank::world_size][samples_seen:]
-        return image_batches(self.images, self.labels, self.cfg.data.image_size,
-                             self.cfg.train.micro_batch_size, mine)
+        return image_batches(
+            self.images,
+            self.labels,
+            self.cfg.data.image_size,
+            self.cfg.train.micro_batch_size,
+            mine,
+        )
 
-    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         logits = model(batch["image"])
         labels = batch["label"].to(logits.device)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
-        return {"classification": loss}, {"train_top1": float((logits.argmax(1) == labels).float().mean())}
+        return {"classification": loss}, {
+            "train_top1": float((logits.argmax(1) == labels).float().mean())
+        }
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """A BiMAC export (so every ``bimac`` tool reads it) plus the head and class names."""

@@ -74,8 +74,9 @@ class FinetuneBase:
             return BiMAC.from_pretrained(self.cfg.init)
         return BiMAC(self.model_config)
 
-    def shard_loader(self, data: DataConfig, rank: int, world_size: int, epoch: int,
-                     samples_seen: int) -> Any:
+    def shard_loader(
+        self, data: DataConfig, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Any:
         return make_loader(
             data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
             samples_seen=samples_seen, counter=self.counter,
@@ -88,11 +89,16 @@ class FinetuneBase:
         """A BiMAC export (model, experiment config with the model's real config, tokenizer)."""
         cfg = dataclasses.replace(self.cfg, init="", model=self.model_config)
         tok = self.tokenizer
-        name = getattr(getattr(tok, "tok", None), "save", None)
-        model.save_pretrained(out_dir, tokenizer=None if name else _tokenizer_name(self.cfg),
-                              experiment_config=cfg)
-        if name is not None:  # a tokenizers.Tokenizer (the world's): copy its file as is
-            src = Path(self.cfg.init) / "tokenizer.json" if self.cfg.init else Path(self.cfg.tokenizer.path)
+        saver = getattr(getattr(tok, "tok", None), "save", None)
+        model.save_pretrained(
+            out_dir, tokenizer=None if saver else _tokenizer_name(self.cfg), experiment_config=cfg
+        )
+        if saver is not None:  # a tokenizers.Tokenizer (the world's): copy its file as is
+            src = (
+                Path(self.cfg.init) / "tokenizer.json"
+                if self.cfg.init
+                else Path(self.cfg.tokenizer.path)
+            )
             if src.is_file():
                 shutil.copyfile(src, Path(out_dir) / "tokenizer.json")
             else:

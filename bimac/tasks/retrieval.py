@@ -56,22 +56,35 @@ class RetrievalTask(FinetuneBase):
 
     def build_model(self) -> nn.Module:
         model = self.load_model()
-        unused: list[Any] = [model.coca.text_decoder, model.patch_decoder, model.patch_norm,
-                             model.patch_proj, model.noun_norm, model.noun_proj,
-                             model.grounding_logit_scale, model.grounding_logit_bias]
+        unused: list[Any] = [
+            model.coca.text_decoder,
+            model.patch_decoder,
+            model.patch_norm,
+            model.patch_proj,
+            model.noun_norm,
+            model.noun_proj,
+            model.grounding_logit_scale,
+            model.grounding_logit_bias,
+        ]
         if self.cfg.temperature is not None:
             unused.append(model.coca.logit_scale)
         freeze(unused)
         return model
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int,
-                           samples_seen: int) -> Iterable:
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Iterable:
         return self.shard_loader(self.cfg.data, rank, world_size, epoch, samples_seen)
 
-    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        out = model(batch["image"], batch["text"], caption=False, grounding=False,
-                    reconstruction=False)
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        out = model(
+            batch["image"], batch["text"], caption=False, grounding=False, reconstruction=False
+        )
         t = self.cfg.temperature
         scale = out["logit_scale"].clamp(max=100) if t is None else 1.0 / t
         loss = contrastive_loss(out["image_features"], out["text_features"], scale)
-        return {"contrastive": loss}, {"logit_scale": float(scale.detach() if torch.is_tensor(scale) else scale)}
+        return {"contrastive": loss}, {
+            "logit_scale": float(scale.detach() if torch.is_tensor(scale) else scale)
+        }

@@ -36,42 +36,69 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def caption_images(checkpoint: str | Path, paths: list[str], strategy: str = "beam",
-                   num_beams: int = 3, max_new_tokens: int = 20) -> list[str]:
+def caption_images(
+    checkpoint: str | Path,
+    paths: list[str],
+    strategy: str = "beam",
+    num_beams: int = 3,
+    max_new_tokens: int = 20,
+) -> list[str]:
     """One caption per image path."""
     from bimac.generation import GenerationConfig
 
     if is_bimac_export(checkpoint):
         from bimac.eval.captioning import generate_captions
 
-        out = generate_captions(checkpoint, dict(enumerate(paths)), None, strategy,
-                                num_beams if strategy == "beam" else 1, max_new_tokens,
-                                batch_size=16)
+        out = generate_captions(
+            checkpoint,
+            {i: Path(p) for i, p in enumerate(paths)},
+            None,
+            strategy,
+            num_beams if strategy == "beam" else 1,
+            max_new_tokens,
+            batch_size=16,
+        )
         return [out[i] for i in range(len(paths))]
     from bimac.models.pal_captioner import PALCaptioner
 
     model = PALCaptioner.from_pretrained(checkpoint).eval()
-    cfg = GenerationConfig(strategy=strategy, num_beams=num_beams if strategy == "beam" else 1,
-                           max_new_tokens=min(max_new_tokens, model.cfg.max_length),
-                           no_repeat_ngram_size=3)
+    cfg = GenerationConfig(
+        strategy=strategy,
+        num_beams=num_beams if strategy == "beam" else 1,
+        max_new_tokens=min(max_new_tokens, model.cfg.max_length),
+        no_repeat_ngram_size=3,
+    )
     return list(model.caption(load_images(paths, model.cfg.image_size), cfg).texts)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    ap = argparse.ArgumentParser(prog="bimac caption", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac caption",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--checkpoint", required=True, help="BiMAC or PAL export directory")
-    ap.add_argument("--strategy", default="beam", choices=["greedy", "beam"],
-                    help="decoding (default: %(default)s)")
+    ap.add_argument(
+        "--strategy",
+        default="beam",
+        choices=["greedy", "beam"],
+        help="decoding (default: %(default)s)",
+    )
     ap.add_argument("--num-beams", type=int, default=3, help="beam width (default: %(default)s)")
-    ap.add_argument("--max-new-tokens", type=int, default=20,
-                    help="longest caption in tokens (default: %(default)s)")
-    ap.add_argument("--out", default=None, help="also write [{image, caption}] JSON here "
-                    "(default: print only)")
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=20,
+        help="longest caption in tokens (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out", default=None, help="also write [{image, caption}] JSON here (default: print only)"
+    )
     args = ap.parse_args(argv)
-    captions = caption_images(args.checkpoint, args.images, args.strategy, args.num_beams,
-                              args.max_new_tokens)
+    captions = caption_images(
+        args.checkpoint, args.images, args.strategy, args.num_beams, args.max_new_tokens
+    )
     for path, cap in zip(args.images, captions):
         print(f"{path}\t{cap}")
     if args.out:

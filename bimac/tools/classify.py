@@ -19,8 +19,12 @@ import torch
 
 
 @torch.no_grad()
-def classify(checkpoint: str | Path, paths: list[str], labels: list[str] | None = None,
-             templates: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+def classify(
+    checkpoint: str | Path,
+    paths: list[str],
+    labels: list[str] | None = None,
+    templates: list[str] | None = None,
+) -> tuple[list[str], torch.Tensor]:
     """``(class names, probabilities [N, C])`` for image paths."""
     from bimac.eval.classification import CLIP_TEMPLATES, class_weights
     from bimac.eval.common import bimac_encoder
@@ -42,15 +46,28 @@ def classify(checkpoint: str | Path, paths: list[str], labels: list[str] | None 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="bimac classify", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac classify",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("--checkpoint", required=True, help="BiMAC export directory")
-    ap.add_argument("--labels", default="", help="comma-separated class names (default: the "
-                    "export's fine-tuned head and classnames.txt)")
-    ap.add_argument("--template", action="append", default=None,
-                    help="prompt with {} for the label; repeat for an ensemble (default: CLIP's 10)")
-    ap.add_argument("--top", type=int, default=3, help="labels shown per image (default: %(default)s)")
+    ap.add_argument(
+        "--labels",
+        default="",
+        help="comma-separated class names (default: the "
+        "export's fine-tuned head and classnames.txt)",
+    )
+    ap.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help="prompt with {} for the label; repeat for an ensemble (default: CLIP's 10)",
+    )
+    ap.add_argument(
+        "--top", type=int, default=3, help="labels shown per image (default: %(default)s)"
+    )
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] or None

@@ -18,32 +18,50 @@ import sys
 def main(argv: list[str] | None = None) -> object:
     from bimac import interchange
 
-    ap = argparse.ArgumentParser(prog="bimac export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--checkpoint", help="BiMAC export directory to convert to open_clip")
     ap.add_argument("--to-open-clip", metavar="DIR", help="output folder of the open_clip export")
-    ap.add_argument("--name", default=None,
-                    help="open_clip model name (default: bimac-<hash of the tower config>)")
-    ap.add_argument("--from-open-clip", metavar="ARCH",
-                    help="open_clip CoCa architecture (name, <name>.json, or an open_clip export "
-                         "folder) whose weights start a BiMAC")
-    ap.add_argument("--pretrained", default=None,
-                    help="with --from-open-clip: open_clip pretrained tag or weights file")
+    ap.add_argument(
+        "--name",
+        default=None,
+        help="open_clip model name (default: bimac-<hash of the tower config>)",
+    )
+    ap.add_argument(
+        "--from-open-clip",
+        metavar="ARCH",
+        help="open_clip CoCa architecture (name, <name>.json, or an open_clip export "
+        "folder) whose weights start a BiMAC",
+    )
+    ap.add_argument(
+        "--pretrained",
+        default=None,
+        help="with --from-open-clip: open_clip pretrained tag or weights file",
+    )
     ap.add_argument("--out", default=None, help="with --from-open-clip: BiMAC export folder")
-    ap.add_argument("--tokenizer", default=None,
-                    help="with --from-open-clip: tokenizer name saved beside the model "
-                         "(default: copied from an export folder, else none)")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="with --from-open-clip: tokenizer name saved beside the model "
+        "(default: copied from an export folder, else none)",
+    )
     args = ap.parse_args(argv)
     if args.checkpoint and args.to_open_clip:
         files = interchange.export_open_clip(args.checkpoint, args.to_open_clip, args.name)
         print(f"open_clip model {files.name}: config {files.config}, weights {files.weights}")
         return files
     if args.from_open_clip and args.pretrained and args.out:
-        interchange.import_open_clip(args.from_open_clip, args.pretrained, args.out,
-                                     args.tokenizer)
-        print(f"BiMAC export with open_clip weights: {args.out} (model config: {args.out}/model.yaml)")
+        interchange.import_open_clip(args.from_open_clip, args.pretrained, args.out, args.tokenizer)
+        print(
+            f"BiMAC export with open_clip weights: {args.out} (model config: {args.out}/model.yaml)"
+        )
         return args.out
-    ap.error("give --checkpoint with --to-open-clip, or --from-open-clip with --pretrained and --out")
+    ap.error(
+        "give --checkpoint with --to-open-clip, or --from-open-clip with --pretrained and --out"
+    )
     return None
 
 

@@ -41,8 +41,9 @@ def noun_extractor(pipeline: str):
 
 
 @torch.no_grad()
-def grounding_maps(model, tokenizer, image: Image.Image, caption: str,
-                   nouns: list[tuple[int, int]]) -> torch.Tensor:
+def grounding_maps(
+    model, tokenizer, image: Image.Image, caption: str, nouns: list[tuple[int, int]]
+) -> torch.Tensor:
     """``[N, grid, grid]`` sigmoid grounding scores of each noun's character span."""
     from bimac.data.tokenizer import token_spans
     from bimac.models.bimac import pool_spans
@@ -60,8 +61,9 @@ def grounding_maps(model, tokenizer, image: Image.Image, caption: str,
     _, token_embs = model.coca.text(ids.to(model.mean.device))
     _, _, patches = model.image_towers(pixels)
     r, w = model.ground_features(patches, pool_spans(token_embs, span_t, mask))
-    scores = torch.sigmoid(model.grounding_logit_scale.exp() * w @ r.transpose(1, 2)
-                           + model.grounding_logit_bias)[0]
+    scores = torch.sigmoid(
+        model.grounding_logit_scale.exp() * w @ r.transpose(1, 2) + model.grounding_logit_bias
+    )[0]
     g = model.config.grid
     return scores.view(-1, g, g).cpu()
 
@@ -71,8 +73,9 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.I
     from matplotlib import colormaps
 
     w, h = image.size
-    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h),
-                                                                              Image.BILINEAR))
+    up = np.asarray(
+        Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
+    )
     lo, hi = float(up.min()), float(up.max())
     up = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
     colour = colormaps["jet"](up)[..., :3]
@@ -80,8 +83,14 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.I
     return Image.fromarray(np.uint8(255 * ((1 - alpha) * base + alpha * colour)))
 
 
-def ground(checkpoint: str | Path, image_path: str | Path, caption: str, out_dir: str | Path,
-           nouns: str = "auto", alpha: float = 0.5) -> list[Path]:
+def ground(
+    checkpoint: str | Path,
+    image_path: str | Path,
+    caption: str,
+    out_dir: str | Path,
+    nouns: str = "auto",
+    alpha: float = 0.5,
+) -> list[Path]:
     """Write one heat-map PNG per noun (the image's size) and ``grounding.json``; returns PNGs."""
     from bimac.eval.common import load_tokenizer
     from bimac.models.bimac import BiMAC
@@ -102,27 +111,54 @@ def ground(checkpoint: str | Path, image_path: str | Path, caption: str, out_dir
         overlay(image, heat.numpy(), alpha).save(path)
         paths.append(path)
         flat = heat.flatten()
-        rows.append({"noun": noun.text, "start": noun.start, "end": noun.end, "png": path.name,
-                     "max": float(flat.max()), "mean": float(flat.mean()),
-                     "best_patch": int(flat.argmax()), "grid": model.config.grid})
-    (out / "grounding.json").write_text(json.dumps(
-        {"image": str(image_path), "caption": caption, "nouns": rows}, ensure_ascii=False, indent=1))
+        rows.append(
+            {
+                "noun": noun.text,
+                "start": noun.start,
+                "end": noun.end,
+                "png": path.name,
+                "max": float(flat.max()),
+                "mean": float(flat.mean()),
+                "best_patch": int(flat.argmax()),
+                "grid": model.config.grid,
+            }
+        )
+    (out / "grounding.json").write_text(
+        json.dumps(
+            {"image": str(image_path), "caption": caption, "nouns": rows},
+            ensure_ascii=False,
+            indent=1,
+        )
+    )
     return paths
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    ap = argparse.ArgumentParser(prog="bimac ground", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac ground",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("image", help="image file")
     ap.add_argument("caption", help="caption whose nouns are located")
     ap.add_argument("--checkpoint", required=True, help="BiMAC export directory")
-    ap.add_argument("--out-dir", default="grounding",
-                    help="folder for the PNGs and grounding.json (default: %(default)s)")
-    ap.add_argument("--nouns", default="auto",
-                    help="spaCy pipeline for nouns: auto (en_core_web_sm if installed, else world), "
-                         "world, or a pipeline name (default: %(default)s)")
-    ap.add_argument("--alpha", type=float, default=0.5,
-                    help="heat-map opacity over the image (default: %(default)s)")
+    ap.add_argument(
+        "--out-dir",
+        default="grounding",
+        help="folder for the PNGs and grounding.json (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--nouns",
+        default="auto",
+        help="spaCy pipeline for nouns: auto (en_core_web_sm if installed, else world), "
+        "world, or a pipeline name (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="heat-map opacity over the image (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     paths = ground(args.checkpoint, args.image, args.caption, args.out_dir, args.nouns, args.alpha)
     for p in paths:

@@ -97,8 +97,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> Path | None:
-    ap = argparse.ArgumentParser(prog="python -m bimac.tools.plots", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bimac.tools.plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("run_dir", help="a run's train.output_dir (holds metrics.jsonl)")
     ap.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/training_curves.png)")
     args = ap.parse_args(argv)

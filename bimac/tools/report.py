@@ -84,9 +84,19 @@ def _dataset(rec: dict, parents: list[dict]) -> str:
 
 def gather(run_dirs: list[Path]) -> dict[str, list]:
     """Rows of every table, from every run directory."""
-    out: dict[str, list] = {k: [] for k in
-                            ("train", "retrieval", "caption", "classification", "probe",
-                             "bengali", "other", "plots")}
+    out: dict[str, list] = {
+        k: []
+        for k in (
+            "train",
+            "retrieval",
+            "caption",
+            "classification",
+            "probe",
+            "bengali",
+            "other",
+            "plots",
+        )
+    }
     for run in run_dirs:
         summaries, evals, logs = find_files(run)
         for s in summaries:
@@ -94,8 +104,18 @@ def gather(run_dirs: list[Path]) -> dict[str, list]:
             wall, samples = d.get("wall_s"), d.get("samples")
             rate = samples / wall if wall and samples else None
             losses = ", ".join(f"{k} {v:.3f}" for k, v in (d.get("final_losses") or {}).items())
-            out["train"].append([_label(s.parent, run.parent, ()), d.get("status"), d.get("step"),
-                                 samples, d.get("final_loss"), losses or "-", wall, rate])
+            out["train"].append(
+                [
+                    _label(s.parent, run.parent, ()),
+                    d.get("status"),
+                    d.get("step"),
+                    samples,
+                    d.get("final_loss"),
+                    losses or "-",
+                    wall,
+                    rate,
+                ]
+            )
         for f in evals:
             try:
                 data = json.loads(f.read_text())
@@ -126,15 +146,25 @@ def _classify(out: dict, file: Path, base: Path, data: Any) -> None:
             row += [coco.get(k) for k, _ in CAPTION] + [nocaps.get(k) for k, _ in CAPTION]
             out["caption"].append(row)
         elif "top1" in rec:
-            out["classification"].append([label, _dataset(rec, parents), rec["top1"],
-                                          rec.get("top5"), rec.get("mean_per_class_recall")])
+            out["classification"].append(
+                [
+                    label,
+                    _dataset(rec, parents),
+                    rec["top1"],
+                    rec.get("top5"),
+                    rec.get("mean_per_class_recall"),
+                ]
+            )
         elif all(k in rec for k in PROBE):
             out["probe"].append([label, _dataset(rec, parents), *(rec[k] for k in PROBE)])
         elif "BLEU-1" in rec and "CIDEr-D" not in rec:
             out["bengali"].append([label, *(rec.get(k) for k in BENGALI)])
         elif not path and not any(isinstance(v, dict) for v in rec.values()):
-            nums = {k: v for k, v in rec.items() if isinstance(v, (int, float))
-                    and not isinstance(v, bool)}
+            nums = {
+                k: v
+                for k, v in rec.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             if nums:
                 out["other"].append([label, ", ".join(f"{k} {_fmt(v)}" for k, v in nums.items())])
 
@@ -146,18 +176,45 @@ def render(run_dirs: list[Path], out_file: Path) -> str:
     rows = gather(run_dirs)
     parts = ["# Results", "", "Runs: " + ", ".join(f"`{r}`" for r in run_dirs), ""]
     sections = [
-        ("Training runs", ["run", "status", "steps", "samples", "final loss",
-                           "final loss terms", "wall s", "samples/s"], "train"),
-        ("Image-text retrieval (as BiMAC Table 1)",
-         ["run", "data", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10"],
-         "retrieval"),
-        ("Captioning (as BiMAC Table 2)",
-         ["run", "data", *(f"COCO {n}" for _, n in CAPTION), *(f"NoCaps {n}" for _, n in CAPTION)],
-         "caption"),
-        ("Classification (as BiMAC Table 3; top-1 %)",
-         ["run", "data", "top-1", "top-5", "mean per-class recall"], "classification"),
-        ("Compositional probe (as BiMAC Table 4, Winoground scores)",
-         ["run", "data", "text", "image", "group"], "probe"),
+        (
+            "Training runs",
+            [
+                "run",
+                "status",
+                "steps",
+                "samples",
+                "final loss",
+                "final loss terms",
+                "wall s",
+                "samples/s",
+            ],
+            "train",
+        ),
+        (
+            "Image-text retrieval (as BiMAC Table 1)",
+            ["run", "data", "I→T R@1", "I→T R@5", "I→T R@10", "T→I R@1", "T→I R@5", "T→I R@10"],
+            "retrieval",
+        ),
+        (
+            "Captioning (as BiMAC Table 2)",
+            [
+                "run",
+                "data",
+                *(f"COCO {n}" for _, n in CAPTION),
+                *(f"NoCaps {n}" for _, n in CAPTION),
+            ],
+            "caption",
+        ),
+        (
+            "Classification (as BiMAC Table 3; top-1 %)",
+            ["run", "data", "top-1", "top-5", "mean per-class recall"],
+            "classification",
+        ),
+        (
+            "Compositional probe (as BiMAC Table 4, Winoground scores)",
+            ["run", "data", "text", "image", "group"],
+            "probe",
+        ),
         ("Bengali captioning (as PAL's table)", ["run", *BENGALI], "bengali"),
         ("Other numbers", ["file", "values"], "other"),
     ]
@@ -177,11 +234,17 @@ def render(run_dirs: list[Path], out_file: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    ap = argparse.ArgumentParser(prog="bimac report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("run_dirs", nargs="+", help="run directories (train.output_dir of any stage)")
-    ap.add_argument("--out", default="report.md",
-                    help="markdown file; plots go to <stem>_plots/ beside it (default: %(default)s)")
+    ap.add_argument(
+        "--out",
+        default="report.md",
+        help="markdown file; plots go to <stem>_plots/ beside it (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     dirs = [Path(d) for d in args.run_dirs]
     missing = [d for d in dirs if not d.is_dir()]

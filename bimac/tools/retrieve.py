@@ -1,6 +1,6 @@
 """Text-to-image search over a folder: rank images by cosine similarity to a query.
 
-    bimac retrieve --checkpoint DIR --images DIR --query "a red circle left of a blue square" [--top 5]
+bimac retrieve --checkpoint DIR --images DIR --query "a red circle left of a blue square" [--top 5]
 """
 
 from __future__ import annotations
@@ -16,8 +16,13 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @torch.no_grad()
-def retrieve(checkpoint: str | Path, image_dir: str | Path, queries: list[str],
-             top: int = 5, batch_size: int = 64) -> list[list[tuple[str, float]]]:
+def retrieve(
+    checkpoint: str | Path,
+    image_dir: str | Path,
+    queries: list[str],
+    top: int = 5,
+    batch_size: int = 64,
+) -> list[list[tuple[str, float]]]:
     """Per query, the ``top`` (image path, cosine similarity) pairs, best first."""
     from bimac.eval.common import bimac_encoder, embed_images, embed_texts
 
@@ -25,20 +30,30 @@ def retrieve(checkpoint: str | Path, image_dir: str | Path, queries: list[str],
     if not paths:
         raise FileNotFoundError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     enc = bimac_encoder(checkpoint)
-    sims = embed_texts(enc, queries, batch_size) @ embed_images(enc, paths, batch_size, len(paths)).T
+    sims = (
+        embed_texts(enc, queries, batch_size) @ embed_images(enc, paths, batch_size, len(paths)).T
+    )
     best = sims.topk(min(top, len(paths)), dim=1)
-    return [[(str(paths[i]), float(v)) for v, i in zip(vals, idx)]
-            for vals, idx in zip(best.values, best.indices)]
+    return [
+        [(str(paths[i]), float(v)) for v, i in zip(vals, idx)]
+        for vals, idx in zip(best.values, best.indices)
+    ]
 
 
 def main(argv: list[str] | None = None) -> list:
-    ap = argparse.ArgumentParser(prog="bimac retrieve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="bimac retrieve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--checkpoint", required=True, help="BiMAC export directory")
     ap.add_argument("--images", required=True, help="folder searched recursively for images")
-    ap.add_argument("--query", required=True, action="append",
-                    help="text query; repeat for several")
-    ap.add_argument("--top", type=int, default=5, help="images shown per query (default: %(default)s)")
+    ap.add_argument(
+        "--query", required=True, action="append", help="text query; repeat for several"
+    )
+    ap.add_argument(
+        "--top", type=int, default=5, help="images shown per query (default: %(default)s)"
+    )
     ap.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
