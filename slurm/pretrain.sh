@@ -15,7 +15,7 @@
 #SBATCH --signal=USR1@120
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --output=%x-%j.out
 
 set -euo pipefail
 
@@ -55,7 +55,6 @@ print(master_host(sys.argv[1]))' "$SLURM_JOB_NODELIST")
     # a port per job, so two jobs sharing a node do not collide
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
     export MASTER_ADDR MASTER_PORT
-    mkdir -p logs
     # each srun task maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID to RANK/WORLD_SIZE/LOCAL_RANK
     # (bimac.engine.distributed; MASTER_ADDR/PORT are exported above and srun passes the
     # environment on); USR1 reaches every task, rank 0 requeues after the save.

@@ -98,3 +98,19 @@ def test_bertscore_local_tiny_model_unrescaled(tmp_path):
     assert out["rescaled"] is False and out["note"].startswith("unrescaled")
     with pytest.raises(ValueError, match="layer"):
         bertscore(["a"], [["a"]], lang="bn", model=tmp_path)
+
+
+@needs_java
+def test_ptb_tokenize_equals_pycocoevalcap_without_writing_into_the_package():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from bimac.metrics.text import _pycocoevalcap_dir, ptb_tokenize
+
+    sentences = ["A man's dog, running -- fast!", "Two (red) cats sit on the mat.", ""]
+    package = _pycocoevalcap_dir() / "tokenizer"
+    before = set(package.iterdir())
+    ours = ptb_tokenize(sentences)
+    assert set(package.iterdir()) == before
+    theirs = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(sentences)})
+    assert ours == [theirs[i][0] for i in range(len(sentences))]
+    assert ours[0] == "a man 's dog running fast"

@@ -307,3 +307,16 @@ def test_table6_presets_only_change_lambda_git():
             REPO / f"configs/pretrain/ablations/lambda_git_{lam}.yaml"
         ).objectives
         assert sweep == dataclasses.replace(full, lambda_git=lam)
+
+
+def test_open_clip_checkpoint_file_loads_into_the_towers(tmp_path):
+    torch.manual_seed(0)
+    source = BiMAC(SMALL)
+    path = tmp_path / "coca.pt"
+    torch.save(source.coca.state_dict(), path)  # an open_clip checkpoint file of these shapes
+    torch.manual_seed(1)
+    loaded = BiMAC(dataclasses.replace(SMALL, pretrained=str(path)))
+    for (name, a), b in zip(source.coca.state_dict().items(), loaded.coca.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ConfigError, match="neither a file nor an open_clip tag"):
+        BiMAC(dataclasses.replace(SMALL, pretrained="no_such_tag"))

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +56,10 @@ def test_tiny_training_lowers_every_loss_and_raises_pointing_game(world):
     tok, batches = world
     train, held_out = batches[:10], batches[10:]
     torch.manual_seed(0)
-    model_cfg = load_model_config("configs/model/tiny.yaml", [f"vocab_size={tok.vocab_size}"])
+    model_cfg = load_model_config(
+        Path(__file__).resolve().parents[1] / "configs/model/tiny.yaml",
+        [f"vocab_size={tok.vocab_size}"],
+    )
     corpus = [
         [[t for t in row if t not in (tok.bos_id, tok.eos_id, tok.pad_id)]]
         for b in train

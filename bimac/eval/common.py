@@ -80,8 +80,12 @@ def open_clip_encoder(name: str, pretrained: str | None, device: str = "cpu") ->
     tok = open_clip.get_tokenizer(name)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    mean = torch.tensor(model.visual.image_mean or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(model.visual.image_std or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(
+        getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    ).view(1, 3, 1, 1)
+    std = torch.tensor(
+        getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    ).view(1, 3, 1, 1)
 
     def images(x: torch.Tensor) -> torch.Tensor:
         pixels = ((x.float() / 255.0 - mean) / std).to(device)
