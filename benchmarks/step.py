@@ -39,7 +39,9 @@ def make_batch(cfg: BiMACConfig, b: int, nouns: int = 8, seed: int = 0) -> dict:
     used = torch.randint(1, 5, (b, 1), generator=g)
     mask = torch.arange(nouns).unsqueeze(0) < used
     return {
-        "image": torch.randint(0, 256, (b, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8),
+        "image": torch.randint(
+            0, 256, (b, 3, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8
+        ),
         "text": text,
         "noun_spans": spans,
         "noun_mask": mask,
@@ -54,6 +56,19 @@ def timed(fn, steps: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def timed_interleaved(fns, steps: int) -> list[float]:
+    """Median times of several step functions run in turn, so load changes hit them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, out in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def train_step(model, params, loss_fn):
@@ -87,47 +102,72 @@ def main() -> None:
 
     def coca_forward():
         out = model.coca(model.normalize(batch["image"]), batch["text"])
-        clip, cap = coca_loss(out["image_features"], out["text_features"], out["logits"],
-                              out["labels"], out["logit_scale"])
+        clip, cap = coca_loss(
+            out["image_features"],
+            out["text_features"],
+            out["logits"],
+            out["labels"],
+            out["logit_scale"],
+        )
         return clip + cap
 
     coca_params = [p for p in model.coca.parameters() if p.requires_grad]
-    t_coca = timed(train_step(model, coca_params, coca_forward), a.steps)
-    rows.append(("CoCa (open_clip forward + CoCaLoss)", a.batch, t_coca, 1.0))
-
     params = [p for p in model.parameters() if p.requires_grad]
-    t_bimac = timed(train_step(model, params, lambda: sum(task.losses(model, batch)[0].values())), a.steps)
+    t_coca, t_bimac = timed_interleaved(
+        [
+            train_step(model, coca_params, coca_forward),
+            train_step(model, params, lambda: sum(task.losses(model, batch)[0].values())),
+        ],
+        a.steps,
+    )
+    rows.append(("CoCa (open_clip forward + CoCaLoss)", a.batch, t_coca, 1.0))
     rows.append(("BiMAC, no RF (MCL + CG + grounding + L_rec)", a.batch, t_bimac, t_bimac / t_coca))
 
     # RF alone: greedy captions from the decoder memory + CIDEr-D against a training corpus
     corpus = [[row[1:12]] for row in make_batch(cfg, 512, seed=1)["text"].tolist()]
     rf_task = PretrainTask(cfg, ObjectiveConfig(), tokenizer=TOK, reward_corpus=corpus)
     with torch.no_grad():
-        out = model(batch["image"], batch["text"], caption=True, grounding=False, reconstruction=False)
+        out = model(
+            batch["image"], batch["text"], caption=True, grounding=False, reconstruction=False
+        )
     t_rf = timed(lambda: rf_task._reward_weights(model, out, batch, {}), a.steps)
     rows.append(("RF reward alone (greedy decode + CIDEr-D)", a.batch, t_rf, t_rf / t_coca))
-    t_full = timed(train_step(model, params, lambda: sum(rf_task.losses(model, batch)[0].values())), a.steps)
+    t_full = timed(
+        train_step(model, params, lambda: sum(rf_task.losses(model, batch)[0].values())), a.steps
+    )
     rows.append(("BiMAC, full (RF every step)", a.batch, t_full, t_full / t_coca))
 
     # Hungarian share of a batch-256 step
     big = make_batch(cfg, a.hungarian_batch)
     t_big = timed(train_step(model, params, lambda: sum(task.losses(model, big)[0].values())), 2)
     with torch.no_grad():
-        o = model(big["image"], big["text"], big["noun_spans"], big["noun_mask"], caption=False,
-                  reconstruction=False)
+        o = model(
+            big["image"],
+            big["text"],
+            big["noun_spans"],
+            big["noun_mask"],
+            caption=False,
+            reconstruction=False,
+        )
     scores = torch.einsum("bnd,bpd->bnp", o["noun_emb"], o["patch_emb"])
     t_hung = timed(lambda: hungarian_match(scores, big["noun_mask"]), a.steps)
 
-    print(f"Model {a.model}, torch threads {torch.get_num_threads()}, "
-          f"load average at end {os.getloadavg()[0]:.1f}\n")
+    print(
+        f"Model {a.model}, torch threads {torch.get_num_threads()}, "
+        f"load average at end {os.getloadavg()[0]:.1f}\n"
+    )
     print("| step | batch | s / step | × CoCa | samples / s |")
     print("|---|---|---|---|---|")
     for name, b, t, ratio in rows:
         print(f"| {name} | {b} | {t:.3f} | {ratio:.2f} | {b / t:.1f} |")
-    print(f"| BiMAC, no RF | {a.hungarian_batch} | {t_big:.3f} | | {a.hungarian_batch / t_big:.1f} |")
-    print(f"\nHungarian matching at batch {a.hungarian_batch} ({tuple(scores.shape)} scores, SciPy per "
-          f"sample, one CPU transfer): {t_hung * 1e3:.1f} ms = {100 * t_hung / t_big:.1f} % of the step "
-          f"({t_hung / a.hungarian_batch * 1e3:.3f} ms per sample)")
+    print(
+        f"| BiMAC, no RF | {a.hungarian_batch} | {t_big:.3f} | | {a.hungarian_batch / t_big:.1f} |"
+    )
+    print(
+        f"\nHungarian matching at batch {a.hungarian_batch} ({tuple(scores.shape)} scores, SciPy per "
+        f"sample, one CPU transfer): {t_hung * 1e3:.1f} ms = {100 * t_hung / t_big:.1f} % of the step "
+        f"({t_hung / a.hungarian_batch * 1e3:.3f} ms per sample)"
+    )
 
 
 if __name__ == "__main__":

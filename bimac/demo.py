@@ -1,9 +1,14 @@
-"""``make demo``: the main job on the embedded world, ``python -m bimac.demo --out DIR [--bengali]``.
+"""``make demo``: the main job on the embedded world, ``python -m bimac.demo --out DIR``.
 
-Stage 1 (data): render the world's shards for every split (+ the world tokenizer), validate them
-through the trainer's pipeline (``shards.check``), and write a PNG preview grid of images with
-their English and Bengali captions. Each stage is one function so later stages (pretraining,
-evaluation) append to ``main``.
+1. data: render the world's shards for every split (+ the world tokenizer), validate them through
+   the trainer's pipeline (``shards.check``), and write a PNG preview grid of images with their
+   English and Bengali captions;
+2. pretrain: BiMAC ``tiny`` with 2 CPU processes under DeepSpeed ZeRO-2 (gloo), checkpoint and
+   safetensors export (``configs/pretrain/tiny.yaml``);
+3. evaluate: retrieval, zero-shot classification, captioning and the compositional probe on the
+   export, printed as one table.
+
+``--bengali`` also builds the triplet shards for the PAL captioner (``make demo-bn``).
 """
 
 from __future__ import annotations
@@ -126,13 +131,47 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bengali", action="store_true", help="also build the triplet (PAL) shards")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=200, help="pretraining steps (0: data stage only)")
+    p.add_argument("--nproc", type=int, default=2, help="pretraining processes")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    a.out = a.out.resolve()  # the pretraining processes run from the repository root
     a.out.mkdir(parents=True, exist_ok=True)
     patterns = build_world(a.out, a.size, a.seed, a.bengali)
     check_world(a.out, patterns)
     png = preview_grid(a.out / "shards" / "train" / "00000.tar", a.out / "preview.png")
     log.info("data stage done: shards in %s, preview %s", a.out / "shards", png)
+    if a.bengali or a.steps == 0:
+        return
+    export = pretrain(a.out, patterns["train"], a.steps, a.nproc)
+    evaluate(export, a.out / "eval.json")
+
+
+def pretrain(out: Path, train_pattern: str, steps: int, nproc: int) -> Path:
+    """Pretrain ``tiny`` on the world's train split; returns the export directory."""
+    from pretrain import launch_local
+
+    run = out / "pretrain"
+    overrides = [
+        f"data.train_shards={train_pattern}",
+        f"tokenizer.path={out / 'shards' / 'train' / 'tokenizer.json'}",
+        f"train.output_dir={run}",
+        f"train.max_steps={steps}",
+    ]
+    log.info("pretraining tiny BiMAC: %d steps, %d processes, ZeRO-2 on the CPU", steps, nproc)
+    code = launch_local("configs/pretrain/tiny.yaml", overrides, nproc=nproc)
+    if code != 0:
+        raise SystemExit(f"pretraining failed with exit code {code}; its log is above")
+    log.info("checkpoints in %s, export in %s", run / "checkpoints", run / "export")
+    return run / "export"
+
+
+def evaluate(export: Path, out_json: Path) -> None:
+    """Retrieval, zero-shot classification, captioning and probe of ``export``, as one table."""
+    from bimac.eval import world
+
+    world.main(["--checkpoint", str(export), "--out", str(out_json)])
+    log.info("evaluation numbers in %s", out_json)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 import io
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from bimac.models.bimac import BiMAC, load_model_config
-
-# The editable install maps `pretrain` / `finetune` as namespace packages (installed before their
-# __init__.py existed), so `from pretrain import ...` fails unless the checkout is on sys.path;
-# `pip install -e .` or pytest's `pythonpath = ["."]` fixes it for good.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MODEL_YAML = "configs/model/tiny.yaml"
 # a smaller model than configs/model/tiny.yaml: same code paths, a fraction of the CPU time

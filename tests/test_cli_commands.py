@@ -202,3 +202,32 @@ def test_report_lays_out_tables_and_embeds_plots(tmp_path):
     )
     assert "![training curves of run](report_plots/00_run.png)" in text
     assert Image.open(tmp_path / "rep" / "report_plots" / "00_run.png").size[0] > 100
+
+
+def test_caption_reads_a_bengali_pal_export(tmp_path):
+    """`bimac caption` tells a PAL export from a BiMAC one and decodes with mBART (random weights:
+    only the plumbing is checked, not the language)."""
+    import torch
+
+    from bimac.config import load_config
+    from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask
+    from bimac.tools.caption import is_bimac_export
+    from bimac.tools.caption import main as caption
+
+    torch.manual_seed(0)
+    cfg = load_config(CaptionBnConfig, "configs/finetune/caption_bn/tiny.yaml")
+    CaptionBnTask(cfg).build_model().save_pretrained(tmp_path / "pal")
+    assert not is_bimac_export(tmp_path / "pal")
+    image = world_image(tmp_path / "scene.png")
+    caps = caption(
+        [
+            str(image),
+            "--checkpoint",
+            str(tmp_path / "pal"),
+            "--strategy",
+            "greedy",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    assert len(caps) == 1 and isinstance(caps[0], str)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from finetune_fixtures import SMALL, world_shards
 
+from bimac.data import TokenizerConfig
 from bimac.models.bimac import BiMAC, load_model_config
 
 COMMON = [
@@ -197,3 +198,27 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
         torch.set_num_threads(threads)
     print(f"mean CIDEr-D of sampled captions: {before:.3f} -> {after:.3f}")
     assert after > before + 0.05
+
+
+def test_classification_modes_train_the_right_parameters(world):
+    from bimac.tasks.classification import (
+        ClassificationConfig,
+        ClassificationDataConfig,
+        ClassificationTask,
+    )
+
+    _, tok = world
+    for mode in ("linear_probe", "full"):
+        cfg = ClassificationConfig(
+            model=load_model_config("configs/model/tiny.yaml", SMALL), mode=mode,
+            tokenizer=TokenizerConfig(kind="world", path=str(tok), context_length=16),
+            data=ClassificationDataConfig(train="world:cls_shape:4:1", image_size=32),
+        )  # fmt: skip
+        model = ClassificationTask(cfg).build_model()
+        trained = {
+            n.split(".")[0] if n.startswith("head") else ".".join(n.split(".")[:3])
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        }
+        expected = {"head"} if mode == "linear_probe" else {"head", "bimac.coca.visual"}
+        assert trained == expected, mode

@@ -83,6 +83,12 @@ def test_sinkhorn_masked_patches_receive_no_mass_and_match_pot_on_support():
     # The gradient w.r.t. the cost of an unrolled solver is the plan plus the implicit part;
     # rows/columns without mass carry no plan, so their cost entries get exactly zero gradient.
     assert (grad[:, -2:, :] == 0).all() and (grad[:, :, :1] == 0).all()
+    # The envelope gradient is the plan itself: dropped patches send and receive exactly zero.
+    cost.grad = None
+    sinkhorn_ot(cost, a, b, EPS, ITERS, grad_mode="envelope").sum().backward()
+    plan = cost.grad
+    assert (plan[:, -2:, :] == 0).all() and (plan[:, :, :1] == 0).all()
+    torch.testing.assert_close(plan.sum(2), a)  # row marginals: the masses, zeros included
 
 
 def test_sinkhorn_all_masked_sample_gives_zero_not_nan():

@@ -33,6 +33,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from bimac.config import ConfigError
 from bimac.data.tokenizer import Tokenizer, token_spans
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ REASONS = (
     "tar_format",  # other tar-level errors (e.g. duplicate member names)
     "missing_image",
     "bad_image",  # unreadable or truncated image
+    "image_too_large",  # header claims more than PIL's MAX_IMAGE_PIXELS: refused before decoding
     "missing_caption",
     "empty_caption",
     "bad_caption_encoding",  # caption is not UTF-8
@@ -73,6 +75,20 @@ class DataConfig:
     noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
     spacy_pipeline: str = "en_core_web_sm"
     drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+
+
+def check_spacy_pipeline(cfg: DataConfig) -> None:
+    """With ``noun_source: spacy``, fail now if the pipeline is not installed, rather than in the
+    first DataLoader worker that meets a caption without nouns."""
+    name = cfg.spacy_pipeline
+    if cfg.noun_source != "spacy" or name == "world" or Path(name).exists():
+        return
+    import importlib.util
+
+    from bimac.data.text import INSTALL_HINT
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError("data.spacy_pipeline: " + INSTALL_HINT.format(name=name))
 
 
 class SkipCounter:
@@ -185,7 +201,11 @@ def _worker() -> tuple[int, int]:
 
 def _decode_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """PIL decode, shortest side -> ``size`` (bicubic, like open_clip), centre crop; uint8 HWC."""
-    img = Image.open(io.BytesIO(data))
+    img = Image.open(io.BytesIO(data))  # reads the header only
+    if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL itself only warns up to 2x this
+        raise Image.DecompressionBombError(
+            f"{img.width}x{img.height} pixels > Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
+        )
     img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is large
     img = img.convert("RGB")
     w, h = img.size
@@ -232,6 +252,7 @@ class ShardDataset(IterableDataset):
         self.counter = counter or SkipCounter()
         if cfg.caption_lang == "bn" and cfg.noun_source == "spacy":
             raise ValueError("noun_source=spacy extracts English nouns; use json or none for bn")
+        check_spacy_pipeline(cfg)
         if cfg.resampled and cfg.epoch_samples <= 0:
             raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
         if not cfg.resampled and len(self.urls) < self.world_size:
@@ -396,6 +417,8 @@ class ShardDataset(IterableDataset):
             nouns = meta["nouns"][meta["captions_en"].index(text)]
         try:
             image, (w, h) = _decode_image(sample[img_key], cfg.image_size)
+        except Image.DecompressionBombError as exn:
+            return self.counter.add("image_too_large", f"{key}: {exn}")
         except Exception as exn:  # PIL raises many types for broken files
             return self.counter.add("bad_image", f"{key}: {exn!r}")
         out = {"image": image, "text": text, "sample_id": key}

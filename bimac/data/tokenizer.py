@@ -21,6 +21,8 @@ from typing import Literal, Protocol
 
 import torch
 
+from bimac.config import ConfigError
+
 log = logging.getLogger(__name__)
 Offsets = list[list[tuple[int, int]]]
 
@@ -60,7 +62,21 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
             )
         return HFTokenizer.from_file(cfg.path, cfg.context_length)
     if cfg.kind == "open_clip":
-        return OpenCLIPTokenizer(cfg.name or "ViT-B-32", cfg.context_length)
+        import open_clip
+
+        name = cfg.name or "ViT-B-32"
+        # open_clip falls back to CLIP BPE with only a warning for a name it does not know
+        if not name.startswith("hf-hub:") and name not in open_clip.list_models():
+            raise ConfigError(
+                f"tokenizer.name={name!r} is not an open_clip model; use one of "
+                "open_clip.list_models() (e.g. coca_ViT-B-32) or hf-hub:ORG/NAME"
+            )
+        return OpenCLIPTokenizer(name, cfg.context_length)
+    if not cfg.name:
+        raise ConfigError(
+            "tokenizer.name is empty: set a transformers hub id or local tokenizer directory "
+            "(e.g. facebook/mbart-large-50)"
+        )
     return TransformersTokenizer(cfg.name, cfg.context_length, cfg.lang)
 
 

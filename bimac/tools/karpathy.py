@@ -50,8 +50,13 @@ def shard_samples(items: list[dict], image_dir: str | Path, skipped: dict) -> It
             skipped["empty_caption"] = skipped.get("empty_caption", 0) + 1
             continue
         image_id = item.get("cocoid", item.get("imgid", n))
-        meta = {"captions_en": caps, "nouns": [[] for _ in caps], "split": item["split"],
-                "file": _relpath(item), "image_id": image_id}
+        meta = {
+            "captions_en": caps,
+            "nouns": [[] for _ in caps],
+            "split": item["split"],
+            "file": _relpath(item),
+            "image_id": image_id,
+        }
         yield {"__key__": f"{n:09d}", "jpg": file.read_bytes(), "txt": caps[0], "json": meta}
 
 
@@ -62,21 +67,30 @@ def coco_captions(items: list[dict]) -> dict:
         image_id = item.get("cocoid", item.get("imgid", n))
         images.append({"id": image_id, "file_name": _relpath(item)})
         for s in item["sentences"]:
-            annotations.append({"id": len(annotations), "image_id": image_id,
-                                "caption": s["raw"].strip()})
+            annotations.append(
+                {"id": len(annotations), "image_id": image_id, "caption": s["raw"].strip()}
+            )
     return {"images": images, "annotations": annotations}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bimac.tools.karpathy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bimac.tools.karpathy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--json", required=True, help="Karpathy JSON (dataset_coco.json, ...)")
     ap.add_argument("--images", default="", help="image root (files at ROOT/filepath/filename)")
-    ap.add_argument("--split", default="train",
-                    help="comma-separated Karpathy splits (default: %(default)s)")
+    ap.add_argument(
+        "--split", default="train", help="comma-separated Karpathy splits (default: %(default)s)"
+    )
     ap.add_argument("--out", default=None, help="write shards here")
-    ap.add_argument("--shard-size", type=int, default=1000, help="images per tar (default: %(default)s)")
-    ap.add_argument("--coco-json", default=None, help="write COCO-format captions of the split here")
+    ap.add_argument(
+        "--shard-size", type=int, default=1000, help="images per tar (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--coco-json", default=None, help="write COCO-format captions of the split here"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     if not (args.out or args.coco_json):
@@ -89,8 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         from bimac.data.writer import write_shards
 
-        tars = write_shards(shard_samples(items, args.images, report["skipped"]), args.out,
-                            args.shard_size, total=len(items))
+        tars = write_shards(
+            shard_samples(items, args.images, report["skipped"]),
+            args.out,
+            args.shard_size,
+            total=len(items),
+        )
         report["shards"] = [str(t) for t in tars]
     print(json.dumps({k: v for k, v in report.items() if k != "shards"}))
     return report
