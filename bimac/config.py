@@ -1,7 +1,9 @@
 """Typed configs: dataclasses loaded from YAML, with ``key=value`` overrides from the command line.
 
 Every experiment config is a tree of dataclasses. ``load_config(Cls, "configs/x.yaml", ["a.b=3"])``
-reads the YAML (following an optional ``_base_: other.yaml`` chain, paths relative to the file),
+reads the YAML (following an optional ``_base_: other.yaml`` chain, paths relative to the file;
+a section typed as a dataclass may also be a path to its own YAML file, or
+``{_base_: path.yaml, key: value}``),
 applies the dotted overrides, and builds ``Cls`` strictly: an unknown key or a value of the wrong
 type is a one-line :class:`ConfigError` that names the key and what it accepts, raised before any
 model or data is touched.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -150,7 +153,7 @@ def config_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _read_yaml(path: Path, cls: type | None = None, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"_base_ cycle through {path}")
@@ -159,10 +162,35 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    data = _expand_sections(data, cls, path.parent)
     base = data.pop("_base_", None)
     if base is None:
         return data
-    return merge(_read_yaml(path.parent / base, (*seen, path)), data)
+    return merge(_read_yaml(path.parent / base, cls, (*seen, path)), data)
+
+
+def _expand_sections(data: dict[str, Any], cls: type | None, folder: Path) -> dict[str, Any]:
+    """A dataclass-typed section given as ``path.yaml`` or ``{_base_: path.yaml, key: value}``
+    is read from that file (relative to ``folder``), so experiments share data/model files."""
+    if cls is None or not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for name, value in data.items():
+        section_cls = hints.get(name)
+        if not (isinstance(section_cls, type) and dataclasses.is_dataclass(section_cls)):
+            continue
+        if isinstance(value, str):
+            value = {"_base_": value}
+        if isinstance(value, dict) and "_base_" in value:
+            value = dict(value)
+            file = folder / value.pop("_base_")
+            out[name] = merge(
+                _read_yaml(file, section_cls), _expand_sections(value, section_cls, folder)
+            )
+        elif isinstance(value, dict):
+            out[name] = _expand_sections(value, section_cls, folder)
+    return out
 
 
 def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -184,13 +212,26 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _parse_value(raw)
     return tree
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _parse_value(raw: str) -> Any:
+    """YAML scalar, except that ``1e-3`` is a float (YAML 1.1 reads it as a string)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _SCIENTIFIC.match(value):
+        return float(value)
+    return value
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
     """YAML file (optional) + dotted overrides -> a validated ``cls`` instance."""
-    data = _read_yaml(Path(path)) if path else {}
+    data = _read_yaml(Path(path), cls) if path else {}
     return from_dict(cls, merge(data, parse_overrides(list(overrides))))
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from bimac.config import load_config
 from bimac.tasks.caption import CaptionConfig, CaptionTask
-from finetune.common import load_experiment, parser, setup_logging, write_results
+from finetune.common import parser, setup_logging, write_results
 
 
 def score_export(export: str | Path, cfg: CaptionConfig, annotations: str, images: str) -> dict:
@@ -107,7 +108,7 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parser("python -m finetune.caption", __doc__).parse_args(argv)
     setup_logging()
-    return run(load_experiment(CaptionConfig, args.config, args.overrides), args.eval_only)
+    return run(load_config(CaptionConfig, args.config, args.overrides), args.eval_only)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from bimac.config import load_config
 from bimac.tasks.classification import (
     ClassificationConfig,
     ClassificationTask,
@@ -25,7 +26,6 @@ from bimac.tasks.classification import (
 from finetune.common import (
     bimac_encoder_of,
     fresh_model,
-    load_experiment,
     parser,
     setup_logging,
     write_results,
@@ -89,7 +89,7 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parser("python -m finetune.classification", __doc__).parse_args(argv)
     setup_logging()
-    return run(load_experiment(ClassificationConfig, args.config, args.overrides), args.eval_only)
+    return run(load_config(ClassificationConfig, args.config, args.overrides), args.eval_only)
 
 
 if __name__ == "__main__":

@@ -7,23 +7,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-
-from bimac.config import from_dict, merge, parse_overrides
-
-T = TypeVar("T")
-
-
-def load_experiment(cls: type[T], path: str | Path, overrides: list[str] = ()) -> T:
-    """Experiment YAML (``_base_`` chains; ``data``/``model``/``train``/``tokenizer`` sections may
-    name a YAML file, as in the pretraining configs) + ``key=value`` overrides -> ``cls``."""
-    from pretrain import _read_experiment_yaml
-
-    return from_dict(
-        cls, merge(_read_experiment_yaml(Path(path)), parse_overrides(list(overrides)))
-    )
 
 
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:

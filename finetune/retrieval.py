@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bimac.config import load_config
 from bimac.tasks.retrieval import RetrievalConfig, RetrievalTask
 from finetune.common import (
     bimac_encoder_of,
     fresh_model,
-    load_experiment,
     parser,
     setup_logging,
     write_results,
@@ -76,7 +76,7 @@ def _finish(cfg: RetrievalConfig, rank: int, results: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parser("python -m finetune.retrieval", __doc__).parse_args(argv)
     setup_logging()
-    return run(load_experiment(RetrievalConfig, args.config, args.overrides), args.eval_only)
+    return run(load_config(RetrievalConfig, args.config, args.overrides), args.eval_only)
 
 
 if __name__ == "__main__":

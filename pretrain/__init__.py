@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bimac.config import ConfigError, from_dict, merge, parse_overrides
+from bimac.config import ConfigError, load_config
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
 from bimac.engine import TrainConfig, TrainResult, train
 from bimac.models.bimac import BiMACConfig
@@ -30,8 +28,6 @@ from bimac.tasks import ObjectiveConfig, PretrainTask
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-
-SECTIONS = ("data", "model", "objectives", "train", "tokenizer")
 
 
 @dataclass
@@ -43,36 +39,9 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _read_experiment_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """YAML with ``_base_`` chains and sections given as paths, expanded relative to each file."""
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"_base_ cycle through {path}")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for name in SECTIONS:
-        section = data.get(name)
-        if isinstance(section, str):
-            section = {"_base_": section}
-        if isinstance(section, dict) and "_base_" in section:
-            file = path.parent / section.pop("_base_")
-            if not file.is_file():
-                raise ConfigError(f"{path}: section {name}: {file} does not exist")
-            data[name] = merge(yaml.safe_load(file.read_text()) or {}, section)
-    base = data.pop("_base_", None)
-    if base is None:
-        return data
-    return merge(_read_experiment_yaml(path.parent / base, (*seen, path)), data)
-
-
 def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
     """Experiment YAML + ``section.key=value`` overrides -> a checked :class:`PretrainConfig`."""
-    data = _read_experiment_yaml(Path(path)) if path else {}
-    cfg = from_dict(PretrainConfig, merge(data, parse_overrides(list(overrides))))
-    return check_consistency(cfg)
+    return check_consistency(load_config(PretrainConfig, path, overrides))
 
 
 def check_consistency(cfg: PretrainConfig) -> PretrainConfig:

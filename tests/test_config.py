@@ -57,3 +57,24 @@ def test_hash_changes_with_values():
     assert config_hash(Outer()) == config_hash(Outer())
     assert config_hash(Outer()) != config_hash(Outer(name="y"))
     assert parse_overrides(["a.b=3", "a.c=x"]) == {"a": {"b": 3, "c": "x"}}
+
+
+@dataclass
+class Experiment:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_section_from_its_own_file(tmp_path):
+    (tmp_path / "inner.yaml").write_text("width: 5\nmode: b\n")
+    (tmp_path / "a.yaml").write_text("name: inner.yaml\ninner: inner.yaml\n")  # a str field stays
+    (tmp_path / "b.yaml").write_text("inner:\n  _base_: inner.yaml\n  width: 7\n")
+    assert load_config(Experiment, tmp_path / "a.yaml") == Experiment(
+        "inner.yaml", Inner(5, mode="b")
+    )
+    assert load_config(Experiment, tmp_path / "b.yaml").inner == Inner(7, mode="b")
+
+
+def test_scientific_override_is_a_float():
+    assert load_config(Inner, None, ["lr=1e-3"]).lr == 1e-3
+    assert parse_overrides(["x=nan-ish"]) == {"x": "nan-ish"}

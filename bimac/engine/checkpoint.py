@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step\d{8}$")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); ``latest`` is unchanged."""
+
+
 def tag_for_step(step: int) -> str:
     return f"step{step:08d}"
 
@@ -83,10 +87,19 @@ def save_checkpoint(
     ckpt_root = Path(ckpt_root)
     tag = tag_for_step(step)
     rank = dist.get_rank()
-    engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client_state, save_latest=False)
-    rng_dir = ckpt_root / tag / "rng"
-    rng_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), rng_dir / f"rank{rank}.pt")
+    try:
+        engine.save_checkpoint(
+            str(ckpt_root), tag=tag, client_state=client_state, save_latest=False
+        )
+        rng_dir = ckpt_root / tag / "rng"
+        rng_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), rng_dir / f"rank{rank}.pt")
+    except OSError as err:  # e.g. ENOSPC: this rank exits, the launcher stops the others
+        raise CheckpointSaveError(
+            f"rank {rank} could not write checkpoint {ckpt_root / tag}: {err}; `latest` still "
+            f"names {latest_tag(ckpt_root) or 'no checkpoint'}, which is intact. Free space "
+            f"under {ckpt_root} (or lower train.keep_last) and restart: the run resumes from it"
+        ) from err
     dist.barrier()  # every rank's shards and RNG file are on disk before `latest` moves
     if rank == 0:
         _write_atomic(ckpt_root / "latest", tag)

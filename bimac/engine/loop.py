@@ -411,6 +411,7 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
         "final_losses": _mean_dicts([r["losses"] for r in tail]),
         "final_metrics": _mean_dicts([r["metrics"] for r in tail]),
         "skipped": dict(skipped),
+        "data_skipped": _gather_skip_counts(task),  # the loader's skipped samples by reason
         "checkpoint": str(last_saved) if last_saved else None,
         "export": str(export_dir) if export_dir else None,
     }
