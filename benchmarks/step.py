@@ -89,7 +89,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--hungarian-batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = load_model_config(a.model)
     batch = make_batch(cfg, a.batch)

@@ -180,9 +180,8 @@ def test_run_logger_writes_metrics_and_summary(tmp_path):
            "grad_norm": 1.0, "skipped": {}}  # fmt: skip
     log.log_step(rec, samples_per_s=10.0)
     log.finish({"status": "completed", "step": 1})
-    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
-        rec
-    ]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{**rec, "samples_per_s": 10.0}]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["run_name"] == tmp_path.name
     assert len(summary["git_commit"]) in (40, len("unknown"))

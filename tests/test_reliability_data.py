@@ -15,11 +15,6 @@ from collections import Counter
 
 import pytest
 from PIL import ImageFile
-
-from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.synthetic import make_sample
-from bimac.data.tokenizer import save_world_tokenizer
-from bimac.data.writer import write_shards
 from reliability_faults import (
     BOMB_SIDE,
     SAMPLE_FAULTS,
@@ -28,6 +23,11 @@ from reliability_faults import (
     truncate_shard,
     write_faulty_shards,
 )
+
+from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.synthetic import make_sample
+from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.writer import write_shards
 
 
 @pytest.fixture(scope="module")

@@ -408,12 +408,14 @@ class ShardDataset(IterableDataset):
             caps = meta["captions_bn"] if cfg.caption_lang == "bn" else meta["captions_en"]
             i = rng.randrange(len(caps)) if cfg.random_caption else 0
             text = caps[i]
-            nouns = (meta["nouns_bn"] if cfg.caption_lang == "bn" else meta["nouns"])[i]
+            # world shards carry nouns per caption; other JSON falls back to the noun extractor
+            noun_lists = meta.get("nouns_bn" if cfg.caption_lang == "bn" else "nouns")
+            nouns = noun_lists[i] if noun_lists else None
         elif cfg.caption_lang == "bn":
             if not text_bn:
                 return self.counter.add("missing_bn_caption", key)
             text = text_bn
-        if triplet and text in meta.get("captions_en", []):  # world triplets: nouns of en.txt
+        if triplet and "nouns" in meta and text in meta.get("captions_en", []):  # world triplets
             nouns = meta["nouns"][meta["captions_en"].index(text)]
         try:
             image, (w, h) = _decode_image(sample[img_key], cfg.image_size)

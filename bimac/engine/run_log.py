@@ -76,7 +76,7 @@ class RunLogger:
     def log_step(self, record: dict[str, Any], samples_per_s: float) -> None:
         if not self.active:
             return
-        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.write(json.dumps({**record, "samples_per_s": samples_per_s}) + "\n")
         step = record["step"]
         if self.pbar is not None:
             self.pbar.update(1)
