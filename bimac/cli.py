@@ -2,7 +2,7 @@
 
     bimac pretrain --config configs/pretrain/tiny.yaml [key=value ...]
     bimac finetune retrieval|caption|classification|caption_bn --config ... [key=value ...]
-    bimac eval retrieval|classification|captioning|probe ...
+    bimac eval retrieval|classification|captioning|probe|world ...
     bimac caption IMG... --checkpoint DIR          (English BiMAC or Bengali PAL export)
     bimac classify IMG... --checkpoint DIR --labels a,b,c
     bimac retrieve --checkpoint DIR --images DIR --query "..."
@@ -25,7 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "finetune.{}",
         "a fine-tuning stage: retrieval, caption, classification, caption_bn",
     ),
-    "eval": ("bimac.eval.{}", "evaluation: retrieval, classification, captioning, probe"),
+    "eval": (
+        "bimac.eval.{}",
+        "evaluation: retrieval, classification, captioning, probe, world (all four, embedded world)",
+    ),
     "caption": ("bimac.tools.caption", "caption images (English BiMAC or Bengali PAL export)"),
     "classify": ("bimac.tools.classify", "zero-shot (--labels) or fine-tuned-head classification"),
     "retrieve": ("bimac.tools.retrieve", "text-to-image search over a folder"),
@@ -35,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 STAGES = {
     "finetune": ("retrieval", "caption", "classification", "caption_bn"),
-    "eval": ("retrieval", "classification", "captioning", "probe"),
+    "eval": ("retrieval", "classification", "captioning", "probe", "world"),
 }
 
 

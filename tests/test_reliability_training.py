@@ -65,8 +65,9 @@ class UnevenTask(RecordingTask):
 
 def scenario_dies(out: Path) -> dict:
     from bimac.engine import train
+    from bimac.engine.distributed import init_distributed
 
-    rank = torch.distributed.get_rank()
+    rank, _ = init_distributed()
     task = RecordingTask(out / f"seen_dies_rank{rank}.jsonl", die_call=KILL_CALL if rank else -1)
     train(task, _cfg(out / "dies", save_every_steps=2, max_steps=8))
     return {"error": "rank 1 did not die"}
@@ -83,8 +84,9 @@ def _raises(fn) -> str:
 def scenario_after(out: Path, shards: str) -> dict:
     from bimac.engine import train
     from bimac.engine.checkpoint import latest_tag
+    from bimac.engine.distributed import init_distributed
 
-    rank = torch.distributed.get_rank()
+    rank, _ = init_distributed()
     res = {}
     # restart after the death: resume=auto finds `latest` and finishes the 8 steps
     r = train(RecordingTask(out / f"seen_after_rank{rank}.jsonl"), _cfg(out / "dies",
