@@ -73,6 +73,26 @@ def scenario_dies(out: Path) -> dict:
     return {"error": "rank 1 did not die"}
 
 
+def scenario_full_one_rank(out: Path) -> dict:
+    """Only rank 0's disk fills up at the step-4 save; rank 1 is left inside DeepSpeed's save."""
+    from bimac.engine import train
+    from bimac.engine.distributed import init_distributed
+
+    rank, _ = init_distributed()
+    task = RecordingTask()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if rank == 0 and task.calls >= 8:
+            Path(out / "full_at").write_text(str(time.time()))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *a, **k)
+
+    torch.save = full_disk
+    train(task, _cfg(out / "full1", save_every_steps=2, max_steps=6))
+    return {"error": "the save did not fail"}
+
+
 def _raises(fn) -> str:
     try:
         fn()
@@ -102,8 +122,11 @@ def scenario_after(out: Path, shards: str) -> dict:
     r = train(RecordingTask(nan_grad_calls=(3, 4) if rank else ()), _cfg(out / "g1", max_steps=4))
     res["nan_grad_once"] = {"applied": [h["applied"] for h in r.history],
                             "skipped": r.summary["skipped"]}  # fmt: skip
-    res["nan_grad_always"] = _raises(lambda: train(
-        RecordingTask(nan_grad_calls=range(100)), _cfg(out / "g2", max_consecutive_nonfinite=3)))
+    res["nan_grad_always"] = _raises(
+        lambda: train(
+            RecordingTask(nan_grad_calls=range(100)), _cfg(out / "g2", max_consecutive_nonfinite=3)
+        )
+    )
 
     # disk full at the step-4 save, on every rank (a shared filesystem fills up for all)
     task = RecordingTask()
@@ -156,7 +179,11 @@ def scenario_after(out: Path, shards: str) -> dict:
     return res
 
 
-SCENARIOS = {"dies": scenario_dies, "after": scenario_after}
+SCENARIOS = {
+    "dies": scenario_dies,
+    "after": scenario_after,
+    "full_one_rank": scenario_full_one_rank,
+}
 
 
 def _launch(out: Path, scenario: str, *args: str, timeout: int = 400):
@@ -181,13 +208,18 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("rel")
     (out / "tok").mkdir()
     save_world_tokenizer(out / "tok" / "tokenizer.json")
-    shards, expected, good = write_faulty_shards(out / "shards", n=200, shard_size=50)
+    shards, expected, _ = write_faulty_shards(out / "shards", n=200, shard_size=50)
     died, _ = _launch(out, "dies")
     exited_at = time.time()
+    latest_after_death = (out / "dies" / "checkpoints" / "latest").read_text()
+    full, _ = _launch(out, "full_one_rank")
+    full_exited_at = time.time()
     after, _ = _launch(out, "after", shards)
     assert after.returncode == 0, after.stdout[-3000:] + after.stderr[-6000:]
     return {"out": out, "died": died, "exited_at": exited_at, "after": after,
-            "res": json.loads((out / "after.json").read_text()), "expected": expected}  # fmt: skip
+            "latest_after_death": latest_after_death, "expected": expected,
+            "full": full, "full_exited_at": full_exited_at,
+            "res": json.loads((out / "after.json").read_text())}  # fmt: skip
 
 
 def _seen(path: Path) -> list[list[int]]:
@@ -201,7 +233,7 @@ def test_killed_rank_stops_the_job_and_restart_resumes_exactly(runs):
     killed_at = float((out / "seen_dies_rank1.jsonl.killed_at").read_text())
     # the survivor is stopped (gloo sees the peer's socket close; torchrun terminates the rest)
     assert runs["exited_at"] - killed_at < 60
-    assert (out / "dies" / "checkpoints" / "latest").read_text() == "step00000004"
+    assert runs["latest_after_death"] == "step00000004"  # the step-6 save never started
     assert runs["res"]["resume"] == {"first_step": 5, "step": 8, "status": "completed"}
     for rank in (0, 1):
         before = _seen(out / f"seen_dies_rank{rank}.jsonl")
@@ -242,6 +274,17 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_latest(runs):
 
 
 @pytest.mark.slow
+def test_disk_full_on_one_rank_stops_the_job_and_keeps_latest(runs):
+    out, full = runs["out"], runs["full"]
+    assert full.returncode != 0
+    assert "CheckpointSaveError: rank 0 could not write checkpoint" in full.stderr
+    assert "`latest` still names step00000002, which is intact" in full.stderr
+    # rank 1 waits inside DeepSpeed's save until the launcher stops it: bounded, no hang
+    assert runs["full_exited_at"] - float((out / "full_at").read_text()) < 60
+    assert (out / "full1" / "checkpoints" / "latest").read_text() == "step00000002"
+
+
+@pytest.mark.slow
 def test_signal_during_save_finishes_the_save_then_preempts(runs):
     # the handler only sets a flag: the step-2 save completes, step 3 runs, saves, and leaves
     assert runs["res"]["signal_mid_save"] == {
@@ -256,7 +299,13 @@ def test_training_over_faulty_shards_counts_every_skip(runs):
     assert runs["res"]["faulty"]["status"] == "completed"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data_skipped"] == dict(expected)  # both ranks' loaders, summed
-    logged = [json.loads(line)["skipped"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # each rank's last batch is partial (93-95 good samples): dropped on both, counted
+    good = 200 - sum(expected.values())
+    assert summary["step"] == good // 16 == 11
+    assert summary["skipped"] == {"partial_batch_samples": good - 16 * 11}
+    logged = [
+        json.loads(line)["skipped"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert any(k.startswith("data/") for rec in logged for k in rec)
     assert "skipped sample (image_too_large)" in runs["after"].stderr
 

@@ -6,6 +6,10 @@ loss terms, the loop sums them and calls ``engine.backward`` once per micro-batc
 negatives are those of the micro-batch: features are not cached across accumulation steps, so
 use accumulation 1 where the global contrastive batch matters.
 
+Uneven data: a rank whose loader runs out ends the epoch on every rank together (an all-reduce
+before each step), and micro-batches smaller than ``micro_batch_size`` (a loader worker's tail)
+are dropped and counted, so every step has the same shapes on every rank and the global batch.
+
 Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO stage then
 skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
 skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in a row.
@@ -294,16 +298,25 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
             epoch_done, first_step = False, step
             while status == "completed" and step < total_steps:
                 micro: list[Any] = []
+                dropped = 0  # samples of partial micro-batches drawn for this step
                 while len(micro) < accumulation and not (
                     per_rank_cap and samples_seen >= per_rank_cap
                 ):
                     nxt = next(batches, None)
                     if nxt is None:
                         break
+                    if batch_size(nxt) < cfg.micro_batch_size:
+                        # a loader worker's last, partial batch: ranks would disagree on the
+                        # batch shape (cross-rank gathers abort or hang) and on the global batch
+                        samples_seen += batch_size(nxt)
+                        dropped += batch_size(nxt)
+                        continue
                     micro.append(nxt)
-                short = torch.tensor([float(len(micro) < accumulation)])
-                dist.all_reduce(short, op=dist.ReduceOp.MAX)
-                if short.item():  # a rank ran out: the epoch ends on every rank together
+                short_dropped = torch.tensor([float(len(micro) < accumulation), float(dropped)])
+                dist.all_reduce(short_dropped)
+                if short_dropped[1]:
+                    skipped["partial_batch_samples"] += int(short_dropped[1])
+                if short_dropped[0]:  # a rank ran out: the epoch ends on every rank together
                     epoch_done = True
                     break
                 skipped_before = engine.skipped_steps
