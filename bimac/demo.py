@@ -8,7 +8,9 @@
 3. evaluate: retrieval, zero-shot classification, captioning and the compositional probe on the
    export, printed as one table.
 
-``--bengali`` also builds the triplet shards for the PAL captioner (``make demo-bn``).
+``--bengali`` (``make demo-bn``) instead builds the world's triplet shards (real image, synthetic
+companion, EN and BN captions) and fine-tunes the PAL Bengali captioner on them (PAL + InfoNCE +
+OT, ``configs/finetune/caption_bn/tiny.yaml``), ending with its metric table and captions.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]  # the demo reads the repository's configs/
 
 # split -> number of samples in the demo (the retrieval test split is Flickr30k-1k sized)
 DEMO_SPLITS = {
@@ -33,34 +36,30 @@ DEMO_SPLITS = {
     "cls_colour_shape": 500,
     "probe": 200,
 }
+BENGALI_SPLITS = {"train": 1000, "val": 200}
 BENGALI_FONTS = ("Noto Sans Bengali", "Noto Serif Bengali", "Lohit Bengali", "Vrinda", "Mukti")
 
 
 def build_world(out: Path, size: int = 64, seed: int = 0, bengali: bool = False) -> dict[str, str]:
-    """Shards of every split under ``out/shards/<split>``; returns split -> URL pattern."""
+    """Shards of every split under ``out/shards/<split>``; returns split -> URL pattern.
+
+    ``bengali``: only the PAL captioner's triplet splits (train and val, with synthetic companions).
+    """
     from shards.synthetic import build
 
+    splits = BENGALI_SPLITS if bengali else DEMO_SPLITS
     patterns = {}
-    splits = dict(DEMO_SPLITS) | ({"train_triplets": DEMO_SPLITS["train"]} if bengali else {})
     for split, n in splits.items():
-        tars = build(
-            out / "shards" / split,
-            split.removesuffix("_triplets"),
-            n,
-            size,
-            seed,
-            triplets=split.endswith("_triplets"),
-            shard_size=500,
-        )
+        tars = build(out / "shards" / split, split, n, size, seed, triplets=bengali, shard_size=500)
         patterns[split] = str(out / "shards" / split / f"{{00000..{len(tars) - 1:05d}}}.tar")
     return patterns
 
 
-def check_world(out: Path, patterns: dict[str, str]) -> dict[str, dict]:
+def check_world(out: Path, patterns: dict[str, str], triplets: bool = False) -> dict[str, dict]:
     """``shards.check`` on every split; writes ``out/check.json`` and fails on any skipped sample."""
     from shards.check import check
 
-    report = {s: check(p, triplets=s.endswith("_triplets")) for s, p in patterns.items()}
+    report = {s: check(p, triplets=triplets) for s, p in patterns.items()}
     (out / "check.json").write_text(json.dumps(report, indent=2))
     bad = {s: r["skipped"] for s, r in report.items() if r["skipped_total"] or not r["samples"]}
     if bad:
@@ -128,7 +127,9 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="runs/demo", type=Path)
-    p.add_argument("--bengali", action="store_true", help="also build the triplet (PAL) shards")
+    p.add_argument(
+        "--bengali", action="store_true", help="the PAL Bengali captioner demo (triplet shards)"
+    )
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=200, help="pretraining steps (0: data stage only)")
@@ -138,10 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     a.out = a.out.resolve()  # the pretraining processes run from the repository root
     a.out.mkdir(parents=True, exist_ok=True)
     patterns = build_world(a.out, a.size, a.seed, a.bengali)
-    check_world(a.out, patterns)
+    check_world(a.out, patterns, triplets=a.bengali)
     png = preview_grid(a.out / "shards" / "train" / "00000.tar", a.out / "preview.png")
     log.info("data stage done: shards in %s, preview %s", a.out / "shards", png)
-    if a.bengali or a.steps == 0:
+    if a.steps == 0:
+        return
+    if a.bengali:
+        finetune_bengali(a.out, patterns, a.steps)
         return
     export = pretrain(a.out, patterns["train"], a.steps, a.nproc)
     evaluate(export, a.out / "eval.json")
@@ -164,6 +168,24 @@ def pretrain(out: Path, train_pattern: str, steps: int, nproc: int) -> Path:
         raise SystemExit(f"pretraining failed with exit code {code}; its log is above")
     log.info("checkpoints in %s, export in %s", run / "checkpoints", run / "export")
     return run / "export"
+
+
+def finetune_bengali(out: Path, patterns: dict[str, str], steps: int) -> None:
+    """PAL + InfoNCE + OT on the triplets (``configs/finetune/caption_bn/tiny.yaml``), then
+    BLEU / METEOR (Bengali mode) on the held-out split and a few captioned images."""
+    from finetune import caption_bn
+
+    caption_bn.main(
+        [
+            "--config",
+            str(REPO / "configs/finetune/caption_bn/tiny.yaml"),
+            f"data.train_shards={patterns['train']}",
+            f"data.val_shards={patterns['val']}",
+            f"train.output_dir={out / 'caption_bn'}",
+            f"train.max_steps={steps}",
+        ]
+    )
+    log.info("PAL captioner export and metrics in %s", out / "caption_bn")
 
 
 def evaluate(export: Path, out_json: Path) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from bimac.config import ConfigError, load_config
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.loader import check_spacy_pipeline
 from bimac.engine import TrainConfig, TrainResult, train
 from bimac.models.bimac import BiMACConfig
 from bimac.tasks import ObjectiveConfig, PretrainTask
@@ -65,6 +66,7 @@ class BiMACPretrain(PretrainTask):
     """The pretraining task bound to the data pipeline: loader, skip counts and export."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
+        check_spacy_pipeline(cfg.data)  # at start-up, before DeepSpeed takes the devices
         tokenizer = build_tokenizer(cfg.tokenizer)
         if tokenizer.vocab_size > cfg.model.vocab_size or tokenizer.pad_id != cfg.model.pad_id:
             raise ConfigError(

@@ -3,11 +3,15 @@
     python slurm/submit.py run   --config configs/pretrain/paper.yaml [key=value ...]
     python slurm/submit.py grid  --grid table5 --config configs/pretrain/paper.yaml --out runs/t5
     python slurm/submit.py grid  --grid table6 --lambdas 0.1 0.4 0.7 1.0 1.5 --out runs/t6
+    python slurm/submit.py grid  --grid pal_table3 --config configs/finetune/caption_bn/paper.yaml
     python slurm/submit.py collect --out runs/t6
 
 ``table5``: one cell per preset in ``configs/pretrain/ablations/`` (the rows of BiMAC Table 5;
 their ``objectives`` sections applied to ``--config``);
-``table6``: the λ_GIT sweep of Table 6 (``objectives.lambda_git``). Each cell writes
+``table6``: the λ_GIT sweep of Table 6 (``objectives.lambda_git``);
+``pal_table3`` / ``pal_table4``: the PAL captioner's Table 3 ablations and Table 4 (λ, τ, ρ)
+sensitivity rows (``losses`` sections of ``configs/finetune/caption_bn/{ablations,sensitivity}``).
+Each cell writes
 ``<out>/<cell>/summary.json``; ``collect`` (also run after ``grid --wait``) turns them into one
 markdown table. ``--cluster local`` runs the cells as local processes (tests, laptops).
 
@@ -30,6 +34,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "configs" / "pretrain" / "ablations"
 TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
+PAL_CONFIGS = REPO / "configs" / "finetune" / "caption_bn"
+# PAL Table 3 rows in the paper's order
+PAL_TABLE3 = ("ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot", "pal", "pal_infonce",
+              "pal_infonce_ot")  # fmt: skip
+GRIDS = ("table5", "table6", "pal_table3", "pal_table4")
 
 
 @dataclass
@@ -37,50 +46,68 @@ class Cell:
     name: str
     config: str
     overrides: list[str] = field(default_factory=list)
+    entry: str = "pretrain"  # or "caption_bn" (the PAL captioner's fine-tuning)
 
 
-class PretrainJob(submitit.helpers.Checkpointable):
-    """One pretraining run on every task of a submitit job (one task per GPU)."""
+class RunJob(submitit.helpers.Checkpointable):
+    """One run on every task of a submitit job (one task per GPU)."""
 
-    def __call__(self, config: str, overrides: list[str]) -> dict[str, Any]:
+    def __call__(self, entry: str, config: str, overrides: list[str]) -> dict[str, Any]:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=False, overwrite=True
         )
         sys.path.insert(0, str(REPO))
+        if entry == "caption_bn":
+            from finetune import caption_bn
+
+            return {"scores": caption_bn.main(["--config", config, *overrides])}
         from pretrain import run_pretraining
 
         return run_pretraining(config, overrides).summary
 
 
-def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> list[Cell]:
-    """The cells of ``table5`` or ``table6`` on top of ``config`` (tiny or paper).
+def _preset_cells(presets: list[Path], section: str, config: str, entry: str) -> list[Cell]:
+    """One cell per preset: its ``section`` applied to ``config`` as overrides."""
+    cells = []
+    for preset in presets:
+        values = (yaml.safe_load(preset.read_text()) or {}).get(section, {})
+        overrides = [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
+        cells.append(Cell(preset.stem, config, overrides, entry))
+    return cells
 
-    Table 5 takes the ``objectives`` section of each preset in ``configs/pretrain/ablations/``
-    (not ``lambda_git_*``), so the same rows run on any base config, ordered as in the paper
-    (more objectives later; grounding after the row without it).
+
+def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> list[Cell]:
+    """The cells of a grid on top of ``config`` (a tiny or paper experiment YAML).
+
+    ``table5`` takes the ``objectives`` section of each preset in ``configs/pretrain/ablations/``
+    (not ``lambda_git_*``), ordered as in the paper (more objectives later; grounding after the
+    row without it); ``table6`` sweeps ``objectives.lambda_git``. ``pal_table3`` / ``pal_table4``
+    take the ``losses`` section of ``configs/finetune/caption_bn/{ablations,sensitivity}/*.yaml``
+    and run the PAL captioner (``config`` is then a caption_bn YAML).
     """
     if grid == "table6":
         return [
             Cell(f"lambda_git={v:g}", config, [f"objectives.lambda_git={v}"])
             for v in (lambdas or TABLE6_LAMBDAS)
         ]
+    if grid == "pal_table3":
+        presets = [PAL_CONFIGS / "ablations" / f"{name}.yaml" for name in PAL_TABLE3]
+        return _preset_cells(presets, "losses", config, "caption_bn")
+    if grid == "pal_table4":
+        presets = sorted((PAL_CONFIGS / "sensitivity").glob("*.yaml"))
+        return _preset_cells(presets, "losses", config, "caption_bn")
     if grid != "table5":
-        raise ValueError(f"unknown grid {grid!r}: table5 or table6")
+        raise ValueError(f"unknown grid {grid!r}: one of {', '.join(GRIDS)}")
     presets = [p for p in sorted(ABLATIONS.glob("*.yaml")) if not p.stem.startswith("lambda_git")]
     if not presets:
         raise FileNotFoundError(f"no ablation presets in {ABLATIONS}")
-    cells = []
-    for preset in presets:
-        objectives = (yaml.safe_load(preset.read_text()) or {}).get("objectives", {})
-        overrides = [f"objectives.{k}={json.dumps(v)}" for k, v in objectives.items()]
-        cells.append(
-            (
-                sum(v is True for v in objectives.values()),
-                objectives.get("grounding", False),
-                Cell(preset.stem, config, overrides),
-            )
-        )
-    return [cell for *_, cell in sorted(cells, key=lambda c: c[:2])]
+    cells = _preset_cells(presets, "objectives", config, "pretrain")
+
+    def order(cell: Cell) -> tuple[int, bool]:
+        on = [o for o in cell.overrides if o.endswith("=true")]
+        return len(on), "objectives.grounding=true" in on
+
+    return sorted(cells, key=order)
 
 
 def make_executor(
@@ -122,7 +149,7 @@ def submit(cells: list[Cell], out: Path, executor: submitit.Executor) -> list[su
             f"train.output_dir={out / cell.name}",
             f"train.run_name={cell.name}",
         ]
-        jobs.append(executor.submit(PretrainJob(), cell.config, overrides))
+        jobs.append(executor.submit(RunJob(), cell.entry, cell.config, overrides))
     return jobs
 
 
@@ -131,8 +158,15 @@ def _fmt(v: Any) -> str:
 
 
 def collect(out: Path) -> str:
-    """Markdown table of every ``out/*/summary.json`` (one row per cell)."""
-    rows = [(p.parent.name, json.loads(p.read_text())) for p in sorted(out.glob("*/summary.json"))]
+    """Markdown table of every ``out/*/summary.json`` (one row per cell), with the captioning
+    scores of ``eval_bn.json`` beside them for the PAL grids."""
+    rows = []
+    for path in sorted(out.glob("*/summary.json")):
+        summary = json.loads(path.read_text())
+        scores = path.with_name("eval_bn.json")
+        if scores.is_file():
+            summary.setdefault("final_metrics", {}).update(json.loads(scores.read_text())["scores"])
+        rows.append((path.parent.name, summary))
     if not rows:
         raise FileNotFoundError(f"no */summary.json under {out}")
     losses = sorted({k for _, s in rows for k in s.get("final_losses", {})})
@@ -154,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("mode", choices=["run", "grid", "collect"])
     p.add_argument("--config", default="configs/pretrain/paper.yaml")
-    p.add_argument("--grid", choices=["table5", "table6"], default="table6")
+    p.add_argument("--grid", choices=GRIDS, default="table6")
     p.add_argument("--lambdas", type=float, nargs="*", help="table6 values (default: the paper's)")
     p.add_argument("--out", type=Path, default=Path("runs/grid"))
     p.add_argument(

@@ -49,6 +49,20 @@ def test_table5_cells_follow_the_paper_rows():
     )
 
 
+def test_pal_grids_run_the_captioner_with_each_rows_losses():
+    sub = _submit_module()
+    config = "configs/finetune/caption_bn/tiny.yaml"
+    table3 = sub.grid_cells("pal_table3", config)
+    assert [c.name for c in table3] == ["ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot",
+                                        "pal", "pal_infonce", "pal_infonce_ot"]  # fmt: skip
+    assert {c.entry for c in table3} == {"caption_bn"} and {c.config for c in table3} == {config}
+    assert "losses.ce_syn=false" in table3[0].overrides  # real images only
+    table4 = sub.grid_cells("pal_table4", config)
+    assert len(table4) == 4 and all(c.overrides for c in table4)
+    with pytest.raises(ValueError, match="unknown grid"):
+        sub.grid_cells("table7", config)
+
+
 def test_collect_makes_one_row_per_summary(tmp_path):
     sub = _submit_module()
     for name, loss, pg in (("a", 1.5, 0.25), ("b", 2.0, None)):
