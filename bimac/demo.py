@@ -36,7 +36,7 @@ DEMO_SPLITS = {
     "cls_colour_shape": 500,
     "probe": 200,
 }
-BENGALI_SPLITS = {"train": 1000, "val": 200}
+BENGALI_SPLITS = {"train": 2000, "val": 200}
 BENGALI_FONTS = ("Noto Sans Bengali", "Noto Serif Bengali", "Lohit Bengali", "Vrinda", "Mukti")
 
 
@@ -132,7 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=200, help="pretraining steps (0: data stage only)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default: 200 pretraining, 600 PAL fine-tuning; 0: data stage only)",
+    )
     p.add_argument("--nproc", type=int, default=2, help="pretraining processes")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -145,9 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     if a.steps == 0:
         return
     if a.bengali:
-        finetune_bengali(a.out, patterns, a.steps)
+        finetune_bengali(a.out, patterns, a.steps or 600)
         return
-    export = pretrain(a.out, patterns["train"], a.steps, a.nproc)
+    export = pretrain(a.out, patterns["train"], a.steps or 200, a.nproc)
     evaluate(export, a.out / "eval.json")
 
 
@@ -161,6 +166,7 @@ def pretrain(out: Path, train_pattern: str, steps: int, nproc: int) -> Path:
         f"tokenizer.path={out / 'shards' / 'train' / 'tokenizer.json'}",
         f"train.output_dir={run}",
         f"train.max_steps={steps}",
+        "train.resume=none",  # the demo renders its data anew: never continue an old run
     ]
     log.info("pretraining tiny BiMAC: %d steps, %d processes, ZeRO-2 on the CPU", steps, nproc)
     code = launch_local("configs/pretrain/tiny.yaml", overrides, nproc=nproc)
@@ -183,6 +189,8 @@ def finetune_bengali(out: Path, patterns: dict[str, str], steps: int) -> None:
             f"data.val_shards={patterns['val']}",
             f"train.output_dir={out / 'caption_bn'}",
             f"train.max_steps={steps}",
+            "train.epochs=1000",  # bounded by max_steps
+            "train.resume=none",  # the demo renders its data anew: never continue an old run
         ]
     )
     log.info("PAL captioner export and metrics in %s", out / "caption_bn")

@@ -266,6 +266,13 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
             )
         if state["config_hash"] != chash:
             logger.warning("config changed since %s was saved (hash differs)", resume_dir)
+        saved_total = getattr(scheduler, "total_steps", None)  # one-cycle keeps its length
+        if saved_total is not None and saved_total != max(2, total_steps):
+            raise ValueError(
+                f"checkpoint {resume_dir} holds a one-cycle schedule of {saved_total} steps but "
+                f"train.max_steps gives {total_steps}: resume with the same length, or start "
+                "fresh with train.resume=none or a new train.output_dir"
+            )
         step, epoch, total_samples = state["step"], state["epoch"], state["total_samples"]
         samples_seen = state["samples_seen"][rank]
         consecutive = state["consecutive_nonfinite"]
