@@ -26,6 +26,7 @@ demo-bn: setup
 	$(PY) -m bimac.demo --out $(DEMO_DIR)-bn --bengali
 
 test: setup
+	$(PY) -m shards.cc15m --setup  # img2dataset's own venv, for the end-to-end shard-building test
 	$(PY) -m pytest -q
 
 lint: setup

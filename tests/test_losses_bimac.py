@@ -41,7 +41,9 @@ def test_contrastive_equals_open_clip_cliploss():
 def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     img, txt = unit(8, 6, dtype=torch.float64, seed=3), unit(8, 6, dtype=torch.float64, seed=4)
     rows = slice(4 * rank, 4 * rank + 4)
     li, lt = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
@@ -69,9 +71,15 @@ def test_gather_with_grad_matches_global_batch(tmp_path):
     ref.backward()
     parts = [torch.load(f"{out}.{r}") for r in range(2)]
     # mean over ranks = global loss; DDP/DeepSpeed average gradients over ranks -> grad / world
-    torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, ref.detach(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.cat([p["gi"] for p in parts]) / 2, img.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(torch.cat([p["gt"] for p in parts]) / 2, txt.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        (parts[0]["loss"] + parts[1]["loss"]) / 2, ref.detach(), rtol=1e-12, atol=1e-12
+    )
+    torch.testing.assert_close(
+        torch.cat([p["gi"] for p in parts]) / 2, img.grad, rtol=1e-10, atol=1e-12
+    )
+    torch.testing.assert_close(
+        torch.cat([p["gt"] for p in parts]) / 2, txt.grad, rtol=1e-10, atol=1e-12
+    )
 
 
 # -- CG / RF / SCST --------------------------------------------------------------------------
@@ -102,15 +110,21 @@ def test_reward_weights_mean_one_and_zero_rewards():
 
 
 def test_scst_baselines_by_hand():
-    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-3.0, 0.0, 0.0], [-1.0, -1.0, 0.0]])
+    logp = torch.tensor(
+        [[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5], [-3.0, 0.0, 0.0], [-1.0, -1.0, 0.0]]
+    )
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
     r = torch.tensor([1.0, 2.0, 0.5, 1.5])
     seq = torch.tensor([-3.0, -1.5, -3.0, -2.0])
     loo_base = torch.tensor([2.0, 1.0, 1.5, 0.5])  # K = 2: the other sample of the same image
-    torch.testing.assert_close(scst_loss(logp, mask, r, "leave_one_out", samples_per_image=2),
-                               -((r - loo_base) * seq).mean())
+    torch.testing.assert_close(
+        scst_loss(logp, mask, r, "leave_one_out", samples_per_image=2),
+        -((r - loo_base) * seq).mean(),
+    )
     g = torch.tensor([0.2, 0.2, 0.7, 0.7])
-    torch.testing.assert_close(scst_loss(logp, mask, r, "greedy", greedy_rewards=g), -((r - g) * seq).mean())
+    torch.testing.assert_close(
+        scst_loss(logp, mask, r, "greedy", greedy_rewards=g), -((r - g) * seq).mean()
+    )
     with pytest.raises(ValueError):
         scst_loss(logp, mask, r, "leave_one_out", samples_per_image=3)
 
@@ -200,10 +214,18 @@ def test_pointing_game_by_hand():
     noun = torch.eye(4)[[1, 2, 3]].unsqueeze(0)  # best patches 1, 2, 3
     boxes = torch.tensor([[[0.5, 0.0, 1.0, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.1, 0.1]]])
     has_box = torch.tensor([[True, True, True]])
-    score, count = pointing_game(noun, patch, boxes, has_box, torch.ones(1, 3, dtype=torch.bool), grid=2)
+    score, count = pointing_game(
+        noun, patch, boxes, has_box, torch.ones(1, 3, dtype=torch.bool), grid=2
+    )
     assert count == 3 and math.isclose(score, 1 / 3)  # only noun 0 points inside its box
-    score, count = pointing_game(noun, patch, boxes, torch.zeros(1, 3, dtype=torch.bool),
-                                 torch.ones(1, 3, dtype=torch.bool), grid=2)
+    score, count = pointing_game(
+        noun,
+        patch,
+        boxes,
+        torch.zeros(1, 3, dtype=torch.bool),
+        torch.ones(1, 3, dtype=torch.bool),
+        grid=2,
+    )
     assert count == 0 and math.isnan(score)
 
 
@@ -216,7 +238,9 @@ def test_reconstruction_loss_by_hand():
     assert math.isclose(float(reconstruction_loss(pred, target)), (1 + 2 + 1 + 3) / 4)
     # per-patch normalised targets: [0,4] -> [-1, 1]; [1,3] -> [-1, 1]
     hand = (abs(1 + 1) + abs(2 - 1) + abs(0 + 1) + abs(0 - 1)) / 4
-    assert math.isclose(float(reconstruction_loss(pred, target, norm_pix=True, eps=0.0)), hand, rel_tol=1e-6)
+    assert math.isclose(
+        float(reconstruction_loss(pred, target, norm_pix=True, eps=0.0)), hand, rel_tol=1e-6
+    )
     with pytest.raises(ValueError):
         reconstruction_loss(pred, target[:, :1])
 
@@ -239,15 +263,19 @@ def test_gradcheck_hand_written_losses():
     logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[1, 2, 0], [3, 4, 4]])
     assert torch.autograd.gradcheck(
-        lambda x: caption_loss(x, labels, 0, torch.tensor([0.5, 1.5], dtype=torch.float64)), (logits,)
+        lambda x: caption_loss(x, labels, 0, torch.tensor([0.5, 1.5], dtype=torch.float64)),
+        (logits,),
     )
     pred = (torch.rand(2, 3, 4, dtype=torch.float64) + 2).requires_grad_()  # away from L1's kink
     target = torch.rand(2, 3, 4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda x: reconstruction_loss(x, target, norm_pix=True), (pred,))
+    assert torch.autograd.gradcheck(
+        lambda x: reconstruction_loss(x, target, norm_pix=True), (pred,)
+    )
     logp = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x: scst_loss(x, torch.ones(4, 3, dtype=torch.bool), torch.tensor([1.0, 2, 3, 4]),
-                            samples_per_image=2),
+        lambda x: scst_loss(
+            x, torch.ones(4, 3, dtype=torch.bool), torch.tensor([1.0, 2, 3, 4]), samples_per_image=2
+        ),
         (logp,),
     )
 

@@ -69,7 +69,9 @@ def scst_loss(
     elif baseline == "leave_one_out":
         k = samples_per_image
         if k < 2 or rewards.numel() % k:
-            raise ValueError(f"leave-one-out needs >= 2 samples per image dividing N={rewards.numel()}, got {k}")
+            raise ValueError(
+                f"leave-one-out needs >= 2 samples per image dividing N={rewards.numel()}, got {k}"
+            )
         grouped = rewards.view(-1, k)
         base = ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).reshape(-1)
     else:

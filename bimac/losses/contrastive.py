@@ -29,8 +29,10 @@ def contrastive_loss(
     and after the usual gradient averaging across ranks so do the gradients.
     """
     if image_features.shape != text_features.shape or image_features.dim() != 2:
-        raise ValueError(f"paired [B, D] features expected, got {tuple(image_features.shape)} "
-                         f"and {tuple(text_features.shape)}")
+        raise ValueError(
+            f"paired [B, D] features expected, got {tuple(image_features.shape)} "
+            f"and {tuple(text_features.shape)}"
+        )
     b = image_features.shape[0]
     offset = 0
     all_image, all_text = image_features, text_features
@@ -41,4 +43,6 @@ def contrastive_loss(
     labels = torch.arange(offset, offset + b, device=image_features.device)
     logits_per_image = logit_scale * image_features @ all_text.T  # s_ij / τ, Eq. 3
     logits_per_text = logit_scale * text_features @ all_image.T  # Eq. 4
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2

@@ -18,8 +18,10 @@ def hungarian_match(scores: torch.Tensor, noun_mask: torch.Tensor) -> torch.Tens
     (one device sync per step, not one per sample).
     """
     if scores.dim() != 3 or noun_mask.shape != scores.shape[:2]:
-        raise ValueError(f"scores [B, N, P] and noun_mask [B, N] expected, got "
-                         f"{tuple(scores.shape)} and {tuple(noun_mask.shape)}")
+        raise ValueError(
+            f"scores [B, N, P] and noun_mask [B, N] expected, got "
+            f"{tuple(scores.shape)} and {tuple(noun_mask.shape)}"
+        )
     host = scores.detach().float().cpu().numpy()
     valid = noun_mask.detach().cpu().numpy().astype(bool)
     matches = np.full(valid.shape, -1, dtype=np.int64)
@@ -57,7 +59,9 @@ def grounding_loss(
         matches = hungarian_match(torch.einsum("bnd,bpd->bnp", noun_emb, patch_emb), noun_mask)
     b = noun_emb.shape[0]
     positive = noun_mask & (matches >= 0)  # [B, N]
-    matched = torch.gather(patch_emb, 1, matches.clamp(min=0).unsqueeze(-1).expand(-1, -1, patch_emb.shape[-1]))
+    matched = torch.gather(
+        patch_emb, 1, matches.clamp(min=0).unsqueeze(-1).expand(-1, -1, patch_emb.shape[-1])
+    )
     s_pos = logit_scale * (noun_emb * matched).sum(-1) + logit_bias  # [B, N]
     # negatives: nouns m of captions j != i, scored against the patch matched to (i, n)
     s_neg = logit_scale * torch.einsum("ind,jmd->injm", matched, noun_emb) + logit_bias
@@ -91,7 +95,12 @@ def pointing_game(
         cx = ((best % grid).float() + 0.5) / grid
         cy = ((best // grid).float() + 0.5) / grid
         boxes = noun_boxes.to(best.device).float()
-        inside = (cx >= boxes[..., 0]) & (cx <= boxes[..., 2]) & (cy >= boxes[..., 1]) & (cy <= boxes[..., 3])
+        inside = (
+            (cx >= boxes[..., 0])
+            & (cx <= boxes[..., 2])
+            & (cy >= boxes[..., 1])
+            & (cy <= boxes[..., 3])
+        )
         counted = noun_mask.to(best.device) & noun_has_box.to(best.device)
         total = int(counted.sum())
         hits = int((inside & counted).sum())

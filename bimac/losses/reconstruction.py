@@ -16,7 +16,9 @@ def reconstruction_loss(
     standard deviation (MAE's per-patch normalised pixels).
     """
     if predicted.shape != target.shape:
-        raise ValueError(f"shape mismatch: predicted {tuple(predicted.shape)} vs target {tuple(target.shape)}")
+        raise ValueError(
+            f"shape mismatch: predicted {tuple(predicted.shape)} vs target {tuple(target.shape)}"
+        )
     target = target.detach()
     if norm_pix:
         mean = target.mean(-1, keepdim=True)

@@ -138,8 +138,15 @@ class PatchDecoder(nn.Module):
     attend to (an all-masked attention row would be NaN).
     """
 
-    def __init__(self, num_patches: int, text_dim: int, width: int, layers: int, heads: int,
-                 patch_pixels: int) -> None:
+    def __init__(
+        self,
+        num_patches: int,
+        text_dim: int,
+        width: int,
+        layers: int,
+        heads: int,
+        patch_pixels: int,
+    ) -> None:
         super().__init__()
         self.query_pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
         self.key_pos = nn.Parameter(torch.randn(num_patches, width) * 0.02)
@@ -151,8 +158,9 @@ class PatchDecoder(nn.Module):
         self.blocks = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(width))
         self.out = nn.Linear(width, patch_pixels)
 
-    def forward(self, nouns: torch.Tensor, noun_mask: torch.Tensor,
-                matches: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, nouns: torch.Tensor, noun_mask: torch.Tensor, matches: torch.Tensor | None
+    ) -> torch.Tensor:
         """``nouns [B, N, Dt]``, ``noun_mask [B, N]``, ``matches [B, N]`` patch index per noun
         (-1: unmatched; None: ungrounded, GIT without grounding) -> ``[B, P, patch_pixels]``."""
         b = nouns.shape[0]
@@ -228,8 +236,12 @@ class BiMAC(nn.Module):
             config.patch_decoder_heads,
             3 * config.patch_size**2,
         )
-        self.register_buffer("mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False
+        )
         for name in config.freeze:
             for p in self._part(name).parameters():
                 p.requires_grad_(False)
@@ -288,7 +300,9 @@ class BiMAC(nn.Module):
         """token ids ``[B, L]`` -> L2-normalised global text embeddings ``[B, D]``."""
         return self.coca.encode_text(ids.to(self.mean.device), normalize=True)
 
-    def ground_features(self, patches: torch.Tensor, nouns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ground_features(
+        self, patches: torch.Tensor, nouns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw patches ``[B, P, Wv]`` and pooled nouns ``[B, N, Wt]`` -> unit vectors in one space."""
         r = F.normalize(self.patch_proj(self.patch_norm(patches)), dim=-1)
         w = F.normalize(self.noun_proj(self.noun_norm(nouns)), dim=-1)
@@ -340,8 +354,13 @@ class BiMAC(nn.Module):
         nouns = pool_spans(token_embs, noun_spans, noun_mask)
         r, w = self.ground_features(patches, nouns)
         scale = self.grounding_logit_scale.exp()
-        out.update(patch_emb=r, noun_emb=w, noun_mask=noun_mask, grounding_logit_scale=scale,
-                   grounding_logit_bias=self.grounding_logit_bias)
+        out.update(
+            patch_emb=r,
+            noun_emb=w,
+            noun_mask=noun_mask,
+            grounding_logit_scale=scale,
+            grounding_logit_bias=self.grounding_logit_bias,
+        )
         matches = None
         if grounding or grounded_reconstruction:
             matches = hungarian_match(torch.einsum("bnd,bpd->bnp", w, r), noun_mask)
@@ -355,8 +374,9 @@ class BiMAC(nn.Module):
 
     # -- export -----------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, tokenizer: Any = None,
-                        experiment_config: Any = None) -> None:
+    def save_pretrained(
+        self, directory: str | Path, tokenizer: Any = None, experiment_config: Any = None
+    ) -> None:
         """Write ``model.safetensors``, ``config.yaml`` and the tokenizer into ``directory``.
 
         ``config.yaml`` holds the experiment config when given (it must have a ``model`` field),
@@ -367,8 +387,10 @@ class BiMAC(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(state, str(directory / MODEL_FILE))
-        save_config(experiment_config if experiment_config is not None else _Saved(self.config),
-                    directory / CONFIG_FILE)
+        save_config(
+            experiment_config if experiment_config is not None else _Saved(self.config),
+            directory / CONFIG_FILE,
+        )
         if isinstance(tokenizer, str):
             (directory / "tokenizer.txt").write_text(tokenizer + "\n")
         elif tokenizer is not None:
@@ -383,7 +405,9 @@ class BiMAC(nn.Module):
         data = yaml.safe_load((directory / CONFIG_FILE).read_text())
         if not isinstance(data, dict) or "model" not in data:
             raise ConfigError(f"{directory / CONFIG_FILE}: no `model` section")
-        model_cfg = dataclasses.replace(from_dict(BiMACConfig, data["model"], "model."), pretrained=None)
+        model_cfg = dataclasses.replace(
+            from_dict(BiMACConfig, data["model"], "model."), pretrained=None
+        )
         model = cls(model_cfg)
         model.load_state_dict(load_file(str(directory / MODEL_FILE), device=map_location))
         return model

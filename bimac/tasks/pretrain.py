@@ -45,7 +45,8 @@ class ObjectiveConfig:
     temperature: float | None = 0.5  # fixed τ of Eqs. 3-4; null = learnable logit scale (CoCa)
     rf_every: int = 1  # recompute rewards every k-th CG call; in between CG is unweighted
     rf_max_new_tokens: int = 32  # greedy caption length for the reward
-    rf_corpus_batches: int = 64  # if no reward corpus is given: training batches read for CIDEr-D df
+    # without a reward corpus: training batches read for CIDEr-D's document frequencies
+    rf_corpus_batches: int = 64
     rec_norm_pix: bool = False  # L_rec against per-patch normalised pixels
 
     def __post_init__(self) -> None:
@@ -115,19 +116,29 @@ class PretrainTask:
         if not o.git:
             unused.append(model.patch_decoder)
         if not o.grounding:
-            unused += [model.patch_norm, model.patch_proj, model.noun_norm, model.noun_proj,
-                       model.grounding_logit_scale, model.grounding_logit_bias]
+            unused += [
+                model.patch_norm,
+                model.patch_proj,
+                model.noun_norm,
+                model.noun_proj,
+                model.grounding_logit_scale,
+                model.grounding_logit_bias,
+            ]
         for part in unused:
             for p in part.parameters() if isinstance(part, nn.Module) else [part]:
                 p.requires_grad_(False)
         return model
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int, samples_seen: int) -> Iterable:
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, samples_seen: int
+    ) -> Iterable:
         if self.loader_factory is None:
             raise RuntimeError("PretrainTask needs loader_factory to build the training loader")
         return self.loader_factory(rank, world_size, epoch, samples_seen)
 
-    def losses(self, model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def losses(
+        self, model: nn.Module, batch: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Weighted loss terms of Eq. 8 by name (``mcl``, ``cg``, ``grounding``, ``reconstruction``)
         and float metrics (unweighted losses, pointing-game score, mean CIDEr-D reward)."""
         o = self.objectives
@@ -144,7 +155,9 @@ class PretrainTask:
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         if o.mcl:
-            scale = out["logit_scale"].clamp(max=100) if o.temperature is None else 1.0 / o.temperature
+            scale = (
+                out["logit_scale"].clamp(max=100) if o.temperature is None else 1.0 / o.temperature
+            )
             raw = contrastive_loss(out["image_features"], out["text_features"], scale)
             terms["mcl"] = raw
         if o.cg:
@@ -154,8 +167,12 @@ class PretrainTask:
             metrics["loss_cg"] = raw.item()
         if o.grounding:
             raw, stats = grounding_loss(
-                out["noun_emb"], out["noun_mask"], out["patch_emb"],
-                out["grounding_logit_scale"], out["grounding_logit_bias"], out["matches"],
+                out["noun_emb"],
+                out["noun_mask"],
+                out["patch_emb"],
+                out["grounding_logit_scale"],
+                out["grounding_logit_bias"],
+                out["matches"],
             )
             terms["grounding"] = o.lambda_git * raw
             metrics.update(stats, loss_grounding=raw.item())
@@ -167,8 +184,12 @@ class PretrainTask:
             metrics["loss_mcl"] = terms["mcl"].item()
         if "noun_emb" in out and "noun_boxes" in batch:
             score, count = pointing_game(
-                out["noun_emb"], out["patch_emb"], batch["noun_boxes"], batch["noun_has_box"],
-                out["noun_mask"], self.model_config.grid,
+                out["noun_emb"],
+                out["patch_emb"],
+                batch["noun_boxes"],
+                batch["noun_has_box"],
+                out["noun_mask"],
+                self.model_config.grid,
             )
             if count:
                 metrics["pointing_game"] = score
@@ -176,7 +197,9 @@ class PretrainTask:
 
     # -- RF: CIDEr-D reward of the model's own greedy caption ----------------------------------
 
-    def _reward_weights(self, model: nn.Module, out: dict, batch: dict, metrics: dict) -> torch.Tensor | None:
+    def _reward_weights(
+        self, model: nn.Module, out: dict, batch: dict, metrics: dict
+    ) -> torch.Tensor | None:
         """R(T_i, I_i) / mean_batch(R) (see :func:`reward_weights`), or None on non-refresh steps."""
         self._cg_calls += 1
         if (self._cg_calls - 1) % self.objectives.rf_every:
@@ -185,8 +208,12 @@ class PretrainTask:
 
         tok = self._require_tokenizer()
         net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(net.coca, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-                              pad_token_id=self.model_config.pad_id)
+        adapter = CocaAdapter(
+            net.coca,
+            bos_token_id=tok.bos_id,
+            eos_token_id=tok.eos_id,
+            pad_token_id=self.model_config.pad_id,
+        )
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
@@ -194,15 +221,21 @@ class PretrainTask:
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = batch.get("references")
         if references is None:  # the batch's own caption is the image's one reference
-            references = [[r] for r in strip_special(batch["text"], tok.bos_id, tok.eos_id,
-                                                      self.model_config.pad_id)]
+            references = [
+                [r]
+                for r in strip_special(
+                    batch["text"], tok.bos_id, tok.eos_id, self.model_config.pad_id
+                )
+            ]
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
-            raise RuntimeError("objectives.rf needs the tokenizer (bos_id / eos_id) in PretrainTask")
+            raise RuntimeError(
+                "objectives.rf needs the tokenizer (bos_id / eos_id) in PretrainTask"
+            )
         return self.tokenizer
 
     def _reward_scorer(self) -> Any:
@@ -221,7 +254,11 @@ class PretrainTask:
         for i, batch in enumerate(self.build_train_loader(0, 1, 0, 0)):
             if i >= self.objectives.rf_corpus_batches:
                 break
-            corpus += [[r] for r in strip_special(batch["text"], tok.bos_id, tok.eos_id,
-                                                  self.model_config.pad_id)]
+            corpus += [
+                [r]
+                for r in strip_special(
+                    batch["text"], tok.bos_id, tok.eos_id, self.model_config.pad_id
+                )
+            ]
         logger.info("CIDEr-D document frequencies from %d training captions", len(corpus))
         return corpus
