@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bimac_dist_worker import rank_worker, unit
 from open_clip.loss import ClipLoss, CoCaLoss
 
 from bimac.losses import (
@@ -21,12 +22,6 @@ from bimac.losses import (
     scst_loss,
 )
 
-
-def unit(*shape, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
-
-
 # -- MCL -------------------------------------------------------------------------------------
 
 
@@ -36,21 +31,6 @@ def test_contrastive_equals_open_clip_cliploss():
         ours = contrastive_loss(img, txt, scale)
         ref = ClipLoss()(img, txt, scale)
         torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)  # float32, same formula
-
-
-def _rank_worker(rank: int, world: int, port: int, out_path: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    img, txt = unit(8, 6, dtype=torch.float64, seed=3), unit(8, 6, dtype=torch.float64, seed=4)
-    rows = slice(4 * rank, 4 * rank + 4)
-    li, lt = img[rows].clone().requires_grad_(), txt[rows].clone().requires_grad_()
-    loss = contrastive_loss(li, lt, 3.0)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "gi": li.grad, "gt": lt.grad}, f"{out_path}.{rank}")
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow
@@ -63,8 +43,8 @@ def test_gather_with_grad_matches_global_batch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rank")
-    # fork: the children need not re-import torch and open_clip (spawn costs ~20 s here)
-    mp.start_processes(_rank_worker, args=(2, port, out), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a fork after torch has started its thread pools can deadlock
+    mp.spawn(rank_worker, args=(2, port, out), nprocs=2, join=True)
     img = unit(8, 6, dtype=torch.float64, seed=3).requires_grad_()
     txt = unit(8, 6, dtype=torch.float64, seed=4).requires_grad_()
     ref = contrastive_loss(img, txt, 3.0)
