@@ -46,7 +46,8 @@ def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> 
 
 
 def check_consistency(cfg: PretrainConfig) -> PretrainConfig:
-    """Cross-section rules; the loader's batch is the engine's micro-batch."""
+    """Cross-section rules; the loader's batch is the engine's micro-batch, and RF makes the loader
+    add every caption of an image as its reward references."""
     m, d, t = cfg.model, cfg.data, cfg.tokenizer
     if m.image_size != d.image_size:
         raise ConfigError(f"model.image_size={m.image_size} != data.image_size={d.image_size}")
@@ -54,6 +55,12 @@ def check_consistency(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(
             f"model.context_length={m.context_length} != tokenizer.context_length={t.context_length}"
         )
+    if cfg.objectives.rf and not d.references:
+        logger.info(
+            "data.references := true (objectives.rf scores against all of an image's captions)"
+        )
+        d = dataclasses.replace(d, references=True)
+        cfg = dataclasses.replace(cfg, data=d)
     if d.batch_size != cfg.train.micro_batch_size:
         logger.info("data.batch_size := train.micro_batch_size = %d", cfg.train.micro_batch_size)
         cfg = dataclasses.replace(

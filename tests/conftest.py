@@ -1,4 +1,4 @@
-"""Shared test isolation: in-process training runs must not leak a process group or its env."""
+"""Shared test isolation: in-process training runs must not leak their distributed env."""
 
 from __future__ import annotations
 
@@ -11,15 +11,12 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(autouse=True)
-def _no_leaked_process_group():
-    """Tear down a process group a test left behind: a later fork would inherit it, and a later
-    submitit job would inherit its MASTER_PORT (two concurrent cells then collide on the port)."""
+def _no_leaked_dist_env():
+    """Restore the variables a test's in-process training set: a later submitit job would inherit
+    MASTER_PORT, and two concurrent cells would then collide on the port. (The process group
+    itself stays: DeepSpeed caches groups made from it, and later in-process runs reuse it.)"""
     before = {k: os.environ.get(k) for k in DIST_ENV}
     yield
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

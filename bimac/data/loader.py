@@ -75,6 +75,9 @@ class DataConfig:
     noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
     spacy_pipeline: str = "en_core_web_sm"
     drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+    # pairs: add `references`, every caption of the image (world JSON `captions_en`/`captions_bn`,
+    # else the sample's own caption) as token ids without specials, for the RF reward
+    references: bool = False
 
 
 def check_spacy_pipeline(cfg: DataConfig) -> None:
@@ -399,6 +402,7 @@ class ShardDataset(IterableDataset):
         if not text:
             return self.counter.add("empty_caption", key)
         nouns = None  # list of (start, end, box or None)
+        references = [text]  # real data: one caption per image
         if triplet:
             if not text_bn:
                 return self.counter.add("missing_bn_caption", key)
@@ -407,7 +411,7 @@ class ShardDataset(IterableDataset):
         elif "captions_en" in meta:
             caps = meta["captions_bn"] if cfg.caption_lang == "bn" else meta["captions_en"]
             i = rng.randrange(len(caps)) if cfg.random_caption else 0
-            text = caps[i]
+            text, references = caps[i], list(caps)
             # world shards carry nouns per caption; other JSON falls back to the noun extractor
             noun_lists = meta.get("nouns_bn" if cfg.caption_lang == "bn" else "nouns")
             nouns = noun_lists[i] if noun_lists else None
@@ -430,6 +434,8 @@ class ShardDataset(IterableDataset):
             except Exception as exn:
                 return self.counter.add("missing_syn_image", f"{key}: {exn!r}")
             out["text_bn"] = text_bn
+        if cfg.references:
+            out["references"] = references
         out["nouns"] = self._noun_spans(text, nouns, meta, w, h)
         return out
 
@@ -471,10 +477,26 @@ class ShardDataset(IterableDataset):
             "noun_has_box": torch.from_numpy(has_box),
             "sample_id": [it["sample_id"] for it in items],
         }
+        if self.cfg.references:
+            batch["references"] = self._references([it["references"] for it in items])
         if self.cfg.kind == "triplets":
             batch["image_syn"] = _stack([it["image_syn"] for it in items])
             batch["text_bn"] = self.tokenizer_bn.encode([it["text_bn"] for it in items])
         return batch
+
+    def _references(self, captions: list[list[str]]) -> list[list[list[int]]]:
+        """Each sample's reference captions -> token-id lists, tokenised like ``text`` (same
+        truncation) with BOS/EOS/padding stripped."""
+        tok = self.tokenizer
+        flat = iter(
+            strip_special(
+                tok.encode([c for caps in captions for c in caps]),
+                tok.bos_id,
+                tok.eos_id,
+                tok.pad_id,
+            )
+        )
+        return [[next(flat) for _ in caps] for caps in captions]
 
     def __iter__(self) -> Iterator[dict]:
         physical, num_workers = _worker()
@@ -500,6 +522,20 @@ class ShardDataset(IterableDataset):
                 items = []
         if items and not self.cfg.drop_last:
             yield self.collate(items)
+
+
+def strip_special(ids: torch.Tensor, bos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Rows of token ids -> lists without BOS, and cut at the first EOS or pad."""
+    rows = []
+    for row in ids.tolist():
+        out = []
+        for t in row:
+            if t in (eos_id, pad_id):
+                break
+            if t != bos_id:
+                out.append(t)
+        rows.append(out)
+    return rows
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:

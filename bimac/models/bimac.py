@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bimac.config import ConfigError, from_dict, load_config, save_config
 from bimac.losses.grounding import hungarian_match
@@ -135,7 +136,8 @@ class PatchDecoder(nn.Module):
     """D_p: patch-position queries cross-attend to (grounded) noun embeddings -> patch pixels.
 
     A learned "no text" key is always present, so a caption without nouns still has something to
-    attend to (an all-masked attention row would be NaN).
+    attend to (an all-masked attention row would be NaN). ``grad_checkpointing`` recomputes each
+    block in backward (non-reentrant, like open_clip's towers).
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class PatchDecoder(nn.Module):
         )
         self.blocks = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(width))
         self.out = nn.Linear(width, patch_pixels)
+        self.grad_checkpointing = False
 
     def forward(
         self, nouns: torch.Tensor, noun_mask: torch.Tensor, matches: torch.Tensor | None
@@ -170,8 +173,14 @@ class PatchDecoder(nn.Module):
             kv = kv + pos
         kv = torch.cat([self.null_key.expand(b, -1, -1), kv], dim=1)
         pad = torch.cat([noun_mask.new_zeros(b, 1), ~noun_mask], dim=1)
-        queries = self.query_pos.unsqueeze(0).expand(b, -1, -1)
-        return self.out(self.blocks(queries, kv, memory_key_padding_mask=pad))
+        x = self.query_pos.unsqueeze(0).expand(b, -1, -1)
+        # nn.TransformerDecoder's own loop (no masks on the queries), one checkpoint per block
+        for block in self.blocks.layers:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, kv, memory_key_padding_mask=pad, use_reentrant=False)
+            else:
+                x = block(x, kv, memory_key_padding_mask=pad)
+        return self.out(self.blocks.norm(x))
 
 
 def _init_multimodal_decoder(decoder: nn.Module) -> None:
@@ -267,14 +276,30 @@ class BiMAC(nn.Module):
         incompatible = open_clip.load_checkpoint(self.coca, str(path), strict=False)
         logger.info("loaded open_clip weights from %s: %s", path, incompatible)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the activations of the three CoCa towers and D_p in backward.
+
+        open_clip 3.3's towers checkpoint each residual block with ``use_reentrant=False`` (their
+        own switch), as D_p does: reentrant checkpointing breaks on modules used twice.
+        """
+        self.coca.set_grad_checkpointing(enable)
+        self.patch_decoder.grad_checkpointing = enable
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (bf16 / fp16 when DeepSpeed casts the model, no autocast)."""
+        return self.coca.visual.conv1.weight.dtype
+
     # -- inputs -----------------------------------------------------------------------------
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[B, 3, H, W]`` (on any device) -> normalised float on the model's device."""
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 ``[B, 3, H, W]`` (on any device) -> normalised pixels on the model's device,
+        computed in float32 and returned in ``dtype`` (default: the weights' dtype)."""
         if images.dtype != torch.uint8:
             raise TypeError(f"BiMAC expects uint8 images, got {images.dtype}")
         images = images.to(self.mean.device, non_blocking=True)
-        return (images.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        pixels = (images.float() / 255.0 - self.mean.float()) / self.std.float()
+        return pixels.to(self.dtype if dtype is None else dtype)
 
     # -- towers -----------------------------------------------------------------------------
 
@@ -330,10 +355,14 @@ class BiMAC(nn.Module):
         ``reconstruction``: ``patch_emb [B, P, G]``, ``noun_emb [B, N, G]`` (unit vectors), ``noun_mask``,
         ``grounding_logit_scale``/``_bias`` and ``matches [B, N]`` (Hungarian, -1 = none);
         with ``reconstruction``: ``reconstruction [B, P, 3*p*p]`` and ``target_pixels`` (the
-        normalised input cut into the same patches).
+        normalised input cut into the same patches, float32).
+
+        Inputs and constants follow the weights' dtype; the Hungarian scores and the
+        reconstruction target are float32 whatever it is.
         """
         device = self.mean.device
-        pixels = self.normalize(image)
+        pixels32 = self.normalize(image, torch.float32)
+        pixels = pixels32.to(self.dtype)
         text = text.to(device)
         image_latent, image_tokens, patches = self.image_towers(pixels)
         text_latent, token_embs = self.coca.text(text)
@@ -363,13 +392,13 @@ class BiMAC(nn.Module):
         )
         matches = None
         if grounding or grounded_reconstruction:
-            matches = hungarian_match(torch.einsum("bnd,bpd->bnp", w, r), noun_mask)
+            matches = hungarian_match(torch.einsum("bnd,bpd->bnp", w.float(), r.float()), noun_mask)
             out["matches"] = matches
         if reconstruction:
             out["reconstruction"] = self.patch_decoder(
                 nouns, noun_mask, matches if grounded_reconstruction else None
             )
-            out["target_pixels"] = patchify(pixels, self.config.patch_size)
+            out["target_pixels"] = patchify(pixels32, self.config.patch_size)
         return out
 
     # -- export -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bimac.data.loader import strip_special
 from bimac.losses import (
     caption_loss,
     contrastive_loss,
@@ -58,20 +59,6 @@ class ObjectiveConfig:
             raise ValueError(f"objectives.temperature must be > 0 or null, got {self.temperature}")
         if self.rf_every < 1:
             raise ValueError("objectives.rf_every must be >= 1")
-
-
-def strip_special(ids: torch.Tensor, bos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Rows of token ids -> lists without BOS, and cut at the first EOS or pad."""
-    rows = []
-    for row in ids.tolist():
-        out = []
-        for t in row:
-            if t in (eos_id, pad_id):
-                break
-            if t != bos_id:
-                out.append(t)
-        rows.append(out)
-    return rows
 
 
 class PretrainTask:
@@ -152,6 +139,13 @@ class PretrainTask:
             reconstruction=o.git,
             grounded_reconstruction=o.grounding,
         )
+        # bf16 / fp16 weights: the losses (softmaxes, sigmoids, sums over the batch) run in float32
+        out = {
+            k: v.float()
+            if torch.is_tensor(v) and v.is_floating_point() and k != "decoder_memory"
+            else v
+            for k, v in out.items()
+        }
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         if o.mcl:
@@ -219,17 +213,21 @@ class PretrainTask:
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
         gen = generate(adapter, out["decoder_memory"].detach(), cfg)
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
-        references = batch.get("references")
-        if references is None:  # the batch's own caption is the image's one reference
-            references = [
-                [r]
-                for r in strip_special(
-                    batch["text"], tok.bos_id, tok.eos_id, self.model_config.pad_id
-                )
-            ]
+        references = self._references(batch)
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
+
+    def _references(self, batch: dict) -> list[list[list[int]]]:
+        """Each image's reference captions: the loader's ``references`` (all captions of the
+        image, ``data.references``), else the batch's own caption as the one reference."""
+        if "references" in batch:
+            return batch["references"]
+        tok = self._require_tokenizer()
+        return [
+            [r]
+            for r in strip_special(batch["text"], tok.bos_id, tok.eos_id, self.model_config.pad_id)
+        ]
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -249,16 +247,14 @@ class PretrainTask:
         return self._scorer
 
     def _corpus_from_loader(self) -> list[list[list[int]]]:
-        tok = self._require_tokenizer()
         corpus: list[list[list[int]]] = []
         for i, batch in enumerate(self.build_train_loader(0, 1, 0, 0)):
             if i >= self.objectives.rf_corpus_batches:
                 break
-            corpus += [
-                [r]
-                for r in strip_special(
-                    batch["text"], tok.bos_id, tok.eos_id, self.model_config.pad_id
-                )
-            ]
-        logger.info("CIDEr-D document frequencies from %d training captions", len(corpus))
+            corpus += self._references(batch)
+        logger.info(
+            "CIDEr-D document frequencies from %d training images (%d captions)",
+            len(corpus),
+            sum(map(len, corpus)),
+        )
         return corpus
