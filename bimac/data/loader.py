@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bimac.config import ConfigError
-from bimac.data.tokenizer import Tokenizer, token_spans
+from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
 
 log = logging.getLogger(__name__)
 
@@ -522,20 +522,6 @@ class ShardDataset(IterableDataset):
                 items = []
         if items and not self.cfg.drop_last:
             yield self.collate(items)
-
-
-def strip_special(ids: torch.Tensor, bos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Rows of token ids -> lists without BOS, and cut at the first EOS or pad."""
-    rows = []
-    for row in ids.tolist():
-        out = []
-        for t in row:
-            if t in (eos_id, pad_id):
-                break
-            if t != bos_id:
-                out.append(t)
-        rows.append(out)
-    return rows
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:

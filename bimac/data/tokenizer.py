@@ -238,3 +238,17 @@ class TransformersTokenizer:
 
     def decode(self, ids) -> list[str]:
         return self.tok.batch_decode(ids, skip_special_tokens=True)
+
+
+def strip_special(ids: torch.Tensor, bos_id: int, eos_id: int, pad_id: int) -> list[list[int]]:
+    """Rows of token ids -> lists without BOS, and cut at the first EOS or pad."""
+    rows = []
+    for row in ids.tolist():
+        out = []
+        for t in row:
+            if t in (eos_id, pad_id):
+                break
+            if t != bos_id:
+                out.append(t)
+        rows.append(out)
+    return rows

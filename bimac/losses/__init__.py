@@ -7,10 +7,10 @@ from bimac.losses.contrastive import contrastive_loss as contrastive_loss
 from bimac.losses.grounding import grounding_loss as grounding_loss
 from bimac.losses.grounding import hungarian_match as hungarian_match
 from bimac.losses.grounding import pointing_game as pointing_game
-from bimac.losses.reconstruction import reconstruction_loss as reconstruction_loss
 from bimac.losses.info_nce import info_nce as info_nce
 from bimac.losses.pal import pal_loss as pal_loss
 from bimac.losses.pal import pal_pool as pal_pool
 from bimac.losses.pal import pal_weights as pal_weights
+from bimac.losses.reconstruction import reconstruction_loss as reconstruction_loss
 from bimac.losses.sinkhorn import cosine_cost as cosine_cost
 from bimac.losses.sinkhorn import sinkhorn_ot as sinkhorn_ot

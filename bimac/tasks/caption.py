@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from bimac.data import DataConfig, TokenizerConfig
+from bimac.data.tokenizer import strip_special
 from bimac.engine import TrainConfig
 from bimac.losses import caption_loss, scst_loss
 from bimac.models.bimac import BiMACConfig
 from bimac.tasks.finetune import FinetuneBase, freeze
-from bimac.tasks.pretrain import strip_special
 
 logger = logging.getLogger(__name__)
 

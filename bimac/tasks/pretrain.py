@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bimac.data.loader import strip_special
+from bimac.data.tokenizer import strip_special
 from bimac.losses import (
     caption_loss,
     contrastive_loss,
