@@ -1,13 +1,17 @@
 """Zero-shot classification through the CLI on a tiny BiMAC trained for a few contrastive steps on
-the embedded world's shape split (its captions: "A green ellipse."), then classified zero-shot
-into the 100 colour-shape classes of held-out scenes: far above chance (1 % top-1, 5 % top-5).
+single-object scenes of the embedded world (captions: "A green ellipse.", "Only a red star."),
+then classified zero-shot into the 10 SHAPES of held-out scenes: well above chance (10 % top-1).
 
-At this size (32 px, 16 patches, one layer, 80 steps) the model learns colour before shape: the
-10-way shape-only task stays near chance, so the 100-way task is the one asserted here."""
+Single-object scenes are used because on the two-group training split the contrastive task is
+almost solved by colours, counts and relations, and shape stays near chance there (measured:
+10-15 % top-1 after 200-400 steps). The model is the ``tiny`` config (64 px, 8 px patches) with
+the learnable logit scale (open_clip init 1/0.07) that ``configs/pretrain/tiny.yaml`` uses: with
+the paper's fixed τ = 0.5 this same run stays at chance (measured 10.5 % top-1, loss 1.99 vs 1.0)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from bimac.data.synthetic import class_names, make_sample
@@ -18,43 +22,45 @@ from bimac.eval.common import decode_image
 from bimac.losses.contrastive import contrastive_loss
 from bimac.models.bimac import BiMAC, BiMACConfig
 
-TINY = dict(
-    vocab_size=200,
-    image_size=32,
-    patch_size=8,
-    vision_width=64,
-    vision_layers=1,
-    vision_head_width=32,
-    text_width=64,
-    text_layers=1,
-    text_heads=2,
-    decoder_layers=1,
-    context_length=16,
-    grounding_dim=32,
-    patch_decoder_width=32,
-    patch_decoder_layers=1,
-    patch_decoder_heads=2,
-)
+TINY = dict(vocab_size=1000, image_size=64, patch_size=8, context_length=32, patch_decoder_layers=1)
+STEPS, BATCH = 300, 32
 
 
-def test_zero_shot_on_world_shapes_beats_chance(tmp_path):
+@pytest.fixture
+def one_thread():
+    """This model is too small for intra-op threads to pay off; on a busy 2-core machine they make
+    each step ~10x slower (measured), so the test pins one and restores the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_zero_shot_on_world_shapes_beats_chance(tmp_path, one_thread):
     torch.manual_seed(0)
+    rng = np.random.default_rng(0)
     # training scenes are disjoint from the evaluated ones (indices 0..199 of the split)
-    train = [make_sample(0, "cls_shape", 1000 + i) for i in range(256)]
-    captions = [s["json"]["captions_en"][0] for s in train]
-    split = "cls_colour_shape"
+    train = [make_sample(0, "cls_shape", 1000 + i) for i in range(1000)]
+    captions = [s["json"]["captions_en"] for s in train]
+    split = "cls_shape"
     prompts = [t.format(c) for c in class_names(split) for t in world_templates(split)]
-    raw_tok = train_world_tokenizer(captions + prompts, TINY["vocab_size"])
+    raw_tok = train_world_tokenizer(
+        [c for cs in captions for c in cs] + prompts, TINY["vocab_size"]
+    )
     tok = HFTokenizer(raw_tok, TINY["context_length"])
     images = torch.from_numpy(np.stack([decode_image(s["jpg"], TINY["image_size"]) for s in train]))
-    texts = tok.encode(captions)
     model = BiMAC(BiMACConfig(**TINY))
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    for _ in range(80):
-        idx = torch.randperm(len(train))[:64]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    # 20 warm-up steps, then cosine decay to 0 (the engine's schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + np.cos(np.pi * s / STEPS))
+    )
+    for _ in range(STEPS):
+        idx = torch.randperm(len(train))[:BATCH]
+        texts = tok.encode([captions[i][rng.integers(5)] for i in idx.tolist()])
         out = model(
             images[idx],
-            texts[idx],
+            texts,
             caption=False,
             grounding=False,
             reconstruction=False,
@@ -63,7 +69,9 @@ def test_zero_shot_on_world_shapes_beats_chance(tmp_path):
         loss = contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"])
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        sched.step()
     model.save_pretrained(tmp_path / "ckpt", tokenizer=raw_tok)
 
     result = classification.main(
@@ -76,6 +84,9 @@ def test_zero_shot_on_world_shapes_beats_chance(tmp_path):
             str(tmp_path / "cls.json"),
         ]
     )
-    assert result["chance_top1"] == 1.0 and result["images"] == 200
-    assert result["top1"] >= 4.0, result  # chance: 1 %
-    assert result["top5"] >= 25.0, result  # chance: 5 %
+    assert result["chance_top1"] == 10.0 and result["images"] == 200
+    # measured 19 % top-1, 68 % top-5 (dev machine, 1 or 2 threads); with 200 images the binomial
+    # standard error at chance is 2.1 points, so 15 % is ~2.4 sigma above chance, 19 % ~4.3
+    assert result["top1"] >= 15.0, result  # chance: 10 %
+    assert result["top5"] >= 60.0, result  # chance: 50 %
+    assert result["mean_per_class_recall"] >= 15.0, result  # chance: 10 %
