@@ -285,6 +285,17 @@ class BiMAC(nn.Module):
         self.coca.set_grad_checkpointing(enable)
         self.patch_decoder.grad_checkpointing = enable
 
+    def grounding_parts(self) -> list[nn.Module | nn.Parameter]:
+        """What only the grounding objective trains: noun/patch projections and its sigmoid."""
+        return [
+            self.patch_norm,
+            self.patch_proj,
+            self.noun_norm,
+            self.noun_proj,
+            self.grounding_logit_scale,
+            self.grounding_logit_bias,
+        ]
+
     @property
     def dtype(self) -> torch.dtype:
         """The weights' dtype (bf16 / fp16 when DeepSpeed casts the model, no autocast)."""

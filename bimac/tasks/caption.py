@@ -128,12 +128,7 @@ class CaptionTask(FinetuneBase):
                 model.coca.logit_scale,
                 model.coca.text.text_projection,
                 model.patch_decoder,
-                model.patch_norm,
-                model.patch_proj,
-                model.noun_norm,
-                model.noun_proj,
-                model.grounding_logit_scale,
-                model.grounding_logit_bias,
+                *model.grounding_parts(),
             ]
         )
         if model.coca.visual.proj is not None:

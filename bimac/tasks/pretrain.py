@@ -103,14 +103,7 @@ class PretrainTask:
         if not o.git:
             unused.append(model.patch_decoder)
         if not o.grounding:
-            unused += [
-                model.patch_norm,
-                model.patch_proj,
-                model.noun_norm,
-                model.noun_proj,
-                model.grounding_logit_scale,
-                model.grounding_logit_bias,
-            ]
+            unused += model.grounding_parts()
         for part in unused:
             for p in part.parameters() if isinstance(part, nn.Module) else [part]:
                 p.requires_grad_(False)
