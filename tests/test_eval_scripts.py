@@ -183,3 +183,30 @@ def test_classification_image_folder_and_probe_world(checkpoint, tmp_path):
     assert pr["examples"] == 4
     assert pr["group_score"] <= min(pr["text_score"], pr["image_score"])
     assert {"attribute_text_score", "relation_group_score"} <= set(pr)
+
+
+def test_world_evaluation_writes_what_the_report_reads(checkpoint, tmp_path):
+    from bimac.eval import world
+    from bimac.tools.report import render
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = world.main(
+        ["--checkpoint", str(checkpoint), "--n", "8", "--out", str(run / "eval.json")]
+    )
+    data = json.loads((run / "eval.json").read_text())
+    assert {r["task"] for r in rows} == {
+        "retrieval",
+        "zero-shot cls (shape)",
+        "captioning (PTB-tokenised)"
+        if java_available()
+        else "captioning (no Java: whitespace-tokenised)",
+        "probe",
+    }
+    assert data["retrieval"]["images"] == 8 and data["retrieval"]["texts"] >= 8
+    assert data["zero_shot_shape"]["chance_top1"] == 10.0
+    page = render([run], tmp_path / "report.md")
+    r1 = f"{data['retrieval']['i2t_R@1']:.2f}"
+    retrieval_rows = [line for line in page.splitlines() if line.startswith("| run/eval/retrieval")]
+    assert len(retrieval_rows) == 1 and f"| {r1} |" in retrieval_rows[0]
+    assert "| run/eval/probe |" in page and "| run/eval/zero_shot_shape |" in page

@@ -19,8 +19,11 @@ from bimac.eval.common import bimac_encoder, markdown_table
 from bimac.metrics.text import java_available
 
 
-def evaluate_world(checkpoint: str | Path, n: int = 200, device: str = "cpu") -> list[dict]:
-    """Rows ``{task, metric, value}`` of the four evaluations."""
+def evaluate_world(
+    checkpoint: str | Path, n: int = 200, device: str = "cpu"
+) -> tuple[list[dict], dict[str, dict]]:
+    """Rows ``{task, metric, value}`` of the four evaluations, and each evaluation's full numbers
+    (what ``--out`` writes, in the layout ``bimac report`` reads)."""
     enc = bimac_encoder(checkpoint, device)
     rows: list[dict] = []
     images, caps = retrieval.shard_pairs(f"world:retrieval:{n}")
@@ -62,7 +65,8 @@ def evaluate_world(checkpoint: str | Path, n: int = 200, device: str = "cpu") ->
         {"task": "probe", "metric": k, "value": p[k]}
         for k in ("text_score", "image_score", "group_score")
     ]
-    return rows
+    details = {"retrieval": r, "zero_shot_shape": c, "captioning": s, "probe": p}
+    return rows, details
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -74,11 +78,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    rows = evaluate_world(args.checkpoint, args.n, args.device)
+    rows, details = evaluate_world(args.checkpoint, args.n, args.device)
     print("### Embedded-world evaluation\n")
     print(markdown_table(rows, ["task", "metric", "value"]))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({"rows": rows, **details}, indent=2))
     return rows
 
 
