@@ -53,21 +53,38 @@ def _safe_log(mass: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, mass.clamp_min(tiny).log(), float("-inf"))
 
 
+# exp(-80) ~ 1.8e-35 is far below float32/float64 rounding relative to the largest term (1 after
+# the max shift), so clamping the shifted exponents there changes no sum; it keeps exp() away from
+# denormal results (measured ~17x slower here) and -inf inputs (~2x).
+_EXP_FLOOR = -80.0
+
+
+def _logsumexp_(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logsumexp`` over ``dim`` computed in place in ``x`` (a scratch buffer, no autograd).
+
+    ~2x faster than ``torch.logsumexp`` here (no temporaries, no slow exp path). With autograd we
+    keep ``torch.logsumexp``: it saves one ``[B, S, T]`` tensor per call where this would save two.
+    """
+    shift = x.amax(dim, keepdim=True)
+    terms = x.sub_(shift).clamp_min_(_EXP_FLOOR).exp_()
+    return terms.sum(dim).log_() + shift.squeeze(dim)
+
+
 def _sinkhorn_log_plan(
     cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, n_iters: int
 ) -> torch.Tensor:
     log_kernel = -cost / eps
     log_a, log_b = _safe_log(a), _safe_log(b)
-    # POT starts from zero potentials; dropped patches start (and stay) at -inf.
+    # Without autograd, every half-iteration reuses one buffer (allocating a fresh [B, S, T]
+    # tensor each time costs more than the arithmetic).
+    scratch = None if torch.is_grad_enabled() else torch.empty_like(log_kernel)
+    # POT starts from zero potentials; dropped patches start (and stay) at -inf: log 0 minus a
+    # finite logsumexp (every sample has some mass, see ``sinkhorn_ot``).
     u = torch.where(a > 0, 0.0, -torch.inf).to(a.dtype)
-    v = torch.where(b > 0, 0.0, -torch.inf).to(b.dtype)
+    lse = torch.logsumexp if scratch is None else _logsumexp_
     for _ in range(n_iters):
-        v = torch.where(
-            b > 0, log_b - torch.logsumexp(log_kernel + u[:, :, None], dim=1), -torch.inf
-        )
-        u = torch.where(
-            a > 0, log_a - torch.logsumexp(log_kernel + v[:, None, :], dim=2), -torch.inf
-        )
+        v = log_b - lse(torch.add(log_kernel, u[:, :, None], out=scratch), 1)
+        u = log_a - lse(torch.add(log_kernel, v[:, None, :], out=scratch), 2)
     return torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
 
 
