@@ -89,6 +89,21 @@ def shard_indices(available: Sequence[int], shard_index: int | None) -> list[int
     return [shard_index]
 
 
+def pending_shards(
+    out: Path, stage: str, available: Sequence[int], shard_index: int | None, fieldnames
+) -> list[int]:
+    """The requested shards (``shard_indices``) that ``stage`` has not finished in ``out``;
+    says so when there is nothing left, so a rerun of a finished stage does nothing."""
+    todo = [
+        i
+        for i in shard_indices(available, shard_index)
+        if not ShardRun(out, stage, i, fieldnames).finished
+    ]
+    if not todo:
+        log.info("%s: every requested shard in %s is already finished; nothing to do", stage, out)
+    return todo
+
+
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}"
 

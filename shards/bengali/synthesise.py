@@ -30,10 +30,10 @@ from shards.bengali.resumable import (
     atomic_write_bytes,
     atomic_write_json,
     parse_cli,
+    pending_shards,
     read_csv,
     setup_logging,
     shard_bounds,
-    shard_indices,
 )
 from shards.bengali.translate import pick_device
 
@@ -315,15 +315,8 @@ def synthesise_shard(
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
     cfg = parse_cli(SynthesiseConfig, argv)
-    todo = [
-        i
-        for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
-        if not ShardRun(cfg.out, "synthesise", i, FIELDS).finished
-    ]
+    todo = pending_shards(cfg.out, "synthesise", range(cfg.num_shards), cfg.shard_index, FIELDS)
     if not todo:
-        log.info(
-            "synthesise: every requested shard in %s is already finished; nothing to do", cfg.out
-        )
         return []
     rows = read_csv(cfg.accepted)
     synth = KandinskySynthesiser(cfg)

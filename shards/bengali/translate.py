@@ -21,9 +21,9 @@ import torch
 from shards.bengali.resumable import (
     ShardRun,
     parse_cli,
+    pending_shards,
     setup_logging,
     shard_bounds,
-    shard_indices,
 )
 
 log = logging.getLogger(__name__)
@@ -123,15 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     cfg = parse_cli(TranslateConfig, argv)
     if cfg.captions is None:
         raise SystemExit("translate: give the COCO caption JSON with --captions FILE")
-    todo = [
-        i
-        for i in shard_indices(range(cfg.num_shards), cfg.shard_index)
-        if not ShardRun(cfg.out, "translate", i, FIELDS).finished
-    ]
+    todo = pending_shards(cfg.out, "translate", range(cfg.num_shards), cfg.shard_index, FIELDS)
     if not todo:
-        log.info(
-            "translate: every requested shard in %s is already finished; nothing to do", cfg.out
-        )
         return []
     rows = load_coco_captions(cfg.captions)
     translator = MarianTranslator(cfg)

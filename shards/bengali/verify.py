@@ -23,9 +23,9 @@ from shards.bengali.resumable import (
     atomic_write_bytes,
     atomic_write_json,
     parse_cli,
+    pending_shards,
     read_csv,
     setup_logging,
-    shard_indices,
     write_csv,
 )
 from shards.bengali.translate import pick_device
@@ -183,10 +183,10 @@ def main(argv: list[str] | None = None) -> Any:
     cfg = parse_cli(VerifyConfig, argv)
     if cfg.merge:
         return merge(cfg)
-    shards = shard_indices(translated_shards(cfg.translated), cfg.shard_index)
-    todo = [i for i in shards if not ShardRun(cfg.out, "verify", i, FIELDS).finished]
+    todo = pending_shards(
+        cfg.out, "verify", translated_shards(cfg.translated), cfg.shard_index, FIELDS
+    )
     if not todo:
-        log.info("verify: every requested shard in %s is already finished; nothing to do", cfg.out)
         return []
     embed = labse_embedder(cfg)
     return [verify_shard(embed, cfg, i) for i in todo]
