@@ -16,6 +16,7 @@ from bimac.data.synthetic import (
     RELATIONS,
     SHAPES,
     SIZES,
+    TEXTURES,
     bn_genitive,
     class_names,
     make_sample,
@@ -162,8 +163,12 @@ def test_world_covers_the_required_vocabulary():
             for k in ("shape", "colour", "size", "texture"):
                 seen[k].add(o[k])
         seen["rel"].add(meta["relation"])
-    assert len(seen["shape"]) >= 8 and len(seen["colour"]) >= 8 and len(seen["size"]) >= 2
-    assert seen["rel"] >= {"left", "right", "above", "below", None}
+    # every word of the world's lexicon occurs in 400 training scenes, and nothing else does
+    assert seen["shape"] == set(SHAPES) and len(SHAPES) == 10
+    assert seen["colour"] == set(COLOURS) and len(COLOURS) == 10
+    assert seen["size"] == set(SIZES) and len(SIZES) == 3
+    assert seen["texture"] == set(TEXTURES) == {"solid", "stripes", "dots", "checker"}
+    assert seen["rel"] == set(RELATIONS) | {None} == {"left", "right", "above", "below", None}
 
 
 def test_pixels_show_the_objects_colour():

@@ -114,3 +114,37 @@ def test_ptb_tokenize_equals_pycocoevalcap_without_writing_into_the_package():
     theirs = PTBTokenizer().tokenize({i: [{"caption": s}] for i, s in enumerate(sentences)})
     assert ours == [theirs[i][0] for i in range(len(sentences))]
     assert ours[0] == "a man 's dog running fast"
+
+
+@pytest.mark.slow  # two JVMs load the English paraphrase table (~1 min)
+def test_meteor_english_equals_pycocoevalcap():
+    """English METEOR against pycocoevalcap's own wrapper of the same jar (the COCO settings):
+    per-caption and corpus scores equal to 1e-6 (the jar prints them with limited digits)."""
+    from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
+
+    candidates = [
+        "a red circle left of a blue square",
+        "two green triangles on a white background",
+        "the dogs are running quickly across the field",
+        "something else entirely",
+    ]
+    references = [
+        ["a red circle to the left of a blue square", "red circle and blue square"],
+        ["two green triangles", "a pair of green triangles on white"],
+        ["a dog runs across a grassy field", "dogs running in a field"],
+        ["a yellow star above a purple hexagon"],
+    ]
+    ours, ours_per = Meteor.shared("en").score(candidates, references)
+    coco = CocoMeteor()
+    try:
+        gts = {i: refs for i, refs in enumerate(references)}
+        res = {i: [c] for i, c in enumerate(candidates)}
+        theirs, theirs_per = coco.compute_score(gts, res)
+    finally:
+        with coco.lock:
+            coco.meteor_p.stdin.close()
+            coco.meteor_p.kill()
+            coco.meteor_p.wait()
+    assert ours == pytest.approx(theirs, abs=1e-6)
+    assert ours_per == pytest.approx(list(theirs_per), abs=1e-6)
+    assert 0 < min(ours_per[:3]) and ours_per[0] > ours_per[3]  # a real spread, not all zeros

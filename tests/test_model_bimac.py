@@ -261,8 +261,29 @@ def test_reward_with_real_cider_and_training_corpus():
     task = PretrainTask(
         SMALL, dataclasses.replace(ALL_NO_RF, rf=True), tokenizer=TOK, reward_corpus=corpus
     )
-    terms, metrics = task.losses(model, batch)
-    assert np.isfinite(metrics["rf_cider"]) and torch.isfinite(terms["cg"])
+    import bimac.generation
+    from bimac.data.tokenizer import strip_special
+    from bimac.metrics.cider import CiderD
+
+    greedy = []
+    real_generate = bimac.generation.generate
+
+    def recording_generate(*args, **kwargs):
+        greedy.append(real_generate(*args, **kwargs))
+        return greedy[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bimac.generation, "generate", recording_generate)
+        terms, metrics = task.losses(model, batch)
+    # rf_cider is CIDEr-D (df from the training corpus) of the greedy captions against each
+    # image's reference (its own caption here), recomputed from the recorded greedy ids
+    (gen,) = greedy
+    candidates = strip_special(gen.ids, TOK.bos_id, TOK.eos_id, SMALL.pad_id)
+    references = [[r] for r in strip_special(batch["text"], TOK.bos_id, TOK.eos_id, SMALL.pad_id)]
+    expected = np.mean(CiderD(corpus).score(candidates, references))
+    assert expected > 0  # a random model still shares words with its references here
+    assert metrics["rf_cider"] == pytest.approx(expected, abs=1e-9)
+    assert torch.isfinite(terms["cg"])
     with pytest.raises(RuntimeError, match="tokenizer"):
         PretrainTask(SMALL, dataclasses.replace(ALL_NO_RF, rf=True)).losses(model, batch)
 
