@@ -147,4 +147,4 @@ def test_meteor_english_equals_pycocoevalcap():
             coco.meteor_p.wait()
     assert ours == pytest.approx(theirs, abs=1e-6)
     assert ours_per == pytest.approx(list(theirs_per), abs=1e-6)
-    assert 0 < min(ours_per[:3]) and ours_per[0] > ours_per[3]  # a real spread, not all zeros
+    assert min(ours_per[:3]) > 0 and ours_per[0] > ours_per[3]  # a real spread, not all zeros
