@@ -8,7 +8,7 @@ import tarfile
 import pytest
 from PIL import Image
 
-from bimac.demo import preview_grid
+from cli.demo import preview_grid
 from shards import check, synthetic
 
 

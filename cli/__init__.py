@@ -1,4 +1,4 @@
-"""The ``bimac`` command: thin subcommands over the entry points and tools.
+"""The ``bimac`` command (``python -m cli``): thin subcommands over the entry points and tools.
 
     bimac pretrain --config configs/pretrain/tiny.yaml [key=value ...]
     bimac finetune retrieval|caption|classification|caption_bn --config ... [key=value ...]
