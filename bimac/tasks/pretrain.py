@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from bimac.config import ConfigError, load_config
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.loader import check_spacy_pipeline
+from bimac.data.loader import check_spacy_pipeline, require_shards
 from bimac.data.tokenizer import strip_special
 from bimac.engine import TrainConfig
 from bimac.losses import (
@@ -311,7 +310,9 @@ class BiMACPretrain(PretrainTask):
     """The pretraining task bound to the data pipeline: loader, skip counts and export."""
 
     def __init__(self, cfg: PretrainConfig) -> None:
-        check_spacy_pipeline(cfg.data)  # at start-up, before DeepSpeed takes the devices
+        # at start-up, before DeepSpeed, wandb or a worker starts and leaves run files behind
+        check_spacy_pipeline(cfg.data)
+        require_shards(cfg.data.train_shards, "data.train_shards")
         tokenizer = build_tokenizer(cfg.tokenizer)
         if tokenizer.vocab_size > cfg.model.vocab_size or tokenizer.pad_id != cfg.model.pad_id:
             raise ConfigError(
@@ -335,7 +336,5 @@ class BiMACPretrain(PretrainTask):
 
     def export(self, model: Any, out_dir: Path) -> None:
         tok = self.cfg.tokenizer
-        name = None if tok.kind == "world" else tok.name
-        model.save_pretrained(out_dir, tokenizer=name, experiment_config=self.cfg)
-        if tok.kind == "world":
-            shutil.copyfile(tok.path, Path(out_dir) / "tokenizer.json")
+        source = Path(tok.path) if tok.kind == "world" else tok.name
+        model.save_pretrained(out_dir, tokenizer=source, experiment_config=self.cfg)
