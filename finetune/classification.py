@@ -13,9 +13,10 @@ top-5 / mean per-class recall on `data.test`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac.config import load_config, run_main
 from bimac.tasks.classification import (
     ClassificationConfig,
     ClassificationTask,
@@ -25,11 +26,14 @@ from bimac.tasks.classification import (
 )
 from finetune.common import (
     bimac_encoder_of,
+    check_inputs,
     fresh_model,
     parser,
     setup_logging,
     write_results,
 )
+
+PROG = "python -m finetune.classification"
 
 
 def zero_shot(encoder, images, labels, classnames, spec: str, batch_size: int) -> dict:
@@ -87,10 +91,12 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser("python -m finetune.classification", __doc__).parse_args(argv)
+    args = parser(ClassificationConfig, PROG, __doc__).parse_args(argv)
     setup_logging()
-    return run(load_config(ClassificationConfig, args.config, args.overrides), args.eval_only)
+    cfg = load_config(ClassificationConfig, args.config, args.overrides)
+    check_inputs(cfg)
+    return run(cfg, args.eval_only)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -11,17 +11,21 @@ JSON such as ``dataset_coco.json`` / ``dataset_flickr30k.json`` with `eval.image
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac.config import load_config, run_main
 from bimac.tasks.retrieval import RetrievalConfig, RetrievalTask
 from finetune.common import (
     bimac_encoder_of,
+    check_inputs,
     fresh_model,
     parser,
     setup_logging,
     write_results,
 )
+
+PROG = "python -m finetune.retrieval"
 
 
 def eval_pairs(cfg: RetrievalConfig) -> tuple[list, list[list[str]]]:
@@ -74,10 +78,12 @@ def _finish(cfg: RetrievalConfig, rank: int, results: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser("python -m finetune.retrieval", __doc__).parse_args(argv)
+    args = parser(RetrievalConfig, PROG, __doc__).parse_args(argv)
     setup_logging()
-    return run(load_config(RetrievalConfig, args.config, args.overrides), args.eval_only)
+    cfg = load_config(RetrievalConfig, args.config, args.overrides)
+    check_inputs(cfg)
+    return run(cfg, args.eval_only)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))
