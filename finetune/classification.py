@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from bimac.config import load_config, run_main
+from bimac.models.classifier import ImageClassifier
 from bimac.tasks.classification import (
     ClassificationConfig,
     ClassificationTask,
-    ImageClassifier,
     accuracy,
     load_items,
 )

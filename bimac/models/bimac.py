@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bimac import export_folder
 from bimac.config import ConfigError, from_dict, load_config
-from bimac.losses.grounding import hungarian_match
+from bimac.matching import hungarian_match
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,18 @@ class BiMAC(nn.Module):
         self.coca.set_grad_checkpointing(enable)
         self.patch_decoder.grad_checkpointing = enable
 
+    def caption_adapter(self, tokenizer: Any) -> Any:
+        """The caption decoder as a :class:`bimac.generation.CocaAdapter` with the tokenizer's
+        start / end tokens (RF rewards in pretraining, SCST in fine-tuning)."""
+        from bimac.generation import CocaAdapter
+
+        return CocaAdapter(
+            self.coca,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=self.config.pad_id,
+        )
+
     def grounding_parts(self) -> list[nn.Module | nn.Parameter]:
         """What only the grounding objective trains: noun/patch projections and its sigmoid."""
         return [
@@ -433,6 +445,11 @@ class BiMAC(nn.Module):
 @dataclass
 class _Saved:
     model: BiMACConfig
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine or a DDP wrapper (its ``module``), else ``model``."""
+    return getattr(model, "module", model)
 
 
 def export_model_config(directory: str | Path, key: str = "--checkpoint") -> BiMACConfig:

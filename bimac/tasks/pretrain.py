@@ -40,9 +40,12 @@ from bimac.losses import (
     reconstruction_loss,
     reward_weights,
 )
-from bimac.models.bimac import BiMAC, BiMACConfig
+from bimac.models.bimac import BiMAC, BiMACConfig, unwrap
 
 logger = logging.getLogger(__name__)
+
+# batches after which an objective that has had no signal yet (no noun, no reference) is reported
+NO_SIGNAL_BATCHES = 10
 
 
 @dataclass
@@ -101,6 +104,9 @@ class PretrainTask:
         self.reward_corpus = reward_corpus
         self._scorer = None
         self._cg_calls = 0
+        self._batches = 0
+        self._nouns = 0  # nouns the grounding objective has matched to patches
+        self._reference_count = 0  # reference captions the RF reward has scored against
 
     # -- engine surface ----------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class PretrainTask:
         """Weighted loss terms of Eq. 8 by name (``mcl``, ``cg``, ``grounding``, ``reconstruction``)
         and float metrics (unweighted losses, pointing-game score, mean CIDEr-D reward)."""
         o = self.objectives
+        self._count_signal(batch)
         out = model(
             batch["image"],
             batch["text"],
@@ -195,6 +202,39 @@ class PretrainTask:
                 metrics["pointing_game"] = score
         return terms, metrics
 
+    # -- objectives without signal -------------------------------------------------------------
+
+    def _count_signal(self, batch: dict[str, Any]) -> None:
+        """Count the nouns grounding learns from; after :data:`NO_SIGNAL_BATCHES` batches, warn
+        once about each objective that had none (it would otherwise train silently at 0)."""
+        self._batches += 1
+        if "noun_mask" in batch:
+            self._nouns += int(batch["noun_mask"].sum())
+        if self._batches == NO_SIGNAL_BATCHES:
+            for name, cause in self.inactive_objectives().items():
+                logger.warning("objectives.%s is inactive: %s", name, cause)
+
+    def inactive_objectives(self) -> dict[str, str]:
+        """Objective -> why it has had no signal so far, with the fix."""
+        o, out = self.objectives, {}
+        if o.grounding and self._batches and not self._nouns:
+            out["grounding"] = (
+                f"no noun in the captions of {self._batches} batches, so its loss is 0; set "
+                "data.noun_source: json for world shards, or spacy with an English pipeline "
+                "(data.spacy_pipeline: en_core_web_sm) for real captions, or objectives.grounding: "
+                "false"
+            )
+        if o.rf and self._cg_calls and not self._reference_count:
+            out["rf"] = (
+                f"no reference caption in {self._cg_calls} batches, so every reward weight is "
+                "1; give captions in the shards (data.references: true) or objectives.rf: false"
+            )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What the engine adds to summary.json: the objectives that never had a signal."""
+        return {"inactive_objectives": self.inactive_objectives()}
+
     # -- RF: CIDEr-D reward of the model's own greedy caption ----------------------------------
 
     def _reward_weights(
@@ -204,22 +244,17 @@ class PretrainTask:
         self._cg_calls += 1
         if (self._cg_calls - 1) % self.objectives.rf_every:
             return None
-        from bimac.generation import CocaAdapter, GenerationConfig, generate
+        from bimac.generation import GenerationConfig, generate
 
         tok = self._require_tokenizer()
-        net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(
-            net.coca,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            pad_token_id=self.model_config.pad_id,
-        )
+        adapter = unwrap(model).caption_adapter(tok)
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
         gen = generate(adapter, out["decoder_memory"].detach(), cfg)
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = self._references(batch)
+        self._reference_count += sum(1 for refs in references for ref in refs if ref)
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
