@@ -46,3 +46,17 @@ def test_dry_run_outside_slurm_is_two_local_cpu_processes():
         f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 "
         "-m pretrain --config configs/pretrain/tiny.yaml"
     )
+
+
+def test_the_project_venv_is_preferred_over_the_system_python(tmp_path):
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "PYTHON"))
+    }
+    out = subprocess.run(
+        ["bash", str(SCRIPT)], env={**clean, "DRY_RUN": "1", "NPROC": "2"},
+        capture_output=True, text=True, check=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.startswith(".venv/bin/python -m torch.distributed.run ")
