@@ -19,9 +19,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bimac.config import load_config, run_main
+from bimac.config import run_main
 from bimac.tasks.caption import CaptionConfig, CaptionTask
-from finetune.common import check_inputs, parser, setup_logging, write_results
+from finetune.common import stage_main, write_results
 
 PROG = "python -m finetune.caption"
 
@@ -109,11 +109,7 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser(CaptionConfig, PROG, __doc__).parse_args(argv)
-    setup_logging()
-    cfg = load_config(CaptionConfig, args.config, args.overrides)
-    check_inputs(cfg)
-    return run(cfg, args.eval_only)
+    return stage_main(CaptionConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":

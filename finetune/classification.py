@@ -16,7 +16,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bimac.config import load_config, run_main
+from bimac.config import run_main
 from bimac.models.classifier import ImageClassifier
 from bimac.tasks.classification import (
     ClassificationConfig,
@@ -26,10 +26,8 @@ from bimac.tasks.classification import (
 )
 from finetune.common import (
     bimac_encoder_of,
-    check_inputs,
     fresh_model,
-    parser,
-    setup_logging,
+    stage_main,
     write_results,
 )
 
@@ -91,11 +89,7 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser(ClassificationConfig, PROG, __doc__).parse_args(argv)
-    setup_logging()
-    cfg = load_config(ClassificationConfig, args.config, args.overrides)
-    check_inputs(cfg)
-    return run(cfg, args.eval_only)
+    return stage_main(ClassificationConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":

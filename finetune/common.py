@@ -6,13 +6,14 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bimac import export_folder
-from bimac.config import config_parser, program
+from bimac.config import config_parser, load_config, program
 from bimac.data import DataConfig
 from bimac.data.loader import require_shards
 
@@ -26,6 +27,17 @@ def parser(cls: type, prog: str, doc: str) -> argparse.ArgumentParser:
         help="no training: evaluate the `init` export (default: train, then evaluate)",
     )
     return p
+
+
+def stage_main(
+    cls: type, prog: str, doc: str, run: Callable[[Any, bool], dict], argv: list[str] | None
+) -> dict:
+    """The ``main`` of an English stage: command line, config, input checks, then ``run``."""
+    args = parser(cls, prog, doc).parse_args(argv)
+    setup_logging()
+    cfg = load_config(cls, args.config, args.overrides)
+    check_inputs(cfg)
+    return run(cfg, args.eval_only)
 
 
 def check_inputs(cfg: Any) -> None:

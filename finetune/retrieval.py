@@ -14,14 +14,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from bimac.config import load_config, run_main
+from bimac.config import run_main
 from bimac.tasks.retrieval import RetrievalConfig, RetrievalTask
 from finetune.common import (
     bimac_encoder_of,
-    check_inputs,
     fresh_model,
-    parser,
-    setup_logging,
+    stage_main,
     write_results,
 )
 
@@ -78,11 +76,7 @@ def _finish(cfg: RetrievalConfig, rank: int, results: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser(RetrievalConfig, PROG, __doc__).parse_args(argv)
-    setup_logging()
-    cfg = load_config(RetrievalConfig, args.config, args.overrides)
-    check_inputs(cfg)
-    return run(cfg, args.eval_only)
+    return stage_main(RetrievalConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":
