@@ -385,13 +385,8 @@ def path_hint(path: str | Path) -> str:
         return ""
     hint = f" (relative paths are read from the working directory {Path.cwd()}"
     if str(path).startswith("runs/demo"):
-        hint += "; the tiny configs read the world that `make demo` builds: run it, from the repository root"
+        hint += "; the tiny configs read the world `make demo` builds: run it, from the repo root"
     return hint + ")"
-
-
-def debug_requested(argv: list[str] | None = None) -> bool:
-    argv = sys.argv[1:] if argv is None else argv
-    return "--debug" in argv or os.environ.get("BIMAC_DEBUG", "") not in ("", "0")
 
 
 def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None = None) -> int:
@@ -401,7 +396,7 @@ def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None
     try:
         main(argv)
     except ConfigError as err:
-        if debug_requested(argv):
+        if "--debug" in argv or os.environ.get("BIMAC_DEBUG", "") not in ("", "0"):
             raise
         print(f"{program(prog)}: error: {err}", file=sys.stderr)
         return 2
