@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m bimac.demo --out $(DEMO_DIR)
+	$(PY) -m cli.demo --out $(DEMO_DIR)
 
 demo-bn: setup
-	$(PY) -m bimac.demo --out $(DEMO_DIR)-bn --bengali
+	$(PY) -m cli.demo --out $(DEMO_DIR)-bn --bengali
 
 test: setup
 	$(PY) -m shards.cc15m --setup  # img2dataset's own venv, for the end-to-end shard-building test

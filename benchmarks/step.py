@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 from open_clip.loss import CoCaLoss
 
-from bimac.losses import hungarian_match
+from bimac.matching import hungarian_match
 from bimac.models.bimac import BiMACConfig, load_model_config
 from bimac.tasks.pretrain import ObjectiveConfig, PretrainTask
 

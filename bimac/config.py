@@ -7,16 +7,32 @@ a section typed as a dataclass may also be a path to its own YAML file, or
 applies the dotted overrides, and builds ``Cls`` strictly: an unknown key or a value of the wrong
 type is a one-line :class:`ConfigError` that names the key and what it accepts, raised before any
 model or data is touched.
+
+Every entry point shares one command-line convention (:func:`config_parser`, :func:`run_main`):
+``--config FILE``, ``key=value`` overrides, ``--help`` that lists every key of the config
+dataclass with its type, default and source comment, and a user mistake (:class:`ConfigError`)
+printed as one line on stderr with a non-zero exit; ``--debug`` or ``BIMAC_DEBUG=1`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import difflib
 import hashlib
+import inspect
+import io
 import json
+import os
 import re
+import sys
+import textwrap
+import tokenize
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -110,8 +126,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        fix = f"did you mean {prefix}{close[0]}?" if close else "valid keys here:"
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: {', '.join(sorted(fields))}"
+            f"unknown config key {prefix}{unknown[0]!s}; {fix} "
+            f"({', '.join(sorted(fields)) if not close else 'see --help'})"
         )
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     missing = [
@@ -158,8 +177,12 @@ def _read_yaml(path: Path, cls: type | None = None, seen: tuple[Path, ...] = ())
     if path in seen:
         raise ConfigError(f"_base_ cycle through {path}")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        what = "a directory, not a config file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; the shipped configs are in configs/")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     data = _expand_sections(data, cls, path.parent)
@@ -223,7 +246,10 @@ def _parse_value(raw: str) -> Any:
     """YAML scalar, except that ``1e-3`` is a float (YAML 1.1 reads it as a string)."""
     if not raw.strip():
         return ""
-    value = yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override value {raw!r} is not valid YAML; quote it") from err
     if isinstance(value, str) and _SCIENTIFIC.match(value):
         return float(value)
     return value
@@ -237,3 +263,141 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# -- the command line of every entry point ---------------------------------------------------
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the dataclass source (the ``#`` lines just above the field,
+    then the one at the end of its line), so ``--help`` says what the code says."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # a class defined in a REPL or a test's exec
+        return {}
+    comments: dict[int, tuple[str, bool]] = {}  # line -> (text, the line holds code too)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            code_before = bool(tok.line[: tok.start[1]].strip())
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), code_before)
+    out = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and not comments[line][1]:
+            above.insert(0, comments[line][0])
+            line -= 1
+        trailing = [
+            comments[n][0] for n in range(node.lineno, node.end_lineno + 1) if n in comments
+        ]
+        if text := " ".join(above + trailing).strip():
+            out[node.target.id] = text
+    return out
+
+
+def _annotation_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "{" + ",".join(map(str, get_args(tp))) + "}"
+    if origin in (Union, types.UnionType):
+        names = [_annotation_name(a) for a in get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in get_args(tp) else "")
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return _type_name(tp)
+
+
+def describe_keys(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf key of config dataclass ``cls``: ``key: type = default  comment``."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            lines += describe_keys(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default), ensure_ascii=False)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = json.dumps(to_dict(f.default_factory()), ensure_ascii=False)
+        else:
+            default = "(required)"
+        line = f"  {prefix}{f.name}: {_annotation_name(tp)} = {default}"
+        if f.name in comments:
+            line += f"  # {comments[f.name]}"
+        lines.append(line)
+    return lines
+
+
+def program(default: str) -> str:
+    """The name for usage lines: ``bimac <command> ...`` when the ``bimac`` command runs the entry
+    point (it sets ``sys.argv[0]``), else ``default`` (e.g. ``python -m finetune.caption``)."""
+    return sys.argv[0] if sys.argv[0].startswith("bimac") and " " in sys.argv[0] else default
+
+
+class CliParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line naming the fix."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def config_parser(
+    cls: type | None,
+    prog: str,
+    description: str,
+    *,
+    config_help: str = "experiment YAML",
+    config_required: bool = True,
+    overrides: bool = True,
+) -> CliParser:
+    """``--config FILE``, ``--debug`` and ``key=value`` overrides, with ``--help`` listing every
+    key of ``cls`` (type, default, comment). ``overrides=False``: the caller takes the
+    ``key=value`` / ``--key value`` words from ``parse_known_args``."""
+    epilog = None
+    if cls is not None:
+        epilog = "config keys (set in the YAML or as key=value; defaults of the code):\n"
+        epilog += "\n".join(describe_keys(cls))
+    p = CliParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=config_required, metavar="FILE", help=config_help)
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the Python traceback of an error (also BIMAC_DEBUG=1)",
+    )
+    if overrides:
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=20")
+    return p
+
+
+def path_hint(path: str | Path) -> str:
+    """What to add to "``path`` does not exist": where a relative path was looked for."""
+    if Path(path).is_absolute() or str(path).startswith(("pipe:", "hf-hub:")) or "://" in str(path):
+        return ""
+    hint = f" (relative paths are read from the working directory {Path.cwd()}"
+    if str(path).startswith("runs/demo"):
+        hint += "; the tiny configs read the world `make demo` builds: run it, from the repo root"
+    return hint + ")"
+
+
+def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None = None) -> int:
+    """Run an entry point's ``main(argv)``; a :class:`ConfigError` (a user mistake: its message
+    names the file or key and the fix) becomes one line on stderr and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        main(argv)
+    except ConfigError as err:
+        if "--debug" in argv or os.environ.get("BIMAC_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"{program(prog)}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

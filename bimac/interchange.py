@@ -36,7 +36,8 @@ import yaml
 from safetensors.torch import save_file
 
 from bimac.config import ConfigError, to_dict
-from bimac.models.bimac import TOKENIZER_FILE, BiMAC, BiMACConfig
+from bimac.export_folder import TOKENIZER_FILE, TOKENIZER_NAME_FILE
+from bimac.models.bimac import BiMAC, BiMACConfig
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def export_open_clip(
     state = {k: v.detach().contiguous().cpu() for k, v in model.coca.state_dict().items()}
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
-    for tok in (TOKENIZER_FILE, "tokenizer.txt"):
+    for tok in (TOKENIZER_FILE, TOKENIZER_NAME_FILE):
         if src_dir is not None and (src_dir / tok).is_file():
             shutil.copyfile(src_dir / tok, out / tok)
     logger.info("open_clip export %s: %s (%d tensors)", name, out, len(state))

@@ -16,11 +16,14 @@ captioned (`eval.strategy`, beam by default) and scored with BLEU-1..4, METEOR, 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac.config import run_main
 from bimac.tasks.caption import CaptionConfig, CaptionTask
-from finetune.common import parser, setup_logging, write_results
+from finetune.common import stage_main, write_results
+
+PROG = "python -m finetune.caption"
 
 
 def score_export(export: str | Path, cfg: CaptionConfig, annotations: str, images: str) -> dict:
@@ -106,10 +109,8 @@ def run(cfg: CaptionConfig, eval_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser("python -m finetune.caption", __doc__).parse_args(argv)
-    setup_logging()
-    return run(load_config(CaptionConfig, args.config, args.overrides), args.eval_only)
+    return stage_main(CaptionConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -8,28 +8,37 @@ model to ``train.output_dir/export``, then captions the held-out triplets with b
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac import export_folder
+from bimac.config import config_parser, load_config, program, run_main
 from bimac.engine import train
 from bimac.engine.distributed import init_distributed
 from bimac.models.pal_captioner import PALCaptioner
 from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask, evaluate_captions, metrics_table
+from finetune.common import check_inputs, setup_logging
 
 logger = logging.getLogger(__name__)
 
 
+PROG = "python -m finetune.caption_bn"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML (configs/finetune/caption_bn/*.yaml)")
+    p = config_parser(
+        CaptionBnConfig, program(PROG), __doc__, config_help="configs/finetune/caption_bn/*.yaml"
+    )
     p.add_argument("--eval-only", metavar="EXPORT_DIR", help="skip training; evaluate this export")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     cfg = load_config(CaptionBnConfig, args.config, args.overrides)
+    if args.eval_only:
+        export_folder.check(args.eval_only, "--eval-only")
+    else:
+        check_inputs(cfg)
     out = Path(cfg.train.output_dir)
     if args.eval_only:
         export_dir, rank = Path(args.eval_only), 0
@@ -56,4 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -13,23 +13,25 @@ top-5 / mean per-class recall on `data.test`.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac.config import run_main
+from bimac.models.classifier import ImageClassifier
 from bimac.tasks.classification import (
     ClassificationConfig,
     ClassificationTask,
-    ImageClassifier,
     accuracy,
     load_items,
 )
 from finetune.common import (
     bimac_encoder_of,
     fresh_model,
-    parser,
-    setup_logging,
+    stage_main,
     write_results,
 )
+
+PROG = "python -m finetune.classification"
 
 
 def zero_shot(encoder, images, labels, classnames, spec: str, batch_size: int) -> dict:
@@ -87,10 +89,8 @@ def run(cfg: ClassificationConfig, eval_only: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser("python -m finetune.classification", __doc__).parse_args(argv)
-    setup_logging()
-    return run(load_config(ClassificationConfig, args.config, args.overrides), args.eval_only)
+    return stage_main(ClassificationConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -1,4 +1,4 @@
-"""What the English fine-tuning entry points share: config loading, logging, results files."""
+"""What the fine-tuning entry points share: command line, start-up checks, logging, results."""
 
 from __future__ import annotations
 
@@ -6,25 +6,48 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bimac import export_folder
+from bimac.config import config_parser, load_config, program
+from bimac.data import DataConfig
+from bimac.data.loader import require_shards
 
-def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """``--config`` and ``key=value`` overrides, the same for every stage."""
-    p = argparse.ArgumentParser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--config", required=True, help="experiment YAML (configs/finetune/...)")
+
+def parser(cls: type, prog: str, doc: str) -> argparse.ArgumentParser:
+    """The shared convention (:func:`bimac.config.config_parser`) plus ``--eval-only``."""
+    p = config_parser(cls, program(prog), doc, config_help="experiment YAML (configs/finetune/...)")
     p.add_argument(
         "--eval-only",
         action="store_true",
         help="no training: evaluate the `init` export (default: train, then evaluate)",
     )
-    p.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.max_steps=20")
     return p
+
+
+def stage_main(
+    cls: type, prog: str, doc: str, run: Callable[[Any, bool], dict], argv: list[str] | None
+) -> dict:
+    """The ``main`` of an English stage: command line, config, input checks, then ``run``."""
+    args = parser(cls, prog, doc).parse_args(argv)
+    setup_logging()
+    cfg = load_config(cls, args.config, args.overrides)
+    check_inputs(cfg)
+    return run(cfg, args.eval_only)
+
+
+def check_inputs(cfg: Any) -> None:
+    """What a stage reads, checked before the engine (DeepSpeed, wandb, workers) starts: the
+    ``init`` export folder and the training shards."""
+    if getattr(cfg, "init", ""):
+        export_folder.check(cfg.init, "init")
+    data = getattr(cfg, "data", None)
+    if isinstance(data, DataConfig):
+        require_shards(data.train_shards, "data.train_shards")
 
 
 def setup_logging() -> int:

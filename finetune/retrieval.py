@@ -11,17 +11,19 @@ JSON such as ``dataset_coco.json`` / ``dataset_flickr30k.json`` with `eval.image
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from bimac.config import load_config
+from bimac.config import run_main
 from bimac.tasks.retrieval import RetrievalConfig, RetrievalTask
 from finetune.common import (
     bimac_encoder_of,
     fresh_model,
-    parser,
-    setup_logging,
+    stage_main,
     write_results,
 )
+
+PROG = "python -m finetune.retrieval"
 
 
 def eval_pairs(cfg: RetrievalConfig) -> tuple[list, list[list[str]]]:
@@ -74,10 +76,8 @@ def _finish(cfg: RetrievalConfig, rank: int, results: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parser("python -m finetune.retrieval", __doc__).parse_args(argv)
-    setup_logging()
-    return run(load_config(RetrievalConfig, args.config, args.overrides), args.eval_only)
+    return stage_main(RetrievalConfig, PROG, __doc__, run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -1,19 +1,21 @@
-"""``python -m pretrain --config configs/pretrain/tiny.yaml [section.key=value ...]``."""
+"""``python -m pretrain --config configs/pretrain/tiny.yaml [section.key=value ...]``: BiMAC
+pretraining on the shared engine (DeepSpeed ZeRO; one process per rank under torchrun / srun)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
+from bimac.config import config_parser, program, run_main
+from bimac.tasks.pretrain import PretrainConfig
 from pretrain import run_pretraining
+
+PROG = "python -m pretrain"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__)
-    p.add_argument("--config", required=True, help="experiment YAML (configs/pretrain/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=20")
+    p = config_parser(PretrainConfig, program(PROG), __doc__, config_help="configs/pretrain/*.yaml")
     args = p.parse_args(argv)
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     logging.basicConfig(
@@ -30,4 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, PROG))

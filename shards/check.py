@@ -1,5 +1,7 @@
 """Validate a shard set: ``python -m shards.check 'DIR/{00000..00009}.tar' [--triplets]``.
 
+A directory stands for every ``*.tar`` in it.
+
 Reads every sample through the trainer's own pipeline (``bimac.data.loader``: tar reading,
 checks, decoding, resizing) and prints a JSON summary: samples read, samples skipped by reason,
 shards, caption length statistics. Exits 1 when nothing could be read.
@@ -7,19 +9,34 @@ shards, caption length statistics. Exits 1 when nothing could be read.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
-from bimac.data.loader import DataConfig, ShardDataset
+from bimac.config import CliParser, ConfigError, program, run_main
+from bimac.data.loader import DataConfig, ShardDataset, require_shards
+
+
+def shard_pattern(urls: str) -> str:
+    """``urls``, or the ``*.tar`` files of the directory ``urls``; a ConfigError when it names no
+    shard (checked here: the loader would report an empty set as zero samples)."""
+    if Path(urls).is_dir():
+        tars = sorted(Path(urls).glob("*.tar"))
+        if not tars:
+            raise ConfigError(f"urls: directory {urls} holds no .tar shard; give a shard pattern")
+        urls = "::".join(map(str, tars))
+    require_shards(urls, "urls")
+    return urls
 
 
 def check(urls: str, triplets: bool = False, image_size: int = 64) -> dict:
-    """Summary of the shard set ``urls`` (pattern as in ``DataConfig.train_shards``)."""
+    """Summary of the shard set ``urls`` (pattern as in ``DataConfig.train_shards``, or a
+    directory of shards)."""
+    urls = shard_pattern(urls)
     cfg = DataConfig(
         train_shards=urls,
         kind="triplets" if triplets else "pairs",
@@ -59,16 +76,21 @@ def check(urls: str, triplets: bool = False, image_size: int = 64) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("urls", help="shard pattern: brace, glob, a::b lists, pipe:")
+PROG = "python -m shards.check"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = CliParser(prog=program(PROG), description=__doc__)
+    p.add_argument("urls", help="shard pattern (brace, glob, a::b lists, pipe:) or a directory")
     p.add_argument("--triplets", action="store_true", help="check triplet members too")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
     summary = check(a.urls, a.triplets)
     print(json.dumps(summary, indent=2))
     if summary["samples"] == 0:
-        sys.exit(1)
+        raise ConfigError(f"urls: no sample of {a.urls} could be read; see `skipped` above")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -5,7 +5,8 @@
 # DRY_RUN=1 prints the launch command instead of running it.
 #
 # Environment: CONFIG (experiment YAML), OVERRIDES (extra key=value, space separated),
-# RUN_DIR (train.output_dir, default: the config's), PYTHON, NPROC (local runs), MASTER_PORT.
+# RUN_DIR (train.output_dir, default: the config's), PYTHON (default: .venv/bin/python when it
+# exists, else python), NPROC (local runs), MASTER_PORT.
 #SBATCH --job-name=bimac-pretrain
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -20,6 +21,10 @@
 set -euo pipefail
 
 CONFIG=${CONFIG:-configs/pretrain/paper.yaml}
+# the project's virtual environment (`make demo` / `make setup` create it) when there is one
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then
+    PYTHON=.venv/bin/python
+fi
 PYTHON=${PYTHON:-python}
 OVERRIDES=${OVERRIDES:-}
 ARGS=(-m pretrain --config "$CONFIG")
@@ -49,8 +54,8 @@ if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
     if command -v scontrol >/dev/null 2>&1; then
         MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     else
-        MASTER_ADDR=$("$PYTHON" -c 'import sys; from bimac.engine.distributed import master_host
-print(master_host(sys.argv[1]))' "$SLURM_JOB_NODELIST")
+        MASTER_ADDR=$("$PYTHON" -c 'from bimac.engine.distributed import master_host
+print(master_host())')
     fi
     # a port per job, so two jobs sharing a node do not collide
     MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}

@@ -31,6 +31,8 @@ from typing import Any
 import submitit
 import yaml
 
+from bimac.config import CliParser, ConfigError, load_config, run_main
+
 REPO = Path(__file__).resolve().parents[1]
 ABLATIONS = REPO / "configs" / "pretrain" / "ablations"
 TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
@@ -168,7 +170,7 @@ def collect(out: Path) -> str:
             summary.setdefault("final_metrics", {}).update(json.loads(scores.read_text())["scores"])
         rows.append((path.parent.name, summary))
     if not rows:
-        raise FileNotFoundError(f"no */summary.json under {out}")
+        raise ConfigError(f"--out: no */summary.json under {out}; give the --out of a grid")
     losses = sorted({k for _, s in rows for k in s.get("final_losses", {})})
     metrics = sorted({k for _, s in rows for k in s.get("final_metrics", {})})
     head = ["cell", "status", "steps", "samples", "loss", *losses, *metrics, "skipped", "wall s"]
@@ -184,10 +186,31 @@ def collect(out: Path) -> str:
     return table
 
 
+def check_cells(cells: list[Cell]) -> None:
+    """Build every cell's config here, before any job is submitted: a bad key or file is one
+    error now rather than one failed job per cell."""
+    from bimac.tasks.caption_bn import CaptionBnConfig
+    from bimac.tasks.pretrain import load_pretrain_config
+
+    for cell in cells:
+        if cell.entry == "caption_bn":
+            load_config(CaptionBnConfig, cell.config, cell.overrides)
+        else:
+            load_pretrain_config(cell.config, cell.overrides)
+
+
+PROG = "python slurm/submit.py"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = CliParser(prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("mode", choices=["run", "grid", "collect"])
-    p.add_argument("--config", default="configs/pretrain/paper.yaml")
+    p.add_argument(
+        "--config",
+        default="configs/pretrain/paper.yaml",
+        help="experiment YAML; its keys: `python -m pretrain --help` (default: %(default)s)",
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     p.add_argument("--grid", choices=GRIDS, default="table6")
     p.add_argument("--lambdas", type=float, nargs="*", help="table6 values (default: the paper's)")
     p.add_argument("--out", type=Path, default=Path("runs/grid"))
@@ -203,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default=None)
     p.add_argument("--wait", action="store_true", help="wait for the jobs, then collect")
     p.add_argument("overrides", nargs="*", help="key=value applied to every cell")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # overrides may follow options: `grid --grid t6 k=v`
     if a.mode == "collect":
         print(collect(a.out))
         return 0
@@ -213,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = grid_cells(a.grid, a.config, a.lambdas)
     for cell in cells:
         cell.overrides += a.overrides
+    check_cells(cells)
     executor = make_executor(
         a.out / "submitit", a.cluster, a.nodes, a.gpus_per_node, a.timeout_min, a.partition
     )
@@ -227,4 +251,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main, PROG))

@@ -286,7 +286,7 @@ def test_translate_killed_midway_then_rerun_matches_an_uninterrupted_run(
 
 def test_synthesise_killed_midway_then_rerun_matches_an_uninterrupted_run(run, models, tmp_path):
     args = _synth_args(models, run["root"] / "ver" / "accepted.csv", tmp_path)
-    cfg = synthesise.parse_cli(synthesise.SynthesiseConfig, args)
+    cfg = synthesise.parse_cli(synthesise.SynthesiseConfig, synthesise.PROG, "", args)
     synth = synthesise.KandinskySynthesiser(cfg)
     rows = read_csv(cfg.accepted)
     generate, calls = synth.generate, []

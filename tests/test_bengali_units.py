@@ -239,6 +239,8 @@ def test_parse_cli_reads_flags_overrides_and_yaml(tmp_path):
     (tmp_path / "pack.yaml").write_text("shard_size: 7\nimages: /coco\n")
     cfg = parse_cli(
         PackConfig,
+        "python -m shards.bengali.pack",
+        "",
         [
             "--config",
             str(tmp_path / "pack.yaml"),

@@ -9,7 +9,7 @@ import tomllib
 from finetune_fixtures import SMALL, random_export, world_image, world_shards
 from PIL import Image
 
-from bimac import cli
+import cli
 
 HELP = [[name] for name in cli.COMMANDS if name not in cli.STAGES]
 HELP += [[cmd, stage] for cmd, stages in cli.STAGES.items() for stage in stages]
@@ -25,7 +25,7 @@ def export(tmp_path_factory):
 
 def test_console_script_is_declared():
     with open("pyproject.toml", "rb") as f:
-        assert tomllib.load(f)["project"]["scripts"]["bimac"] == "bimac.cli:main"
+        assert tomllib.load(f)["project"]["scripts"]["bimac"] == "cli:main"
 
 
 @pytest.mark.parametrize("argv", HELP, ids=" ".join)

@@ -43,7 +43,7 @@ def world_shards(tmp_path_factory) -> list[str]:
 
 
 def test_tiny_and_paper_configs_load():
-    from pretrain import load_pretrain_config
+    from bimac.tasks.pretrain import load_pretrain_config
 
     tiny = load_pretrain_config(REPO / "configs/pretrain/tiny.yaml", ["train.max_steps=3"])
     assert tiny.train.max_steps == 3 and tiny.train.zero_stage == 2
@@ -57,7 +57,7 @@ def test_tiny_and_paper_configs_load():
 
 def test_section_file_with_overrides(tmp_path):
     from bimac.config import ConfigError
-    from pretrain import load_pretrain_config
+    from bimac.tasks.pretrain import load_pretrain_config
 
     (tmp_path / "exp.yaml").write_text(
         f"_base_: {REPO}/configs/pretrain/tiny.yaml\nmodel:\n  _base_: {REPO}/configs/model/tiny.yaml\n"

@@ -138,7 +138,8 @@ def test_slurm_variables_map_to_torch_env(monkeypatch):
         "3",
     )
     assert os.environ["MASTER_ADDR"] == "gpu07" and os.environ["MASTER_PORT"] == "24242"
-    assert master_host("node-a,node-b") == "node-a"
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "node-a,node-b")
+    assert master_host() == "node-a"
 
 
 def test_local_single_process_env(monkeypatch):

@@ -15,12 +15,12 @@ from bimac.losses import (
     caption_loss,
     contrastive_loss,
     grounding_loss,
-    hungarian_match,
     pointing_game,
     reconstruction_loss,
     reward_weights,
     scst_loss,
 )
+from bimac.matching import hungarian_match
 
 # -- MCL -------------------------------------------------------------------------------------
 

@@ -307,7 +307,7 @@ TABLE5 = {  # preset -> the loss terms it trains (RF weights "cg", it adds no te
 
 @pytest.mark.parametrize("preset", list(TABLE5))
 def test_table5_presets_are_config_changes(preset):
-    from pretrain import load_pretrain_config
+    from bimac.tasks.pretrain import load_pretrain_config
 
     objectives = load_pretrain_config(REPO / f"configs/pretrain/ablations/{preset}.yaml").objectives
     terms, rf = TABLE5[preset]
@@ -320,7 +320,7 @@ def test_table5_presets_are_config_changes(preset):
 
 
 def test_table6_presets_only_change_lambda_git():
-    from pretrain import load_pretrain_config
+    from bimac.tasks.pretrain import load_pretrain_config
 
     full = load_pretrain_config(REPO / "configs/pretrain/ablations/full.yaml").objectives
     for lam in (0.1, 0.4, 0.7, 1.0, 1.5):

@@ -244,7 +244,7 @@ def test_loader_references_fall_back_to_the_own_caption(tmp_path, tok):
 
 
 def test_rf_turns_on_loader_references():
-    from pretrain import load_pretrain_config
+    from bimac.tasks.pretrain import load_pretrain_config
 
     tiny = REPO / "configs/pretrain/tiny.yaml"
     assert load_pretrain_config(tiny, ["objectives.rf=true"]).data.references

@@ -17,7 +17,7 @@ from bimac.config import ConfigError
 from bimac.data import TokenizerConfig, build_tokenizer
 from bimac.engine import derive_accumulation
 from bimac.engine.distributed import export_env
-from pretrain import load_pretrain_config
+from bimac.tasks.pretrain import load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"

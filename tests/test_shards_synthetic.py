@@ -8,7 +8,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from bimac.demo import preview_grid
+from bimac.config import ConfigError
+from cli.demo import preview_grid
 from shards import check, synthetic
 
 
@@ -36,10 +37,9 @@ def test_synthetic_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, ca
 
 def test_check_counts_bad_samples_and_fails_on_nothing_read(tmp_path, capsys):
     (tmp_path / "00000.tar").write_bytes(b"\0" * 1024)  # an empty tar: nothing to read
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError, match="no sample of"):
         check.main([str(tmp_path / "00000.tar")])
-    assert e.value.code == 1
-    with pytest.raises(FileNotFoundError, match="matches no shard"):
+    with pytest.raises(ConfigError, match="matches no shard"):
         check.check(str(tmp_path / "nothing*.tar"))
 
 

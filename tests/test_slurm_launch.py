@@ -107,3 +107,17 @@ def test_slurm_allocation_that_does_not_divide_the_global_batch_is_one_line(tmp_
     assert "train.global_batch_size=8 is not a multiple of" in out.stderr
     assert "world_size=3" in out.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_project_venv_is_preferred_over_the_system_python(tmp_path):
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "PYTHON"))
+    }
+    out = subprocess.run(
+        ["bash", str(SCRIPT)], env={**clean, "DRY_RUN": "1", "NPROC": "2"},
+        capture_output=True, text=True, check=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert out.stdout.startswith(".venv/bin/python -m torch.distributed.run ")

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bimac.config import ConfigError
+from bimac.config import ConfigError, path_hint
 from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,15 @@ def expand_shards(pattern: str) -> list[str]:
     if not urls:
         raise FileNotFoundError(f"shard pattern {pattern!r} matches no shard")
     return urls
+
+
+def require_shards(pattern: str, key: str) -> list[str]:
+    """:func:`expand_shards` at start-up: a pattern matching no shard is a :class:`ConfigError`
+    naming the config key, raised before DeepSpeed, wandb or a worker starts."""
+    try:
+        return expand_shards(pattern)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}{path_hint(pattern)}") from err
 
 
 def tar_members(stream) -> Iterator[dict]:

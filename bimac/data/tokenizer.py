@@ -21,7 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from bimac.config import ConfigError
+from bimac.config import ConfigError, path_hint
 
 log = logging.getLogger(__name__)
 Offsets = list[list[tuple[int, int]]]
@@ -56,9 +56,9 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     """The tokenizer a config names (no downloads unless ``name`` is a hub id not in the cache)."""
     if cfg.kind == "world":
         if not Path(cfg.path).is_file():
-            raise FileNotFoundError(
-                f"world tokenizer {cfg.path!r} not found; `python -m shards.synthetic` writes "
-                "tokenizer.json beside the shards"
+            raise ConfigError(
+                f"tokenizer.path: world tokenizer {cfg.path!r} not found{path_hint(cfg.path)}; "
+                "`python -m shards.synthetic` writes tokenizer.json beside the shards"
             )
         return HFTokenizer.from_file(cfg.path, cfg.context_length)
     if cfg.kind == "open_clip":

@@ -149,9 +149,8 @@ def export_model(engine: Any, out_dir: Path, experiment_config: Any, task: Any) 
     ``task.export(model, out_dir)`` when the task provides one (e.g. to add the tokenizer).
     """
     import deepspeed
-    from safetensors.torch import save_file
 
-    from bimac.config import save_config
+    from bimac import export_folder
 
     out_dir = Path(out_dir)
     module = engine.module
@@ -169,8 +168,6 @@ def export_model(engine: Any, out_dir: Path, experiment_config: Any, task: Any) 
             else:
                 # ZeRO parameters are views into flat buffers: write standalone copies
                 state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-                save_file(state, str(out_dir / "model.safetensors"))
-            if experiment_config is not None and not (out_dir / "config.yaml").exists():
-                save_config(experiment_config, out_dir / "config.yaml")
+                export_folder.save(out_dir, state, experiment_config)
     dist.barrier()
     return out_dir

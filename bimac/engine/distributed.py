@@ -43,7 +43,7 @@ def export_env() -> None:
             WORLD_SIZE=os.environ["SLURM_NTASKS"],
             LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
         )
-        os.environ.setdefault("MASTER_ADDR", master_host(os.environ["SLURM_JOB_NODELIST"]))
+        os.environ.setdefault("MASTER_ADDR", master_host())
         os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))  # as slurm/pretrain.sh
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -69,8 +69,9 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def master_host(nodelist: str) -> str:
-    """First host of a SLURM node list such as ``gpu[01-02,05]`` (submitit's parser)."""
-    from submitit.slurm.slurm import _parse_node_list
+def master_host() -> str:
+    """First host of the job's ``SLURM_JOB_NODELIST`` (``gpu[01-02,05]`` -> ``gpu01``), read by
+    submitit's public SLURM job environment."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
-    return _parse_node_list(nodelist)[0]
+    return SlurmJobEnvironment().hostnames[0]

@@ -131,7 +131,7 @@ def evaluate(encoder: Encoder, images, labels, classnames, templates, batch_size
     return out
 
 
-def _lines(path: str) -> list[str]:
+def read_lines(path: str) -> list[str]:
     return [
         line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()
     ]
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--templates", help="file: one prompt per line with {}")
     args = ap.parse_args(argv)
     world = parse_world(args.data)
-    classnames = _lines(args.classnames) if args.classnames else None
-    templates = _lines(args.templates) if args.templates else None
+    classnames = read_lines(args.classnames) if args.classnames else None
+    templates = read_lines(args.templates) if args.templates else None
     if world:
         from bimac.data.synthetic import class_names
 

@@ -39,23 +39,9 @@ class Encoder:
     tokenizer: object = None
 
 
-def load_tokenizer(directory: Path, context_length: int):
-    """The tokenizer saved with a BiMAC export (``tokenizer.json`` or a name in ``tokenizer.txt``)."""
-    from bimac.data.tokenizer import HFTokenizer, OpenCLIPTokenizer, TransformersTokenizer
-
-    if (directory / "tokenizer.json").is_file():
-        return HFTokenizer.from_file(directory / "tokenizer.json", context_length)
-    if (directory / "tokenizer.txt").is_file():
-        name = (directory / "tokenizer.txt").read_text().strip()
-        try:
-            return OpenCLIPTokenizer(name, context_length)
-        except (ValueError, RuntimeError, KeyError):
-            return TransformersTokenizer(name, context_length)
-    raise FileNotFoundError(f"{directory}: no tokenizer.json or tokenizer.txt beside the model")
-
-
 def bimac_encoder(checkpoint: str | Path, device: str = "cpu") -> Encoder:
     """Encoder of a BiMAC export directory (``model.safetensors``, ``config.yaml``, tokenizer)."""
+    from bimac.export_folder import load_tokenizer
     from bimac.models.bimac import BiMAC
 
     directory = Path(checkpoint)

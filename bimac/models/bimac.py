@@ -24,18 +24,14 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bimac.config import ConfigError, from_dict, load_config, save_config
-from bimac.losses.grounding import hungarian_match
+from bimac import export_folder
+from bimac.config import ConfigError, from_dict, load_config
+from bimac.matching import hungarian_match
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass
@@ -285,6 +281,18 @@ class BiMAC(nn.Module):
         self.coca.set_grad_checkpointing(enable)
         self.patch_decoder.grad_checkpointing = enable
 
+    def caption_adapter(self, tokenizer: Any) -> Any:
+        """The caption decoder as a :class:`bimac.generation.CocaAdapter` with the tokenizer's
+        start / end tokens (RF rewards in pretraining, SCST in fine-tuning)."""
+        from bimac.generation import CocaAdapter
+
+        return CocaAdapter(
+            self.coca,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=self.config.pad_id,
+        )
+
     def grounding_parts(self) -> list[nn.Module | nn.Parameter]:
         """What only the grounding objective trains: noun/patch projections and its sigmoid."""
         return [
@@ -417,45 +425,37 @@ class BiMAC(nn.Module):
     def save_pretrained(
         self, directory: str | Path, tokenizer: Any = None, experiment_config: Any = None
     ) -> None:
-        """Write ``model.safetensors``, ``config.yaml`` and the tokenizer into ``directory``.
+        """An export folder (:mod:`bimac.export_folder`) in ``directory``.
 
-        ``config.yaml`` holds the experiment config when given (it must have a ``model`` field),
-        else ``{model: <BiMACConfig>}``. ``tokenizer``: an object with ``save(path)`` (written as
-        ``tokenizer.json``) or a name string (written to ``tokenizer.txt``).
+        Its config holds the experiment config when given (it must have a ``model`` field), else
+        ``{model: <BiMACConfig>}``. ``tokenizer``: see :func:`bimac.export_folder.save_tokenizer`.
         """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / MODEL_FILE))
-        save_config(
-            experiment_config if experiment_config is not None else _Saved(self.config),
-            directory / CONFIG_FILE,
-        )
-        if isinstance(tokenizer, str):
-            (directory / "tokenizer.txt").write_text(tokenizer + "\n")
-        elif tokenizer is not None:
-            tokenizer.save(str(directory / TOKENIZER_FILE))
+        config = experiment_config if experiment_config is not None else _Saved(self.config)
+        export_folder.save(directory, self.state_dict(), config)
+        export_folder.save_tokenizer(directory, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> BiMAC:
         """Rebuild from ``save_pretrained`` output: safetensors only, no pickled code runs."""
-        directory = Path(directory)
-        import yaml
-
-        data = yaml.safe_load((directory / CONFIG_FILE).read_text())
-        if not isinstance(data, dict) or "model" not in data:
-            raise ConfigError(f"{directory / CONFIG_FILE}: no `model` section")
-        model_cfg = dataclasses.replace(
-            from_dict(BiMACConfig, data["model"], "model."), pretrained=None
-        )
-        model = cls(model_cfg)
-        model.load_state_dict(load_file(str(directory / MODEL_FILE), device=map_location))
+        model = cls(export_model_config(directory))
+        model.load_state_dict(export_folder.load_weights(directory, map_location))
         return model
 
 
 @dataclass
 class _Saved:
     model: BiMACConfig
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DeepSpeed engine or a DDP wrapper (its ``module``), else ``model``."""
+    return getattr(model, "module", model)
+
+
+def export_model_config(directory: str | Path, key: str = "--checkpoint") -> BiMACConfig:
+    """The model config of the export folder ``directory`` (its weights load into this)."""
+    data = export_folder.read_config(directory, key)
+    return dataclasses.replace(from_dict(BiMACConfig, data["model"], "model."), pretrained=None)
 
 
 def load_model_config(path: str | Path, overrides: list[str] = ()) -> BiMACConfig:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bimac import export_folder
 from bimac.config import from_dict, save_config
 
 logger = logging.getLogger(__name__)
@@ -423,7 +424,6 @@ class PALCaptioner(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> PALCaptioner:
         import yaml
-        from safetensors.torch import load_file
         from transformers import AutoTokenizer
 
         directory = Path(directory)
@@ -432,7 +432,7 @@ class PALCaptioner(nn.Module):
         tok = AutoTokenizer.from_pretrained(str(directory / "tokenizer"))
         tok.tgt_lang = cfg.target_lang
         model = cls(cfg, tokenizer=tok)
-        state = load_file(str(directory / "model.safetensors"), device=map_location)
+        state = export_folder.load_weights(directory, map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         tied = model._tied_keys()
         missing = [k for k in missing if not k.startswith("vision.") and k not in tied]

@@ -23,7 +23,7 @@ from bimac.data import DataConfig, TokenizerConfig
 from bimac.data.tokenizer import strip_special
 from bimac.engine import TrainConfig
 from bimac.losses import caption_loss, scst_loss
-from bimac.models.bimac import BiMACConfig
+from bimac.models.bimac import BiMACConfig, unwrap
 from bimac.tasks.finetune import FinetuneBase, freeze
 
 logger = logging.getLogger(__name__)
@@ -179,16 +179,10 @@ class CaptionTask(FinetuneBase):
         return torch.as_tensor(self.scorer().score(cands, refs), dtype=torch.float32)
 
     def _scst(self, model: nn.Module, memory: torch.Tensor, batch: dict) -> tuple[dict, dict]:
-        from bimac.generation import CocaAdapter, GenerationConfig, generate
+        from bimac.generation import GenerationConfig, generate
 
-        s, tok = self.cfg.scst, self.tokenizer
-        net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(
-            net.coca,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            pad_token_id=self.model_config.pad_id,
-        )
+        s = self.cfg.scst
+        adapter = unwrap(model).caption_adapter(self.tokenizer)
         max_new = min(s.max_new_tokens, self.model_config.context_length - 1)
         k = s.samples
         gen = generate(adapter, memory, GenerationConfig(

@@ -18,18 +18,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bimac.data import TokenizerConfig
 from bimac.engine import TrainConfig
-from bimac.models.bimac import BiMAC, BiMACConfig
+from bimac.models.bimac import BiMACConfig
+from bimac.models.classifier import ImageClassifier
 from bimac.tasks.finetune import FinetuneBase, freeze
 
 logger = logging.getLogger(__name__)
-
-HEAD_FILE = "classifier.safetensors"
-CLASSES_FILE = "classnames.txt"
 
 
 @dataclass
@@ -57,10 +54,10 @@ class ClassificationConfig:
 
 def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[int], list[str]]:
     """Image sources (bytes or paths), integer labels and class names of a dataset spec."""
-    from bimac.eval.classification import _lines, image_folder, shard_items
+    from bimac.eval.classification import image_folder, read_lines, shard_items
     from bimac.eval.common import iter_samples, parse_world
 
-    names = _lines(classnames_file) if classnames_file else None
+    names = read_lines(classnames_file) if classnames_file else None
     world = parse_world(spec)
     if world:
         from bimac.data.synthetic import class_names
@@ -79,32 +76,6 @@ def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[in
         raise ValueError(f"{spec}: shards need data.classnames (one class name per line)")
     images, labels = shard_items(spec)
     return images, labels, names
-
-
-class ImageClassifier(nn.Module):
-    """BiMAC's normalised image embedding -> linear class logits."""
-
-    def __init__(self, bimac: BiMAC, num_classes: int) -> None:
-        super().__init__()
-        self.bimac = bimac
-        self.head = nn.Linear(bimac.config.embed_dim, num_classes)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bimac.encode_image(image))
-
-    def save_head(self, directory: str | Path, classnames: list[str]) -> None:
-        """``classifier.safetensors`` and ``classnames.txt`` beside a BiMAC export."""
-        head = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(head, str(Path(directory) / HEAD_FILE))
-        (Path(directory) / CLASSES_FILE).write_text("\n".join(classnames) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> tuple[ImageClassifier, list[str]]:
-        directory = Path(directory)
-        names = (directory / CLASSES_FILE).read_text().splitlines()
-        model = cls(BiMAC.from_pretrained(directory), len(names))
-        model.head.load_state_dict(load_file(str(directory / HEAD_FILE)))
-        return model, names
 
 
 def image_batches(

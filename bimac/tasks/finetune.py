@@ -1,7 +1,6 @@
 """What the fine-tuning tasks share: starting model, tokenizer, shard loader, export.
 
-A fine-tuning stage starts from a BiMAC export directory (``init``: ``model.safetensors``,
-``config.yaml``, tokenizer; see docs/contracts.md) or, when ``init`` is empty, from a randomly
+A fine-tuning stage starts from a BiMAC export folder (``init``, :mod:`bimac.export_folder`) or, when ``init`` is empty, from a randomly
 initialised BiMAC of the ``model`` section (CPU tests, or open_clip weights through
 ``model.pretrained``). Its export is again a BiMAC export directory, so stages chain.
 """
@@ -10,40 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from torch import nn
 
-from bimac.config import ConfigError, from_dict
+from bimac import export_folder
+from bimac.config import ConfigError
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
-from bimac.models.bimac import CONFIG_FILE, BiMAC, BiMACConfig
+from bimac.models.bimac import BiMAC, BiMACConfig, export_model_config
 
 logger = logging.getLogger(__name__)
 
 
 def init_model_config(init: str, model: BiMACConfig) -> BiMACConfig:
-    """The model config of the export ``init`` (its ``config.yaml``), else ``model``."""
-    if not init:
-        return model
-    path = Path(init) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"init: {init!r} is not a BiMAC export directory (no {CONFIG_FILE})")
-    data = yaml.safe_load(path.read_text())
-    if not isinstance(data, dict) or "model" not in data:
-        raise ConfigError(f"{path}: no `model` section")
-    return dataclasses.replace(from_dict(BiMACConfig, data["model"], "model."), pretrained=None)
+    """The model config of the export ``init``, else ``model``."""
+    return export_model_config(init, "init") if init else model
 
 
 def init_tokenizer(init: str, tokenizer: TokenizerConfig, context_length: int) -> Any:
     """The tokenizer saved with the export ``init``, else the one ``tokenizer`` names."""
     if init:
-        from bimac.eval.common import load_tokenizer
-
-        return load_tokenizer(Path(init), context_length)
+        return export_folder.load_tokenizer(init, context_length)
     return build_tokenizer(dataclasses.replace(tokenizer, context_length=context_length))
 
 
@@ -88,24 +76,11 @@ class FinetuneBase:
     def export(self, model: nn.Module, out_dir: Path) -> None:
         """A BiMAC export (model, experiment config with the model's real config, tokenizer)."""
         cfg = dataclasses.replace(self.cfg, init="", model=self.model_config)
-        tok = self.tokenizer
-        saver = getattr(getattr(tok, "tok", None), "save", None)
-        model.save_pretrained(
-            out_dir, tokenizer=None if saver else _tokenizer_name(self.cfg), experiment_config=cfg
-        )
-        if saver is not None:  # a tokenizers.Tokenizer (the world's): copy its file as is
-            src = (
-                Path(self.cfg.init) / "tokenizer.json"
-                if self.cfg.init
-                else Path(self.cfg.tokenizer.path)
-            )
-            if src.is_file():
-                shutil.copyfile(src, Path(out_dir) / "tokenizer.json")
-            else:
-                tok.tok.save(str(Path(out_dir) / "tokenizer.json"))
+        model.save_pretrained(out_dir, tokenizer=self._tokenizer_source(), experiment_config=cfg)
 
-
-def _tokenizer_name(cfg: Any) -> str:
-    if cfg.init and (Path(cfg.init) / "tokenizer.txt").is_file():
-        return (Path(cfg.init) / "tokenizer.txt").read_text().strip()
-    return cfg.tokenizer.name
+    def _tokenizer_source(self) -> Any:
+        """The start export's tokenizer, else the world's ``tokenizer.json`` or the named one."""
+        if self.cfg.init:
+            return export_folder.tokenizer_source(self.cfg.init)
+        tok = self.cfg.tokenizer
+        return Path(tok.path) if tok.kind == "world" else tok.name

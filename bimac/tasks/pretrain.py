@@ -6,19 +6,32 @@ L_GIT has two parts, both weighted by λ_GIT: the grounding term of Eq. 7 (``gro
 patch reconstruction L_rec by D_p (``git``). Without ``grounding`` (Table 5, row 4) D_p attends to
 the plain noun embeddings; with it (rows 5-6) each noun carries the position of the patch that
 Hungarian matching assigned to it (the "grounded text embeddings W_g").
+
+The experiment config (:class:`PretrainConfig`) composes four sections plus the tokenizer:
+``data`` (bimac.data.DataConfig), ``model`` (BiMACConfig), ``objectives`` (ObjectiveConfig),
+``train`` (bimac.engine.TrainConfig), ``tokenizer`` (TokenizerConfig). A section may be a YAML path
+(relative to the file naming it) to reuse ``configs/data/*.yaml`` / ``configs/model/*.yaml``, or a
+mapping with ``_base_: path`` plus the keys it changes; file-level ``_base_`` chains work as
+everywhere. :class:`BiMACPretrain` binds the task to the data pipeline.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from bimac.config import ConfigError, load_config
+from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.loader import check_spacy_pipeline, require_shards
 from bimac.data.tokenizer import strip_special
+from bimac.engine import TrainConfig
 from bimac.losses import (
     caption_loss,
     contrastive_loss,
@@ -27,9 +40,12 @@ from bimac.losses import (
     reconstruction_loss,
     reward_weights,
 )
-from bimac.models.bimac import BiMAC, BiMACConfig
+from bimac.models.bimac import BiMAC, BiMACConfig, unwrap
 
 logger = logging.getLogger(__name__)
+
+# batches after which an objective that has had no signal yet (no noun, no reference) is reported
+NO_SIGNAL_BATCHES = 10
 
 
 @dataclass
@@ -88,6 +104,9 @@ class PretrainTask:
         self.reward_corpus = reward_corpus
         self._scorer = None
         self._cg_calls = 0
+        self._batches = 0
+        self._nouns = 0  # nouns the grounding objective has matched to patches
+        self._reference_count = 0  # reference captions the RF reward has scored against
 
     # -- engine surface ----------------------------------------------------------------------
 
@@ -122,6 +141,7 @@ class PretrainTask:
         """Weighted loss terms of Eq. 8 by name (``mcl``, ``cg``, ``grounding``, ``reconstruction``)
         and float metrics (unweighted losses, pointing-game score, mean CIDEr-D reward)."""
         o = self.objectives
+        self._count_signal(batch)
         out = model(
             batch["image"],
             batch["text"],
@@ -182,6 +202,39 @@ class PretrainTask:
                 metrics["pointing_game"] = score
         return terms, metrics
 
+    # -- objectives without signal -------------------------------------------------------------
+
+    def _count_signal(self, batch: dict[str, Any]) -> None:
+        """Count the nouns grounding learns from; after :data:`NO_SIGNAL_BATCHES` batches, warn
+        once about each objective that had none (it would otherwise train silently at 0)."""
+        self._batches += 1
+        if "noun_mask" in batch:
+            self._nouns += int(batch["noun_mask"].sum())
+        if self._batches == NO_SIGNAL_BATCHES:
+            for name, cause in self.inactive_objectives().items():
+                logger.warning("objectives.%s is inactive: %s", name, cause)
+
+    def inactive_objectives(self) -> dict[str, str]:
+        """Objective -> why it has had no signal so far, with the fix."""
+        o, out = self.objectives, {}
+        if o.grounding and self._batches and not self._nouns:
+            out["grounding"] = (
+                f"no noun in the captions of {self._batches} batches, so its loss is 0; set "
+                "data.noun_source: json for world shards, or spacy with an English pipeline "
+                "(data.spacy_pipeline: en_core_web_sm) for real captions, or objectives.grounding: "
+                "false"
+            )
+        if o.rf and self._cg_calls and not self._reference_count:
+            out["rf"] = (
+                f"no reference caption in {self._cg_calls} batches, so every reward weight is "
+                "1; give captions in the shards (data.references: true) or objectives.rf: false"
+            )
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What the engine adds to summary.json: the objectives that never had a signal."""
+        return {"inactive_objectives": self.inactive_objectives()}
+
     # -- RF: CIDEr-D reward of the model's own greedy caption ----------------------------------
 
     def _reward_weights(
@@ -191,22 +244,17 @@ class PretrainTask:
         self._cg_calls += 1
         if (self._cg_calls - 1) % self.objectives.rf_every:
             return None
-        from bimac.generation import CocaAdapter, GenerationConfig, generate
+        from bimac.generation import GenerationConfig, generate
 
         tok = self._require_tokenizer()
-        net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(
-            net.coca,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            pad_token_id=self.model_config.pad_id,
-        )
+        adapter = unwrap(model).caption_adapter(tok)
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
         gen = generate(adapter, out["decoder_memory"].detach(), cfg)
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = self._references(batch)
+        self._reference_count += sum(1 for refs in references for ref in refs if ref)
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
@@ -251,3 +299,77 @@ class PretrainTask:
             sum(map(len, corpus)),
         )
         return corpus
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining experiment (``configs/pretrain/*.yaml``)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: BiMACConfig = field(default_factory=BiMACConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_pretrain_config(path: str | Path | None, overrides: list[str] = ()) -> PretrainConfig:
+    """Experiment YAML + ``section.key=value`` overrides -> a checked :class:`PretrainConfig`."""
+    return check_consistency(load_config(PretrainConfig, path, overrides))
+
+
+def check_consistency(cfg: PretrainConfig) -> PretrainConfig:
+    """Cross-section rules; the loader's batch is the engine's micro-batch, and RF makes the loader
+    add every caption of an image as its reward references."""
+    m, d, t = cfg.model, cfg.data, cfg.tokenizer
+    if m.image_size != d.image_size:
+        raise ConfigError(f"model.image_size={m.image_size} != data.image_size={d.image_size}")
+    if m.context_length != t.context_length:
+        raise ConfigError(
+            f"model.context_length={m.context_length} != tokenizer.context_length={t.context_length}"
+        )
+    if cfg.objectives.rf and not d.references:
+        logger.info(
+            "data.references := true (objectives.rf scores against all of an image's captions)"
+        )
+        d = dataclasses.replace(d, references=True)
+        cfg = dataclasses.replace(cfg, data=d)
+    if d.batch_size != cfg.train.micro_batch_size:
+        logger.info("data.batch_size := train.micro_batch_size = %d", cfg.train.micro_batch_size)
+        cfg = dataclasses.replace(
+            cfg, data=dataclasses.replace(d, batch_size=cfg.train.micro_batch_size)
+        )
+    return cfg
+
+
+class BiMACPretrain(PretrainTask):
+    """The pretraining task bound to the data pipeline: loader, skip counts and export."""
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        # at start-up, before DeepSpeed, wandb or a worker starts and leaves run files behind
+        check_spacy_pipeline(cfg.data)
+        require_shards(cfg.data.train_shards, "data.train_shards")
+        tokenizer = build_tokenizer(cfg.tokenizer)
+        if tokenizer.vocab_size > cfg.model.vocab_size or tokenizer.pad_id != cfg.model.pad_id:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size} / model.pad_id={cfg.model.pad_id} do not "
+                f"cover the tokenizer (vocab {tokenizer.vocab_size}, pad {tokenizer.pad_id})"
+            )
+        self.cfg = cfg
+        self.counter = SkipCounter()
+        super().__init__(
+            cfg.model, cfg.objectives, loader_factory=self._loader, tokenizer=tokenizer
+        )
+
+    def _loader(self, rank: int, world_size: int, epoch: int, samples_seen: int):
+        return make_loader(
+            self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+            samples_seen=samples_seen, counter=self.counter,
+        )  # fmt: skip
+
+    def skipped_counts(self) -> dict[str, int]:
+        return self.counter.as_dict()
+
+    def export(self, model: Any, out_dir: Path) -> None:
+        tok = self.cfg.tokenizer
+        source = Path(tok.path) if tok.kind == "world" else tok.name
+        model.save_pretrained(out_dir, tokenizer=source, experiment_config=self.cfg)

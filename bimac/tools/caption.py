@@ -21,9 +21,9 @@ import yaml
 
 def is_bimac_export(directory: str | Path) -> bool:
     """True for a BiMAC export, False for a PAL captioner export; else an error."""
-    path = Path(directory) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no config.yaml (not an export directory)")
+    from bimac import export_folder
+
+    path = export_folder.check(directory) / export_folder.CONFIG_FILE
     data = yaml.safe_load(path.read_text()) or {}
     return isinstance(data, dict) and isinstance(data.get("model"), dict)
 

@@ -28,7 +28,7 @@ def classify(
     """``(class names, probabilities [N, C])`` for image paths."""
     from bimac.eval.classification import CLIP_TEMPLATES, class_weights
     from bimac.eval.common import bimac_encoder
-    from bimac.tasks.classification import HEAD_FILE, ImageClassifier
+    from bimac.models.classifier import HEAD_FILE, ImageClassifier
     from bimac.tools.caption import load_images
 
     directory = Path(checkpoint)

@@ -92,7 +92,7 @@ def ground(
     alpha: float = 0.5,
 ) -> list[Path]:
     """Write one heat-map PNG per noun (the image's size) and ``grounding.json``; returns PNGs."""
-    from bimac.eval.common import load_tokenizer
+    from bimac.export_folder import load_tokenizer
     from bimac.models.bimac import BiMAC
 
     model = BiMAC.from_pretrained(checkpoint).eval()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -30,12 +31,14 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
+from bimac.config import ConfigError, run_main
 from bimac.data.writer import write_shards
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_json,
     parse_cli,
     read_csv,
+    require_input,
     setup_logging,
 )
 from shards.bengali.synthesise import FIELDS as SYNTH_FIELDS
@@ -57,7 +60,7 @@ class PackConfig:
     synthetic: Path = Path("work/bengali/synthetic")  # the synthesise stage's --out
     images: Path = Path("data/coco/train2014")  # real images
     image_pattern: str = "COCO_train2014_{image_id:012d}.jpg"
-    out: Path = Path("shards/bengali")
+    out: Path = Path("work/bengali/shards")
     shard_size: int = 1000
     from_world: bool = False  # build from the embedded world instead (no model, no COCO)
     n: int = 256  # world samples
@@ -209,9 +212,19 @@ def world_triplet(index: int, cfg: PackConfig) -> dict[str, Any]:
     return sample
 
 
+PROG = "python -m shards.bengali.pack"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
-    cfg = parse_cli(PackConfig, argv)
+    cfg = parse_cli(PackConfig, PROG, __doc__, argv)
+    if cfg.out.is_dir() and any(cfg.out.glob("*.py")):
+        raise ConfigError(
+            f"out: {cfg.out} holds Python sources; give a data directory, e.g. out=work/bengali/shards"
+        )
+    if not cfg.from_world:
+        require_input(cfg.synthetic, "synthetic", "`python -m shards.bengali.synthesise` writes it")
+        require_input(cfg.images, "images", "give the folder of the real (COCO train2014) images")
     if cfg.from_world:
         return pack(range(cfg.n), lambda i: world_triplet(i, cfg), cfg.out, cfg.shard_size)
     rows = synthesised_rows(cfg.synthetic)
@@ -219,4 +232,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from bimac.config import load_config
+from bimac.config import ConfigError, config_parser, load_config, path_hint, program
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -249,14 +249,19 @@ def setup_logging() -> None:
     )
 
 
-def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
+def parse_cli(cls: type[T], prog: str, doc: str, argv: Sequence[str] | None = None) -> T:
     """Build config ``cls`` from ``[--config FILE] [--key VALUE | --flag | key=value ...]``.
 
-    ``--shard-index 3`` is the override ``shard_index=3`` (dashes become underscores); a bare
-    ``--flag`` is ``flag=true``; values are parsed as YAML, as in :func:`bimac.config.load_config`.
+    The shared convention (:func:`bimac.config.config_parser`: ``--help`` lists every key) plus
+    the dashed form of a key: ``--shard-index 3`` is ``shard_index=3``, a bare ``--flag`` is
+    ``flag=true``; values are parsed as YAML, as in :func:`bimac.config.load_config`.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
-    config, overrides = None, []
+    parser = config_parser(
+        cls, program(prog), doc, config_help="stage YAML (configs/bengali/*.yaml)",
+        config_required=False, overrides=False,
+    )  # fmt: skip
+    known, args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -268,11 +273,16 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None) -> T:
                 has_value = not nxt.startswith("--") and not _OVERRIDE.match(nxt)
                 value = args[i + 1] if has_value else "true"
                 i += has_value
-            if name == "config":
-                config = value
-            else:
-                overrides.append(f"{name}={value}")
+            overrides.append(f"{name}={value}")
         else:
             overrides.append(arg)
         i += 1
-    return load_config(cls, config, overrides)
+    return load_config(cls, known.config, overrides)
+
+
+def require_input(path: Path, key: str, made_by: str) -> Path:
+    """``path`` (a stage's input) if it exists, else a ConfigError naming ``key`` and the stage
+    that writes it: a missing input must not read as "nothing to do"."""
+    if not Path(path).exists():
+        raise ConfigError(f"{key}: {path} does not exist{path_hint(path)}; {made_by}")
+    return Path(path)

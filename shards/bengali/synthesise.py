@@ -16,6 +16,7 @@ import io
 import logging
 import re
 import string
+import sys
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from bimac.config import run_main
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_bytes,
@@ -32,6 +34,7 @@ from shards.bengali.resumable import (
     parse_cli,
     pending_shards,
     read_csv,
+    require_input,
     setup_logging,
     shard_bounds,
 )
@@ -312,9 +315,13 @@ def synthesise_shard(
     return run.run(rows[start:end], cfg.batch_size, check, process)
 
 
+PROG = "python -m shards.bengali.synthesise"
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
-    cfg = parse_cli(SynthesiseConfig, argv)
+    cfg = parse_cli(SynthesiseConfig, PROG, __doc__, argv)
+    require_input(cfg.accepted, "accepted", "`python -m shards.bengali.verify --merge` writes it")
     todo = pending_shards(cfg.out, "synthesise", range(cfg.num_shards), cfg.shard_index, FIELDS)
     if not todo:
         return []
@@ -324,4 +331,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ from typing import Any
 
 import torch
 
+from bimac.config import ConfigError, run_main
 from shards.bengali.resumable import (
     ShardRun,
     parse_cli,
     pending_shards,
+    require_input,
     setup_logging,
     shard_bounds,
 )
@@ -118,11 +121,15 @@ def translate_shard(
     return run.run(rows[start:end], cfg.batch_size, check, process)
 
 
+PROG = "python -m shards.bengali.translate"
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
-    cfg = parse_cli(TranslateConfig, argv)
+    cfg = parse_cli(TranslateConfig, PROG, __doc__, argv)
     if cfg.captions is None:
-        raise SystemExit("translate: give the COCO caption JSON with --captions FILE")
+        raise ConfigError("captions: give the COCO caption JSON with --captions FILE")
+    require_input(cfg.captions, "captions", "give the COCO caption JSON (captions_train2014.json)")
     todo = pending_shards(cfg.out, "translate", range(cfg.num_shards), cfg.shard_index, FIELDS)
     if not todo:
         return []
@@ -132,4 +139,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from bimac.config import ConfigError, run_main
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_bytes,
@@ -25,6 +27,7 @@ from shards.bengali.resumable import (
     parse_cli,
     pending_shards,
     read_csv,
+    require_input,
     setup_logging,
     write_csv,
 )
@@ -178,14 +181,21 @@ def _plot_histogram(sims: list[float], cfg: VerifyConfig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+PROG = "python -m shards.bengali.verify"
+
+
 def main(argv: list[str] | None = None) -> Any:
     setup_logging()
-    cfg = parse_cli(VerifyConfig, argv)
+    cfg = parse_cli(VerifyConfig, PROG, __doc__, argv)
     if cfg.merge:
         return merge(cfg)
-    todo = pending_shards(
-        cfg.out, "verify", translated_shards(cfg.translated), cfg.shard_index, FIELDS
-    )
+    translate = "`python -m shards.bengali.translate --out DIR` writes it"
+    finished = translated_shards(require_input(cfg.translated, "translated", translate))
+    if not finished:
+        raise ConfigError(
+            f"translated: {cfg.translated} holds no finished translate shard; {translate}"
+        )
+    todo = pending_shards(cfg.out, "verify", finished, cfg.shard_index, FIELDS)
     if not todo:
         return []
     embed = labse_embedder(cfg)
@@ -193,4 +203,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

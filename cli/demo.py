@@ -1,4 +1,4 @@
-"""``make demo``: the main job on the embedded world, ``python -m bimac.demo --out DIR``.
+"""``make demo``: the main job on the embedded world, ``python -m cli.demo --out DIR``.
 
 1. data: render the world's shards for every split (+ the world tokenizer), validate them through
    the trainer's pipeline (``shards.check``), and write a PNG preview grid of images with their

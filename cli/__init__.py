@@ -1,4 +1,4 @@
-"""The ``bimac`` command: thin subcommands over the entry points and tools.
+"""The ``bimac`` command (``python -m cli``): thin subcommands over the entry points and tools.
 
     bimac pretrain --config configs/pretrain/tiny.yaml [key=value ...]
     bimac finetune retrieval|caption|classification|caption_bn --config ... [key=value ...]
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+
+from bimac.config import run_main
 
 # command -> (module with main(argv), one-line description); `finetune` / `eval` take a stage
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -79,10 +81,16 @@ def resolve(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bimac`` console script."""
-    module, rest = resolve(list(sys.argv[1:] if argv is None else argv))
-    importlib.import_module(module).main(rest)
-    return 0
+    """Entry point of the ``bimac`` console script; a user mistake is one line and exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    module, rest = resolve(argv)
+    prog = " ".join(["bimac", *argv[: len(argv) - len(rest)]])
+    # argparse names the program after sys.argv[0]: `bimac eval retrieval`, not `bimac`
+    saved, sys.argv[0] = sys.argv[0], prog
+    try:
+        return run_main(importlib.import_module(module).main, prog, rest)
+    finally:
+        sys.argv[0] = saved
 
 
 if __name__ == "__main__":
