@@ -10,7 +10,7 @@ upsampled (bilinear) over the image shown with its shorter side at 448 pixels (w
 are 64), coloured on ONE absolute scale, S = 0 to 1 with the ``jet`` colour map, and blended over
 the image: an object the model does not find stays blue, it is not stretched to a bright spot.
 One PNG per noun with the noun, its best score and a colour bar, plus ``grounding.json`` with the
-raw scores (max, mean, best patch).
+raw scores (max, mean, best patch) and the upright image's size.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def ground(
         )
     (out / "grounding.json").write_text(
         json.dumps(
-            {"image": name, "caption": caption, "nouns": rows},
+            {"image": name, "image_size": list(image.size), "caption": caption, "nouns": rows},
             ensure_ascii=False,
             indent=1,
         )

@@ -26,13 +26,11 @@ SKIP_DIRS = {"checkpoints", "export", "wandb", "plots", "tokenizer"}
 RETRIEVAL = ["i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"]
 CAPTION = [("BLEU-4", "BLEU@4"), ("METEOR", "METEOR"), ("CIDEr-D", "CIDEr"), ("SPICE", "SPICE")]
 PROBE = ["text_score", "image_score", "group_score"]
+BENGALI = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1"]
 
 
 class NothingToReport(ValueError):
     """The run directories hold no summary, training log or evaluation numbers."""
-
-
-BENGALI = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1"]
 
 
 def find_files(run_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
