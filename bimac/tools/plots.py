@@ -58,6 +58,11 @@ def _throughput(rows: list[dict]) -> tuple[list[int], list[float], str] | None:
     return None
 
 
+def logged_names(rows: list[dict], section: str) -> list[str]:
+    """Names logged under ``section`` (``losses``, ``metrics``) at any step, sorted."""
+    return sorted({k for r in rows for k in r.get(section, {})})
+
+
 def series(rows: list[dict], section: str, name: str) -> np.ndarray:
     """One logged value per step (NaN where a step lacks it)."""
     return np.array([r.get(section, {}).get(name, np.nan) for r in rows], dtype=float)
@@ -87,9 +92,9 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def metric_panels(rows: list[dict]) -> list[tuple[str, list[str]]]:
     """``(title, metric names)`` per metrics panel (the grouping of the module docstring)."""
-    losses = [series(rows, "losses", k) for k in sorted({k for r in rows for k in r["losses"]})]
+    losses = [series(rows, "losses", k) for k in logged_names(rows, "losses")]
     unit, own = [], []
-    for name in sorted({k for r in rows for k in r.get("metrics", {})}):
+    for name in logged_names(rows, "metrics"):
         values = series(rows, "metrics", name)
         if repeats_a_loss(values, losses):
             continue
@@ -108,7 +113,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
-    rows = [{"losses": {}, **r} for r in read_log(run_dir / LOG_FILE)]
+    rows = read_log(run_dir / LOG_FILE)
     if not rows:
         logger.warning("%s: no training records", run_dir / LOG_FILE)
         return None
@@ -119,7 +124,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     fig, axes = plt.subplots(n_rows, cols, figsize=(15, 3.8 * n_rows), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, [r["loss"] for r in rows], label="total", color="black")
-    for name in sorted({k for r in rows for k in r["losses"]}):
+    for name in logged_names(rows, "losses"):
         ax.plot(steps, series(rows, "losses", name), label=name)
     ax.set(title="weighted loss terms", xlabel="step")
     ax.legend(fontsize=8)
