@@ -28,13 +28,17 @@ def bimac(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def assert_clean_failure_lines(stderr: str, command: str, skipped: dict[str, str]) -> None:
-    """One ``skipped`` line per bad file naming it and why, and no traceback."""
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.splitlines() if line.startswith(f"{command}: skipped ")]
-    assert len(lines) == len(skipped), stderr
+def assert_skipped(proc, command: str, skipped: dict[str, str], total: int) -> None:
+    """One stderr line per bad file naming it and why, the count last, and no traceback."""
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"{command}: skipped ")]
+    assert len(lines) == len(skipped), proc.stderr
     for path, why in skipped.items():
-        assert any(f"skipped {path}: " in line and why in line for line in lines), (path, stderr)
+        assert any(f"skipped {path}: " in line and why in line for line in lines), proc.stderr
+    done = total - len(skipped)
+    count = f"{command}: {done} of {total} images done, {len(skipped)} skipped"
+    assert proc.stderr.splitlines()[-1] == count
+    assert proc.returncode == (0 if done else 1)
 
 
 @pytest.fixture(scope="module")
@@ -100,49 +104,37 @@ def test_caption_skips_bad_files_and_captions_the_rest(export, files):
     args = [files["good"][0], files["truncated"], files["good"][1], files["missing"]]
     proc = bimac("caption", *args, "--checkpoint", str(export), "--strategy", "greedy",
                  "--max-new-tokens", "4")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     out = [line.split("\t")[0] for line in proc.stdout.splitlines()]
     assert out == files["good"]  # both good images captioned, in order
-    assert_clean_failure_lines(
-        proc.stderr,
-        "bimac caption",
-        {files["truncated"]: "truncated or corrupt", files["missing"]: "No such file"},
-    )
-    assert proc.stderr.splitlines()[-1] == "bimac caption: 2 of 4 images done, 2 skipped"
+    bad = {files["truncated"]: "truncated or corrupt", files["missing"]: "No such file"}
+    assert_skipped(proc, "bimac caption", bad, total=4)
 
 
 def test_caption_with_no_readable_image_fails_without_traceback(export, files):
     proc = bimac("caption", files["truncated"], files["text"], "--checkpoint", str(export))
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert_clean_failure_lines(
-        proc.stderr,
-        "bimac caption",
-        {files["truncated"]: "truncated or corrupt", files["text"]: "not an image format"},
-    )
-    assert proc.stderr.splitlines()[-1] == "bimac caption: 0 of 2 images done, 2 skipped"
+    assert proc.stdout == ""
+    bad = {files["truncated"]: "truncated or corrupt", files["text"]: "not an image format"}
+    assert_skipped(proc, "bimac caption", bad, total=2)
 
 
 @pytest.mark.slow
 def test_classify_and_retrieve_skip_bad_files(export, files):
     proc = bimac("classify", files["text"], files["good"][1], "--checkpoint", str(export),
                  "--labels", "circle,square", "--template", "a {}")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     rows = proc.stdout.splitlines()
     assert len(rows) == 1 and rows[0].startswith(files["good"][1] + "\t")
-    assert_clean_failure_lines(proc.stderr, "bimac classify", {files["text"]: "not an image"})
-    assert proc.stderr.splitlines()[-1] == "bimac classify: 1 of 2 images done, 1 skipped"
+    assert_skipped(proc, "bimac classify", {files["text"]: "not an image"}, total=2)
+    proc = bimac("classify", files["good"][0], "--checkpoint", str(export))  # no --labels, no head
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"bimac classify: {export} has no fine-tuned")
+    assert "give --labels" in proc.stderr
 
     proc = bimac("retrieve", "--checkpoint", str(export), "--images", files["folder"],
                  "--query", "a red circle", "--top", "5")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
     hits = [line.split("\t")[1] for line in proc.stdout.splitlines()[1:]]
     assert sorted(hits) == files["good"]  # the search ran over every readable image
-    assert_clean_failure_lines(
-        proc.stderr,
-        "bimac retrieve",
-        {files["truncated"]: "truncated or corrupt", files["text"]: "not an image format"},
-    )
-    assert proc.stderr.splitlines()[-1] == "bimac retrieve: 2 of 4 images done, 2 skipped"
+    bad = {files["truncated"]: "truncated or corrupt", files["text"]: "not an image format"}
+    assert_skipped(proc, "bimac retrieve", bad, total=4)
 
 
 @pytest.mark.slow
@@ -158,10 +150,8 @@ def test_ground_reads_an_exif_photo_upright_and_refuses_a_broken_one(export, fil
     assert proc.stdout.split() == [str(out / n["png"]) for n in meta["nouns"]]
 
     proc = bimac("ground", files["truncated"], "a red circle", "--checkpoint", str(export))
-    assert proc.returncode == 1 and proc.stdout == ""
-    assert_clean_failure_lines(
-        proc.stderr, "bimac ground", {files["truncated"]: "truncated or corrupt"}
-    )
+    assert proc.stdout == ""
+    assert_skipped(proc, "bimac ground", {files["truncated"]: "truncated or corrupt"}, total=1)
 
 
 def test_report_refuses_a_directory_with_nothing_to_report(tmp_path):

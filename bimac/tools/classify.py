@@ -20,6 +20,10 @@ import torch
 from bimac.tools.images import BATCH_CONVENTION, ImageBatch, pixels
 
 
+class NoClassifierHead(ValueError):
+    """No ``--labels`` for an export without a fine-tuned classification head."""
+
+
 @torch.no_grad()
 def classify(
     checkpoint: str | Path,
@@ -35,7 +39,10 @@ def classify(
     directory = Path(checkpoint)
     if not labels:
         if not (directory / HEAD_FILE).is_file():
-            raise ValueError(f"{directory} has no trained classifier head: give --labels")
+            raise NoClassifierHead(
+                f"{directory} has no fine-tuned classifier head ({HEAD_FILE}): give --labels "
+                "for zero-shot classification, e.g. --labels 'cat,dog'"
+            )
         model, names = ImageClassifier.from_pretrained(directory)
         model.eval()
         return names, model(pixels(images, model.bimac.config.image_size)).softmax(-1)
@@ -77,9 +84,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     readable = batch.read(args.images)
     rows = []
     if readable:
-        names, probs = classify(
-            args.checkpoint, [data for _, data in readable], labels, args.template
-        )
+        try:
+            names, probs = classify(
+                args.checkpoint, [data for _, data in readable], labels, args.template
+            )
+        except NoClassifierHead as exn:
+            raise SystemExit(f"bimac classify: {exn}") from None
         for (path, _), p in zip(readable, probs):
             top = p.topk(min(args.top, len(names)))
             ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
