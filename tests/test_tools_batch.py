@@ -154,6 +154,17 @@ def test_ground_reads_an_exif_photo_upright_and_refuses_a_broken_one(export, fil
     assert_skipped(proc, "bimac ground", {files["truncated"]: "truncated or corrupt"}, total=1)
 
 
+def test_ground_without_a_noun_names_the_pipeline_to_install(export, files):
+    proc = bimac("ground", files["good"][0], "a dog runs on the beach", "--checkpoint",
+                 str(export), "--nouns", "world")  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "bimac ground: no noun found in 'a dog runs on the beach' by spaCy pipeline 'world' (it "
+        "knows only the embedded world's shapes); for real English install en_core_web_sm: "
+        "python -m spacy download en_core_web_sm"
+    )
+
+
 def test_report_refuses_a_directory_with_nothing_to_report(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = bimac("report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.md"))

@@ -140,13 +140,19 @@ def ground(
     from bimac.models.bimac import BiMAC
 
     try:
-        found = noun_extractor(nouns)(caption)
+        extractor = noun_extractor(nouns)
     except RuntimeError as exn:  # a spaCy pipeline that is not installed: the message says how
         raise ValueError(str(exn)) from None
+    found = extractor(caption)
     if not found:
+        hint = ""
+        if extractor.pipeline == "world":
+            hint = (
+                " (it knows only the embedded world's shapes); for real English install "
+                "en_core_web_sm: python -m spacy download en_core_web_sm"
+            )
         raise ValueError(
-            f"no noun found in {caption!r} by the {nouns!r} noun pipeline: for real English, "
-            "install en_core_web_sm (`python -m spacy download en_core_web_sm`), --nouns auto"
+            f"no noun found in {caption!r} by spaCy pipeline {extractor.pipeline!r}{hint}"
         )
     model = BiMAC.from_pretrained(checkpoint).eval()
     tokenizer = load_tokenizer(Path(checkpoint), model.config.context_length)
