@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,7 +91,9 @@ class ImageBatch:
         self.skipped += 1
         print(f"{self.command}: skipped {path}: {why}", file=sys.stderr, flush=True)
 
-    def read(self, paths: list[str | Path], read=upright_bytes) -> list[tuple[str, object]]:
+    def read(
+        self, paths: list[str | Path], read: Callable[[str | Path], Any] = upright_bytes
+    ) -> list[tuple[str, Any]]:
         """``(path, read(path))`` of every readable file, in order; the others are skipped."""
         out = []
         for path in paths:
