@@ -21,7 +21,6 @@ import json
 import logging
 import tarfile
 import textwrap
-import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,8 @@ DEMO_SPLITS = {
     "probe": 200,
 }
 BENGALI_SPLITS = {"train": 2000, "val": 200}
-BENGALI_FONTS = ("Noto Sans Bengali", "Noto Serif Bengali", "Lohit Bengali", "Vrinda", "Mukti")
+# an OFL font that pip installs (fontpkg-hind-siliguri): the preview needs no system font
+BENGALI_FONT = "Hind Siliguri"
 
 
 def build_world(out: Path, size: int = 64, seed: int = 0, bengali: bool = False) -> dict[str, str]:
@@ -85,19 +85,11 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    import fontpkg.mpl
     import matplotlib.pyplot as plt
-    from matplotlib import font_manager
     from PIL import Image
 
-    fonts = {f.name for f in font_manager.fontManager.ttflist}
-    bn_font = next((f for f in BENGALI_FONTS if f in fonts), None)
-    if bn_font is None:
-        log.warning(
-            "no Bengali font installed (e.g. fonts-noto-core): Bengali captions in %s will show "
-            "as boxes; they are also written to %s",
-            png,
-            png.with_suffix(".txt"),
-        )
+    bn_font = fontpkg.mpl.use(BENGALI_FONT)  # matplotlib >= 3.11 shapes it with libraqm
     samples = _first_samples(shard, n)
     rows = -(-len(samples) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 3.2, rows * 4.2))
@@ -108,17 +100,13 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
         lines.append(f"{meta['index']:09d}\t{en}\t{bn}")
         ax.imshow(Image.open(io.BytesIO(s["jpg"])))
         ax.set_title("\n".join(textwrap.wrap(en, 34)), fontsize=7)
-        ax.set_xlabel(
-            "\n".join(textwrap.wrap(bn, 34)), fontsize=7, fontfamily=bn_font or "sans-serif"
-        )
+        ax.set_xlabel("\n".join(textwrap.wrap(bn, 34)), fontsize=9, fontproperties=bn_font)
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in list(axes.flat)[len(samples) :]:
         ax.axis("off")
-    with warnings.catch_warnings():  # missing-glyph warnings: already reported once above
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
     plt.close(fig)
     png.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return png

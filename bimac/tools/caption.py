@@ -14,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
+
+from bimac.tools.images import BATCH_CONVENTION, ImageBatch, pixels
 
 
 def is_bimac_export(directory: str | Path) -> bool:
@@ -28,22 +29,15 @@ def is_bimac_export(directory: str | Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("model"), dict)
 
 
-def load_images(paths: list[str], size: int) -> torch.Tensor:
-    """uint8 ``[N, 3, size, size]`` (shorter side resized, centre crop, as in evaluation)."""
-    from bimac.eval.common import decode_image
-
-    return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
-
-
 @torch.no_grad()
 def caption_images(
     checkpoint: str | Path,
-    paths: list[str],
+    images: list[bytes],
     strategy: str = "beam",
     num_beams: int = 3,
     max_new_tokens: int = 20,
 ) -> list[str]:
-    """One caption per image path."""
+    """One caption per image (the bytes of an image file)."""
     from bimac.generation import GenerationConfig
 
     if is_bimac_export(checkpoint):
@@ -51,14 +45,14 @@ def caption_images(
 
         out = generate_captions(
             checkpoint,
-            {i: Path(p) for i, p in enumerate(paths)},
+            dict(enumerate(images)),
             None,
             strategy,
             num_beams if strategy == "beam" else 1,
             max_new_tokens,
             batch_size=16,
         )
-        return [out[i] for i in range(len(paths))]
+        return [out[i] for i in range(len(images))]
     from bimac.models.pal_captioner import PALCaptioner
 
     model = PALCaptioner.from_pretrained(checkpoint).eval()
@@ -68,13 +62,14 @@ def caption_images(
         max_new_tokens=min(max_new_tokens, model.cfg.max_length),
         no_repeat_ngram_size=3,
     )
-    return list(model.caption(load_images(paths, model.cfg.image_size), cfg).texts)
+    return list(model.caption(pixels(images, model.cfg.image_size), cfg).texts)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     ap = argparse.ArgumentParser(
         prog="bimac caption",
         description=__doc__,
+        epilog=BATCH_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("images", nargs="+", help="image files")
@@ -96,14 +91,23 @@ def main(argv: list[str] | None = None) -> list[str]:
         "--out", default=None, help="also write [{image, caption}] JSON here (default: print only)"
     )
     args = ap.parse_args(argv)
-    captions = caption_images(
-        args.checkpoint, args.images, args.strategy, args.num_beams, args.max_new_tokens
-    )
-    for path, cap in zip(args.images, captions):
-        print(f"{path}\t{cap}")
-    if args.out:
-        rows = [{"image": p, "caption": c} for p, c in zip(args.images, captions)]
+    batch = ImageBatch("bimac caption")
+    readable = batch.read(args.images)
+    captions = []
+    if readable:
+        captions = caption_images(
+            args.checkpoint,
+            [data for _, data in readable],
+            args.strategy,
+            args.num_beams,
+            args.max_new_tokens,
+        )
+    rows = [{"image": path, "caption": cap} for (path, _), cap in zip(readable, captions)]
+    for row in rows:
+        print(f"{row['image']}\t{row['caption']}")
+    if args.out and rows:
         Path(args.out).write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    batch.finish()
     return captions
 
 

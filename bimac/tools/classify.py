@@ -17,30 +17,38 @@ from pathlib import Path
 
 import torch
 
+from bimac.tools.images import BATCH_CONVENTION, ImageBatch, pixels
+
+
+class NoClassifierHead(ValueError):
+    """No ``--labels`` for an export without a fine-tuned classification head."""
+
 
 @torch.no_grad()
 def classify(
     checkpoint: str | Path,
-    paths: list[str],
+    images: list[bytes],
     labels: list[str] | None = None,
     templates: list[str] | None = None,
 ) -> tuple[list[str], torch.Tensor]:
-    """``(class names, probabilities [N, C])`` for image paths."""
+    """``(class names, probabilities [N, C])`` for images (the bytes of image files)."""
     from bimac.eval.classification import CLIP_TEMPLATES, class_weights
     from bimac.eval.common import bimac_encoder
     from bimac.models.classifier import HEAD_FILE, ImageClassifier
-    from bimac.tools.caption import load_images
 
     directory = Path(checkpoint)
     if not labels:
         if not (directory / HEAD_FILE).is_file():
-            raise ValueError(f"{directory} has no trained classifier head: give --labels")
+            raise NoClassifierHead(
+                f"{directory} has no fine-tuned classifier head ({HEAD_FILE}): give --labels "
+                "for zero-shot classification, e.g. --labels 'cat,dog'"
+            )
         model, names = ImageClassifier.from_pretrained(directory)
         model.eval()
-        return names, model(load_images(paths, model.bimac.config.image_size)).softmax(-1)
+        return names, model(pixels(images, model.bimac.config.image_size)).softmax(-1)
     enc = bimac_encoder(directory)
     weights = class_weights(enc, labels, templates or CLIP_TEMPLATES)
-    feats = enc.images(load_images(paths, enc.image_size))
+    feats = enc.images(pixels(images, enc.image_size))
     scale = enc.model.coca.logit_scale.exp().clamp(max=100)
     return labels, (scale * feats @ weights.T).softmax(-1)
 
@@ -49,6 +57,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(
         prog="bimac classify",
         description=__doc__,
+        epilog=BATCH_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("images", nargs="+", help="image files")
@@ -71,15 +80,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()] or None
-    names, probs = classify(args.checkpoint, args.images, labels, args.template)
+    batch = ImageBatch("bimac classify")
+    readable = batch.read(args.images)
     rows = []
-    for path, p in zip(args.images, probs):
-        top = p.topk(min(args.top, len(names)))
-        ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
-        rows.append({"image": path, "top": ranked})
-        print(path + "\t" + ", ".join(f"{n} {v:.3f}" for n, v in ranked))
-    if args.out:
+    if readable:
+        try:
+            names, probs = classify(
+                args.checkpoint, [data for _, data in readable], labels, args.template
+            )
+        except NoClassifierHead as exn:
+            raise SystemExit(f"bimac classify: {exn}") from None
+        for (path, _), p in zip(readable, probs):
+            top = p.topk(min(args.top, len(names)))
+            ranked = [(names[i], float(v)) for v, i in zip(top.values, top.indices)]
+            rows.append({"image": path, "top": ranked})
+            print(path + "\t" + ", ".join(f"{n} {v:.3f}" for n, v in ranked))
+    if args.out and rows:
         Path(args.out).write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    batch.finish()
     return rows
 
 

@@ -5,10 +5,12 @@
 Nouns are found by spaCy (``--nouns``), mapped to token spans, mean-pooled over the text
 tower's token outputs (Eq. 2) and scored against every raw ViT patch with BiMAC's grounding
 head: ``S = sigmoid(scale * w·r + bias)`` (Eq. 7). The image goes to the model whole (resized to
-its square input, aspect ratio not kept) so the patch grid covers all of it; each noun's grid is
-upsampled back to the image's own size (bilinear), scaled to [0, 1] for display and blended over
-the image with the ``jet`` colour map. One PNG per noun, the size of the input image, plus
-``grounding.json`` with the raw scores (max, mean, best patch).
+its square input, aspect ratio not kept) so the patch grid covers all of it. Each noun's grid is
+upsampled (bilinear) over the image shown with its shorter side at 448 pixels (world thumbnails
+are 64), coloured on ONE absolute scale, S = 0 to 1 with the ``jet`` colour map, and blended over
+the image: an object the model does not find stays blue, it is not stretched to a bright spot.
+One PNG per noun with the noun, its best score and a colour bar, plus ``grounding.json`` with the
+raw scores (max, mean, best patch) and the upright image's size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bimac.tools.images import BATCH_CONVENTION, ImageBatch, open_upright
+
 logger = logging.getLogger(__name__)
+
+DISPLAY_SIDE = 448  # pixels on the shorter side of a heat-map picture
+COLOUR_MAP = "jet"
 
 
 def noun_extractor(pipeline: str):
@@ -68,47 +75,94 @@ def grounding_maps(
     return scores.view(-1, g, g).cpu()
 
 
-def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """``heat [g, g]`` upsampled to the image's size, scaled to [0, 1], blended with ``jet``."""
+def display_image(image: Image.Image, side: int = DISPLAY_SIDE) -> Image.Image:
+    """``image`` scaled (bicubic) so its shorter side is ``side`` pixels, aspect ratio kept."""
+    w, h = image.size
+    scale = side / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+
+
+def upsample(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``heat [g, g]`` -> ``[h, w]`` for ``size = (w, h)``, bilinear, values not rescaled."""
+    grid = Image.fromarray(np.asarray(heat, dtype=np.float32), mode="F")
+    return np.asarray(grid.resize(size, Image.BILINEAR))
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """RGB in [0, 1]: ``image`` blended with ``COLOUR_MAP`` of the scores ``heat [h, w]`` on the
+    absolute scale 0..1 (a score has the same colour in every map)."""
     from matplotlib import colormaps
 
-    w, h = image.size
-    up = np.asarray(
-        Image.fromarray(heat.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
-    )
-    lo, hi = float(up.min()), float(up.max())
-    up = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
-    colour = colormaps["jet"](up)[..., :3]
+    colour = colormaps[COLOUR_MAP](np.clip(heat, 0.0, 1.0))[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return Image.fromarray(np.uint8(255 * ((1 - alpha) * base + alpha * colour)))
+    return (1 - alpha) * base + alpha * colour
+
+
+def save_heat_map(
+    image: Image.Image, heat: np.ndarray, noun: str, path: Path, alpha: float = 0.5
+) -> None:
+    """One noun's picture: the overlay, a title with the noun and its best score, a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    shown = display_image(image)
+    w, h = shown.size
+    g = heat.shape[0]
+    row, col = divmod(int(heat.argmax()), g)
+    fig, ax = plt.subplots(figsize=(w / 100 + 1.6, h / 100 + 0.8), dpi=100)
+    ax.imshow(overlay(shown, upsample(heat, (w, h)), alpha))
+    ax.plot((col + 0.5) * w / g, (row + 0.5) * h / g, "w+", markersize=14, markeredgewidth=2)
+    ax.set_title(f'"{noun}"   max S = {heat.max():.2f} (+), mean {heat.mean():.2f}', fontsize=11)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), COLOUR_MAP), ax=ax, fraction=0.046)
+    bar.set_label("grounding score S (absolute scale)")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
 
 
 def ground(
     checkpoint: str | Path,
-    image_path: str | Path,
+    image: Image.Image,
+    name: str,
     caption: str,
     out_dir: str | Path,
     nouns: str = "auto",
     alpha: float = 0.5,
 ) -> list[Path]:
-    """Write one heat-map PNG per noun (the image's size) and ``grounding.json``; returns PNGs."""
+    """Heat maps of ``caption``'s nouns over ``image`` (file ``name``): one PNG per noun and
+    ``grounding.json`` in ``out_dir``; returns the PNGs. ValueError when there is no noun."""
     from bimac.export_folder import load_tokenizer
     from bimac.models.bimac import BiMAC
 
+    try:
+        extractor = noun_extractor(nouns)
+    except RuntimeError as exn:  # a spaCy pipeline that is not installed: the message says how
+        raise ValueError(str(exn)) from None
+    found = extractor(caption)
+    if not found:
+        hint = ""
+        if extractor.pipeline == "world":
+            hint = (
+                " (it knows only the embedded world's shapes); for real English install "
+                "en_core_web_sm: python -m spacy download en_core_web_sm"
+            )
+        raise ValueError(
+            f"no noun found in {caption!r} by spaCy pipeline {extractor.pipeline!r}{hint}"
+        )
     model = BiMAC.from_pretrained(checkpoint).eval()
     tokenizer = load_tokenizer(Path(checkpoint), model.config.context_length)
-    found = noun_extractor(nouns)(caption)
-    if not found:
-        raise ValueError(f"no noun found in {caption!r} (--nouns {nouns}); try en_core_web_sm")
-    image = Image.open(image_path)
-    image.load()
     maps = grounding_maps(model, tokenizer, image, caption, [(n.start, n.end) for n in found])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem, paths, rows = Path(image_path).stem, [], []
+    stem, paths, rows = Path(name).stem, [], []
     for i, (noun, heat) in enumerate(zip(found, maps)):
         path = out / f"{stem}_{i}_{re.sub(r'[^A-Za-z0-9_-]+', '_', noun.text)}.png"
-        overlay(image, heat.numpy(), alpha).save(path)
+        save_heat_map(image, heat.numpy(), noun.text, path, alpha)
         paths.append(path)
         flat = heat.flatten()
         rows.append(
@@ -125,7 +179,7 @@ def ground(
         )
     (out / "grounding.json").write_text(
         json.dumps(
-            {"image": str(image_path), "caption": caption, "nouns": rows},
+            {"image": name, "image_size": list(image.size), "caption": caption, "nouns": rows},
             ensure_ascii=False,
             indent=1,
         )
@@ -137,6 +191,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap = argparse.ArgumentParser(
         prog="bimac ground",
         description=__doc__,
+        epilog=BATCH_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("image", help="image file")
@@ -160,9 +215,18 @@ def main(argv: list[str] | None = None) -> list[Path]:
         help="heat-map opacity over the image (default: %(default)s)",
     )
     args = ap.parse_args(argv)
-    paths = ground(args.checkpoint, args.image, args.caption, args.out_dir, args.nouns, args.alpha)
+    batch = ImageBatch("bimac ground")
+    paths = []
+    for name, image in batch.read([args.image], read=open_upright):
+        try:
+            paths = ground(
+                args.checkpoint, image, name, args.caption, args.out_dir, args.nouns, args.alpha
+            )
+        except ValueError as exn:
+            raise SystemExit(f"bimac ground: {exn}") from None
     for p in paths:
         print(p)
+    batch.finish()
     return paths
 
 

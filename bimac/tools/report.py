@@ -29,6 +29,10 @@ PROBE = ["text_score", "image_score", "group_score"]
 BENGALI = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1"]
 
 
+class NothingToReport(ValueError):
+    """The run directories hold no summary, training log or evaluation numbers."""
+
+
 def find_files(run_dir: Path) -> tuple[list[Path], list[Path], list[Path]]:
     """``(summary.json files, evaluation JSON files, metrics.jsonl files)`` under ``run_dir``."""
     summaries, evals, logs = [], [], []
@@ -174,6 +178,12 @@ def render(run_dirs: list[Path], out_file: Path) -> str:
     from bimac.tools.plots import plot_run
 
     rows = gather(run_dirs)
+    if not any(rows.values()):
+        raise NothingToReport(
+            f"nothing to report under {', '.join(map(str, run_dirs))}: no summary.json, "
+            "metrics.jsonl or evaluation JSON; give a run's train.output_dir or the --out folder "
+            "of bimac eval"
+        )
     parts = ["# Results", "", "Runs: " + ", ".join(f"`{r}`" for r in run_dirs), ""]
     sections = [
         (
@@ -249,10 +259,14 @@ def main(argv: list[str] | None = None) -> Path:
     dirs = [Path(d) for d in args.run_dirs]
     missing = [d for d in dirs if not d.is_dir()]
     if missing:
-        ap.error(f"not a directory: {missing[0]}")
+        raise SystemExit(f"bimac report: {missing[0]} is not a directory")
+    try:
+        page = render(dirs, Path(args.out))
+    except NothingToReport as exn:
+        raise SystemExit(f"bimac report: {exn}") from None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(dirs, out))
+    out.write_text(page)
     print(out)
     return out
 

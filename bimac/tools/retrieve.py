@@ -12,30 +12,40 @@ from pathlib import Path
 
 import torch
 
+from bimac.tools.images import BATCH_CONVENTION, ImageBatch
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+def image_files(image_dir: str | Path) -> list[Path]:
+    """Files under ``image_dir`` (recursively) with an image extension, sorted."""
+    if not Path(image_dir).is_dir():
+        raise FileNotFoundError(f"--images {image_dir}: not a folder")
+    paths = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise FileNotFoundError(
+            f"--images {image_dir}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+    return paths
 
 
 @torch.no_grad()
 def retrieve(
     checkpoint: str | Path,
-    image_dir: str | Path,
+    images: list[tuple[str, bytes]],
     queries: list[str],
     top: int = 5,
     batch_size: int = 64,
 ) -> list[list[tuple[str, float]]]:
-    """Per query, the ``top`` (image path, cosine similarity) pairs, best first."""
+    """Per query, the ``top`` (image path, cosine similarity) pairs of ``(path, file bytes)``
+    images, best first."""
     from bimac.eval.common import bimac_encoder, embed_images, embed_texts
 
-    paths = sorted(p for p in Path(image_dir).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise FileNotFoundError(f"{image_dir}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     enc = bimac_encoder(checkpoint)
-    sims = (
-        embed_texts(enc, queries, batch_size) @ embed_images(enc, paths, batch_size, len(paths)).T
-    )
-    best = sims.topk(min(top, len(paths)), dim=1)
+    feats = embed_images(enc, [data for _, data in images], batch_size, len(images))
+    best = (embed_texts(enc, queries, batch_size) @ feats.T).topk(min(top, len(images)), dim=1)
     return [
-        [(str(paths[i]), float(v)) for v, i in zip(vals, idx)]
+        [(images[i][0], float(v)) for v, i in zip(vals, idx)]
         for vals, idx in zip(best.values, best.indices)
     ]
 
@@ -44,6 +54,7 @@ def main(argv: list[str] | None = None) -> list:
     ap = argparse.ArgumentParser(
         prog="bimac retrieve",
         description=__doc__,
+        epilog=BATCH_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--checkpoint", required=True, help="BiMAC export directory")
@@ -57,13 +68,22 @@ def main(argv: list[str] | None = None) -> list:
     ap.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
-    results = retrieve(args.checkpoint, args.images, args.query, args.top, args.batch_size)
+    try:
+        paths = image_files(args.images)
+    except FileNotFoundError as exn:
+        raise SystemExit(f"bimac retrieve: {exn}") from None
+    batch = ImageBatch("bimac retrieve")
+    readable = batch.read(paths)
+    results = []
+    if readable:
+        results = retrieve(args.checkpoint, readable, args.query, args.top, args.batch_size)
     for q, hits in zip(args.query, results):
         print(f"# {q}")
         for path, score in hits:
             print(f"{score:.4f}\t{path}")
-    if args.out:
+    if args.out and results:
         Path(args.out).write_text(json.dumps(dict(zip(args.query, results)), indent=1))
+    batch.finish()
     return results
 
 
