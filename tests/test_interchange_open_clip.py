@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from bimac.config import ConfigError
-from bimac.eval.common import decode_image
+from bimac.data.samples import image_chw
 from bimac.interchange import (
     bimac_config_from_open_clip,
     export_open_clip,
@@ -68,7 +68,7 @@ def test_exported_towers_embed_like_bimac(tmp_path, overrides):
     # open_clip's own val transform gives BiMAC's input pixels (square image: no rounding)
     buf = io.BytesIO()
     Image.fromarray(np.asarray(images[0].permute(1, 2, 0))).resize((96, 96)).save(buf, "PNG")
-    ours = model.normalize(torch.from_numpy(decode_image(buf.getvalue(), 64).copy())[None])
+    ours = model.normalize(torch.from_numpy(image_chw(buf.getvalue(), 64).copy())[None])
     theirs = preprocess(Image.open(io.BytesIO(buf.getvalue())))[None]
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 

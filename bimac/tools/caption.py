@@ -30,9 +30,9 @@ def is_bimac_export(directory: str | Path) -> bool:
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
     """uint8 ``[N, 3, size, size]`` (shorter side resized, centre crop, as in evaluation)."""
-    from bimac.eval.common import decode_image
+    from bimac.data.samples import image_chw
 
-    return torch.from_numpy(np.stack([decode_image(p, size) for p in paths]))
+    return torch.from_numpy(np.stack([image_chw(p, size) for p in paths]))
 
 
 @torch.no_grad()
