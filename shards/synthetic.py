@@ -82,7 +82,7 @@ def build_clip_benchmark(
     if classification:
         (out / "classnames.txt").write_text("\n".join(class_names(split)) + "\n")
         (out / "zeroshot_classification_templates.txt").write_text(
-            "\n".join(world_templates(split)) + "\n"
+            "\n".join(t.replace("{}", "{c}") for t in world_templates(split)) + "\n"
         )
     return out
 

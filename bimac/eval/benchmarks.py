@@ -3,7 +3,7 @@
 - ``clip_benchmark``: CLIP_benchmark's offline webdataset layout (``clip_benchmark.datasets.
   builder.build_wds_dataset``): ``ROOT/{test,train}/nshards.txt`` + ``0.tar 1.tar ...``,
   ``ROOT/dataset_type.txt`` (``retrieval``, else classification), ``ROOT/classnames.txt``,
-  ``ROOT/zeroshot_classification_templates.txt``; samples are an image with a ``.cls`` label or,
+  ``ROOT/zeroshot_classification_templates.txt`` (``{c}`` for the class name); samples are an image with a ``.cls`` label or,
   for retrieval, a ``.txt`` holding one caption per line.
 - ``sugarcrepe``: ``ROOT/{add_att,add_obj,replace_att,replace_obj,replace_rel,swap_att,swap_obj}.json``
   (``{"0": {"filename", "caption", "negative_caption"}, ...}``; the sub-tasks present are read),
@@ -90,6 +90,7 @@ def read_clip_benchmark(root: str | Path, split: str = "test") -> ClipBenchmarkD
     except ValueError:
         raise FormatError(f"{nshards_file}: not a number of shards") from None
     kind_lines = _lines(root / "dataset_type.txt") or ["classification"]
+    templates_file = root / "zeroshot_classification_templates.txt"
     kind = "retrieval" if kind_lines[0].lower() == "retrieval" else "classification"
     return ClipBenchmarkDataset(
         root=root,
@@ -97,7 +98,8 @@ def read_clip_benchmark(root: str | Path, split: str = "test") -> ClipBenchmarkD
         kind=kind,
         shards=str(root / split / (f"{{0..{n - 1}}}.tar" if n > 1 else "0.tar")),
         classnames=_lines(root / "classnames.txt"),
-        templates=_lines(root / "zeroshot_classification_templates.txt"),
+        # CLIP_benchmark formats templates with c=classname; bimac's placeholder is {}
+        templates=[t.replace("{c}", "{}") for t in _lines(templates_file) or []] or None,
     )
 
 
