@@ -77,7 +77,7 @@ def image_chw(source: bytes | str | Path, size: int) -> np.ndarray:
     """Image bytes or file -> ``uint8 [3, size, size]`` through training's decoder (shorter side
     to ``size``, bicubic, centre crop). Raises what the decoder raises for a bad image."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return _decode_image(data, size)[0].transpose(2, 0, 1)
+    return np.ascontiguousarray(_decode_image(data, size)[0].transpose(2, 0, 1))
 
 
 def image_files(directory: str | Path) -> list[Path]:
