@@ -36,7 +36,7 @@ import torch
 
 from bimac.data.loader import SkipCounter
 from bimac.data.samples import iter_samples
-from bimac.eval.common import Encoder, embed_images, embed_texts
+from bimac.eval.common import Encoder, embed_images, embed_texts, report
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +370,22 @@ def classification_result_metrics(results: dict) -> dict[str, float]:
         out["acc5"] = results["top5"] / 100.0
     out["mean_per_class_recall"] = results["mean_per_class_recall"] / 100.0
     return out
+
+
+def report_wds(results: dict, args, title: str, task: str) -> None:
+    """bimac's table; ``--out`` gets CLIP_benchmark's result JSON with ``--format
+    clip_benchmark`` (dataset ``wds/<folder name>``), else bimac's own numbers."""
+    if not args.format:
+        report(results, args.out, title)
+        return
+    report(results, None, title)
+    metrics = {
+        "zeroshot_retrieval": retrieval_result_metrics,
+        "zeroshot_classification": classification_result_metrics,
+    }[task](results)
+    if args.out:
+        name = f"wds/{Path(args.data).name}"
+        write_results(args.out, [clip_benchmark_result(name, task, metrics, model_names(args))])
 
 
 def write_results(out: str, results: list[dict]) -> list[Path]:

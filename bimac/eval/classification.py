@@ -31,7 +31,6 @@ from bimac.eval.common import (
     embed_texts,
     encoder_from_args,
     note_skips,
-    report,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,18 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results["data"] = args.data
     note_skips(results, counter)
-    if args.format:
-        report(results, None, "Zero-shot classification")
-        cb = benchmarks.clip_benchmark_result(
-            f"wds/{Path(args.data).name}",
-            "zeroshot_classification",
-            benchmarks.classification_result_metrics(results),
-            benchmarks.model_names(args),
-        )
-        if args.out:
-            benchmarks.write_results(args.out, [cb])
-    else:
-        report(results, args.out, "Zero-shot classification")
+    benchmarks.report_wds(results, args, "Zero-shot classification", "zeroshot_classification")
     return results
 
 

@@ -30,7 +30,6 @@ from bimac.eval.common import (
     embed_texts,
     encoder_from_args,
     note_skips,
-    report,
 )
 from bimac.metrics.recall import retrieval_metrics
 
@@ -138,18 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = evaluate(encoder_from_args(args), images, captions, args.batch_size, args.max_sim_mb)
     results["data"] = args.data
     note_skips(results, counter)
-    if args.format:
-        report(results, None, "Zero-shot retrieval")
-        cb = benchmarks.clip_benchmark_result(
-            f"wds/{Path(args.data).name}",
-            "zeroshot_retrieval",
-            benchmarks.retrieval_result_metrics(results),
-            benchmarks.model_names(args),
-        )
-        if args.out:
-            benchmarks.write_results(args.out, [cb])
-    else:
-        report(results, args.out, "Zero-shot retrieval")
+    benchmarks.report_wds(results, args, "Zero-shot retrieval", "zeroshot_retrieval")
     return results
 
 
