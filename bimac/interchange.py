@@ -11,8 +11,18 @@ an open_clip checkpoint directory::
 
 The directory holds ``<name>.json`` (the open_clip model config, CoCa class), ``open_clip_config.json``
 (model + preprocess config, what ``local-dir:`` reads), ``open_clip_model.safetensors`` and the
-tokenizer BiMAC was trained with (``tokenizer.json``: open_clip's own tokenizer does not know a
-world vocabulary; with the CLIP BPE, ``open_clip.get_tokenizer`` works as usual).
+tokenizer BiMAC was trained with, in the form open_clip loads:
+
+- a ``tokenizers`` file (the world's ``tokenizer.json``): it becomes a Hugging Face tokenizer
+  folder (``tokenizer.json`` + ``tokenizer_config.json``) and the text config's
+  ``hf_tokenizer_name`` points there, so ``open_clip.get_tokenizer("local-dir:OUT")`` (which then
+  loads ``AutoTokenizer`` from OUT) gives BiMAC's ids: BOS .. EOS, ``<pad>`` to the context
+  length. open_clip collapses runs of whitespace before tokenising; BiMAC does not, so only
+  captions with doubled spaces tokenise differently.
+- an open_clip CLIP-BPE name (``tokenizer.txt``): no ``hf_tokenizer_name``, so open_clip builds
+  its own ``SimpleTokenizer``, the one BiMAC wraps.
+
+Any other tokenizer (a transformers name) is refused: open_clip would silently use CLIP's BPE.
 
 Import: open_clip CoCa weights (a pretrained tag of an open_clip CoCa architecture, or a file)
 as the start of BiMAC pretraining: :func:`bimac_config_from_open_clip` turns the architecture into a
@@ -36,13 +46,14 @@ import yaml
 from safetensors.torch import save_file
 
 from bimac.config import ConfigError, to_dict
-from bimac.export_folder import TOKENIZER_FILE, TOKENIZER_NAME_FILE
+from bimac.export_folder import TOKENIZER_FILE
 from bimac.models.bimac import BiMAC, BiMACConfig
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "open_clip_model.safetensors"
 LOCAL_CONFIG_FILE = "open_clip_config.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # makes OUT a transformers tokenizer folder
 
 
 @dataclass
@@ -70,24 +81,80 @@ def preprocess_config(cfg: BiMACConfig) -> dict[str, Any]:
     }
 
 
-def export_open_clip(
-    model: BiMAC | str | Path, out_dir: str | Path, name: str | None = None
-) -> OpenClipExport:
-    """Write BiMAC's CoCa towers as an open_clip checkpoint directory (see the module docstring).
+def _tokenizer_source(src_dir: Path | None, tokenizer: str | Path | None) -> tuple[str, str]:
+    """``("file", path)`` for a ``tokenizers`` JSON or ``("open_clip", name)`` for CLIP BPE; a
+    tokenizer open_clip cannot load raises :class:`ConfigError` (one line, with the fix)."""
+    if tokenizer is None and src_dir is not None:
+        if (src_dir / TOKENIZER_FILE).is_file():
+            tokenizer = src_dir / TOKENIZER_FILE
+        elif (src_dir / "tokenizer.txt").is_file():
+            tokenizer = (src_dir / "tokenizer.txt").read_text().strip()
+    if tokenizer is None:
+        raise ConfigError(
+            "export has no tokenizer (no tokenizer.json or tokenizer.txt beside the model): "
+            "without it open_clip would tokenise with CLIP's BPE; pass the tokenizer the model "
+            "was trained with"
+        )
+    if Path(tokenizer).suffix == ".json":
+        if not Path(tokenizer).is_file():
+            raise ConfigError(f"tokenizer {tokenizer}: file not found")
+        return "file", str(tokenizer)
+    name = str(tokenizer)
+    arch = open_clip.get_model_config(name) if name in open_clip.list_models() else None
+    if arch and not arch["text_cfg"].get("hf_tokenizer_name") and "siglip" not in name.lower():
+        return "open_clip", name  # open_clip's SimpleTokenizer, the CLIP BPE BiMAC wraps
+    raise ConfigError(
+        f"tokenizer {name!r} is not one open_clip can load from an export (a tokenizers "
+        "tokenizer.json or an open_clip CLIP-BPE model name); open_clip would tokenise with "
+        "CLIP's BPE instead, so the export is refused"
+    )
 
-    ``model``: a BiMAC or a BiMAC export directory (its tokenizer is copied along). ``name``:
-    the open_clip model name (default ``bimac-<config hash>``, so different sizes never clash).
+
+def export_open_clip(
+    model: BiMAC | str | Path,
+    out_dir: str | Path,
+    name: str | None = None,
+    tokenizer: str | Path | None = None,
+) -> OpenClipExport:
+    """Write BiMAC's CoCa towers and its tokenizer as an open_clip checkpoint directory (see the
+    module docstring).
+
+    ``model``: a BiMAC or a BiMAC export directory. ``tokenizer``: a ``tokenizer.json`` or an
+    open_clip model name (default: the one saved in the export directory). ``name``: the
+    open_clip model name (default ``bimac-<config hash>``, so different sizes never clash).
     """
     src_dir = None
     if not isinstance(model, BiMAC):
         src_dir = Path(model)
         model = BiMAC.from_pretrained(src_dir)
+    kind, source = _tokenizer_source(src_dir, tokenizer)
     cfg = model.config
     model_cfg = open_clip_model_config(cfg)
     digest = hashlib.sha256(json.dumps(model_cfg, sort_keys=True).encode()).hexdigest()[:10]
     name = name or f"bimac-{digest}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if kind == "file":
+        shutil.copyfile(source, out / TOKENIZER_FILE)
+        from bimac.eval.common import load_tokenizer
+
+        tok = load_tokenizer(out, cfg.context_length)  # checks the special tokens are there
+        specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+        (out / HF_TOKENIZER_CONFIG).write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    **specials,
+                    "unk_token": "<unk>",
+                    "model_max_length": tok.context_length,
+                },
+                indent=2,
+            )
+        )
+        # local-dir: loads the tokenizer from OUT whatever this says; by name, from this path
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
+    else:
+        (out / "tokenizer.txt").write_text(source + "\n")
     config_path = out / f"{name}.json"
     config_path.write_text(json.dumps(model_cfg, indent=2))
     (out / LOCAL_CONFIG_FILE).write_text(
@@ -96,10 +163,7 @@ def export_open_clip(
     state = {k: v.detach().contiguous().cpu() for k, v in model.coca.state_dict().items()}
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
-    for tok in (TOKENIZER_FILE, TOKENIZER_NAME_FILE):
-        if src_dir is not None and (src_dir / tok).is_file():
-            shutil.copyfile(src_dir / tok, out / tok)
-    logger.info("open_clip export %s: %s (%d tensors)", name, out, len(state))
+    logger.info("open_clip export %s: %s (%d tensors, %s tokenizer)", name, out, len(state), kind)
     return OpenClipExport(out, name, config_path, weights)
 
 
@@ -140,7 +204,7 @@ _TEXT = {
     "layers": ("text_layers", None),
     "pad_id": ("pad_id", 0),
 }
-_IGNORED = {"output_tokens", "embed_cls", "mlp_ratio"}
+_IGNORED = {"output_tokens", "embed_cls", "mlp_ratio", "hf_tokenizer_name", "tokenizer_kwargs"}
 
 
 def bimac_config_from_open_clip(

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from bimac.data.samples import image_chw
 from bimac.data.synthetic import class_names, make_sample
 from bimac.data.tokenizer import HFTokenizer, train_world_tokenizer
 from bimac.eval import classification
 from bimac.eval.classification import world_templates
-from bimac.eval.common import decode_image
 from bimac.losses.contrastive import contrastive_loss
 from bimac.models.bimac import BiMAC, BiMACConfig
 
@@ -48,7 +48,7 @@ def test_zero_shot_on_world_shapes_beats_chance(tmp_path, one_thread):
         [c for cs in captions for c in cs] + prompts, TINY["vocab_size"]
     )
     tok = HFTokenizer(raw_tok, TINY["context_length"])
-    images = torch.from_numpy(np.stack([decode_image(s["jpg"], TINY["image_size"]) for s in train]))
+    images = torch.from_numpy(np.stack([image_chw(s["jpg"], TINY["image_size"]) for s in train]))
     model = BiMAC(BiMACConfig(**TINY))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     # 20 warm-up steps, then cosine decay to 0 (the engine's schedule)

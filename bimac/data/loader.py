@@ -23,7 +23,7 @@ import multiprocessing as mp
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -46,13 +46,14 @@ REASONS = (
     "bad_image",  # unreadable or truncated image
     "image_too_large",  # header claims more than PIL's MAX_IMAGE_PIXELS: refused before decoding
     "missing_caption",
+    "missing_label",  # classification evaluation: no integer cls / label_index
     "empty_caption",
     "bad_caption_encoding",  # caption is not UTF-8
     "bad_json",
     "missing_syn_image",  # triplets: no KEY.syn.jpg, or unreadable
     "missing_bn_caption",  # triplets: no / empty / non-UTF-8 KEY.bn.txt
 )
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard member / file suffixes, first wins
 
 
 @dataclasses.dataclass
@@ -206,6 +207,42 @@ def tar_members(stream) -> Iterator[dict]:
             yield {"fname": name, "data": data}
 
 
+def shard_members(urls: Iterable[str], counter: SkipCounter) -> Iterator[dict]:
+    """Tar members (with ``__url__``) of each shard, then an end-of-shard marker ``{}``; a shard
+    that cannot be opened is skipped and a broken one ends early, both counted by reason."""
+    for url in urls:
+        try:
+            stream = wds.gopen(url)
+        except Exception as exn:
+            counter.add("shard_open", f"{url}: {exn!r}")
+            continue
+        reason = detail = None
+        try:
+            try:
+                for member in tar_members(stream):
+                    member["__url__"] = url
+                    yield member
+            except (tarfile.ReadError, EOFError) as exn:
+                reason, detail = "truncated_tar", f"{exn}; the rest of this shard is skipped"
+            except OSError as exn:  # e.g. a pipe: command that failed
+                reason, detail = "shard_open", repr(exn)
+            except Exception as exn:
+                reason, detail = "tar_format", f"{exn!r}; the rest of this shard is skipped"
+        finally:
+            try:
+                stream.close()
+            except Exception as exn:  # a failed pipe: command reports its exit status here
+                reason, detail = "shard_open", repr(exn)
+        if reason:
+            counter.add(reason, f"{url}: {detail}")
+        yield {}  # no sample spans two shards
+
+
+def shard_samples(urls: Iterable[str], counter: SkipCounter) -> Iterator[dict]:
+    """Undecoded samples (webdataset's grouping of ``shard_members``), in shard order."""
+    return wds.tariterators.group_by_keys(shard_members(urls, counter), handler=counter.handler)
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
@@ -343,43 +380,12 @@ class ShardDataset(IterableDataset):
             raise ValueError(f"samples_seen={seen} does not fall on a batch boundary")
         return done, w
 
-    def _members(self, shards: Iterator[dict]) -> Iterator[dict]:
-        """Tar members of each shard, then an end-of-shard marker; a broken shard ends early."""
-        for src in shards:
-            url = src["url"]
-            try:
-                stream = wds.gopen(url)
-            except Exception as exn:
-                self.counter.add("shard_open", f"{url}: {exn!r}")
-                continue
-            reason = detail = None
-            try:
-                try:
-                    for member in tar_members(stream):
-                        member["__url__"] = url
-                        yield member
-                except (tarfile.ReadError, EOFError) as exn:
-                    reason, detail = "truncated_tar", f"{exn}; the rest of this shard is skipped"
-                except OSError as exn:  # e.g. a pipe: command that failed
-                    reason, detail = "shard_open", repr(exn)
-                except Exception as exn:
-                    reason, detail = "tar_format", f"{exn!r}; the rest of this shard is skipped"
-            finally:
-                try:
-                    stream.close()
-                except Exception as exn:  # a failed pipe: command reports its exit status here
-                    reason, detail = "shard_open", repr(exn)
-            if reason:
-                self.counter.add(reason, f"{url}: {detail}")
-            yield {}  # no sample spans two shards
-
     def raw_samples(self, worker: int = 0, num_workers: int = 1, skip: int = 0) -> Iterator[dict]:
         """Undecoded samples of this rank/worker for this epoch, shuffled, first ``skip`` dropped.
 
         Resume skips raw samples: a bad sample in the skipped prefix shifts the resume point by one.
         """
-        members = self._members(self._shards(worker, num_workers))
-        stream = wds.tariterators.group_by_keys(members, handler=self.counter.handler)
+        stream = shard_samples((s["url"] for s in self._shards(worker, num_workers)), self.counter)
         if self.cfg.shuffle_buffer > 0:
             rng = random.Random(self._seed(self.rank, worker, 2))
             stream = wds.filters._shuffle(stream, self.cfg.shuffle_buffer, 100, rng=rng)

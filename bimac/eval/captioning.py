@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bimac.eval.common import decode_image, iter_samples, parse_world, report
+from bimac.data.samples import image_chw, iter_samples, parse_world
+from bimac.eval.common import report
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def generate_captions(
                 if not image_dir:
                     raise ValueError("--images DIR is needed to find the annotation images")
                 src = Path(image_dir) / src
-            imgs.append(decode_image(src, model.config.image_size))
+            imgs.append(image_chw(src, model.config.image_size))
         pixels = model.normalize(torch.from_numpy(np.stack(imgs)))
         memory = model.image_towers(pixels)[1]
         gen = generate(adapter, memory, cfg)

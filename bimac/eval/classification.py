@@ -4,10 +4,12 @@
         [--classnames classes.txt] [--templates templates.txt] [--out c.json]
 
 ``--data``: an ImageFolder tree (``DIR/<class>/*.jpg``, classes in sorted order), WebDataset
-shards with a ``cls`` field (CLIP_benchmark's layout; ``--classnames`` required), or
-``world:cls_shape:N`` / ``world:cls_colour_shape:N``. ``--classnames``: one name per line, in
-label order; ``--templates``: one prompt per line with ``{}`` for the class name (default: a
-CLIP-style ensemble, or the world's own). Reports top-1, top-5 and mean per-class recall (%).
+shards with a ``cls`` field (``--classnames`` required), ``world:cls_shape:N`` /
+``world:cls_colour_shape:N``, or with ``--format clip_benchmark`` a CLIP_benchmark webdataset
+folder (its ``classnames.txt`` and ``zeroshot_classification_templates.txt``; ``--out`` then
+writes CLIP_benchmark's result JSON). ``--classnames``: one name per line, in label order;
+``--templates``: one prompt per line with ``{}`` for the class name (default: a CLIP-style
+ensemble, or the world's own). Reports top-1, top-5 and mean per-class recall (%).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bimac.data.loader import SkipCounter
+from bimac.data.samples import IMAGE_SUFFIXES, iter_samples, parse_world
+from bimac.eval import benchmarks
 from bimac.eval.common import (
     Encoder,
     add_model_args,
     embed_images,
     embed_texts,
     encoder_from_args,
-    iter_samples,
-    parse_world,
-    report,
+    note_skips,
 )
 
 logger = logging.getLogger(__name__)
@@ -44,7 +47,6 @@ CLIP_TEMPLATES = [
     "a photo of the small {}.",
     "itap of a {}.",
 ]
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def world_templates(split: str) -> list[str]:
@@ -94,7 +96,7 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     paths, labels = [], []
     for i, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
+            if p.suffix.lower() in IMAGE_SUFFIXES:
                 paths.append(p)
                 labels.append(i)
     if not paths:
@@ -102,15 +104,21 @@ def image_folder(root: str | Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
-def shard_items(spec: str) -> tuple[list[bytes], list[int]]:
-    """Image bytes and integer labels from shards (``cls``) or a world split (``label_index``)."""
+def shard_items(spec: str, counter: SkipCounter | None = None) -> tuple[list[bytes], list[int]]:
+    """Image bytes and integer labels from shards (``cls``) or a world split (``label_index``);
+    samples without an image or a label are skipped and counted in ``counter``."""
+    counter = counter or SkipCounter()
     images, labels = [], []
-    for s in iter_samples(spec):
+    for s in iter_samples(spec, counter=counter):
         label = s.get("cls", (s.get("json") or {}).get("label_index"))
-        if label is None or "jpg" not in s:
-            raise ValueError(f"sample {s.get('__key__')} of {spec} has no image or no cls/label")
-        images.append(s["jpg"])
-        labels.append(int(label))
+        key = f"{s.get('__url__')}#{s.get('__key__')}"
+        if "jpg" not in s:
+            counter.add("missing_image", key)
+        elif label is None or not str(label).isdigit():
+            counter.add("missing_label", key)
+        else:
+            images.append(s["jpg"])
+            labels.append(int(label))
     return images, labels
 
 
@@ -139,31 +147,55 @@ def read_lines(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bimac eval classification",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_args(ap)
     ap.add_argument(
-        "--data", required=True, help="ImageFolder dir, shards with cls, world:cls_shape:N"
+        "--data",
+        required=True,
+        help="ImageFolder dir, shards with cls, world:cls_shape:N, or a CLIP_benchmark folder",
     )
+    ap.add_argument("--format", choices=["clip_benchmark"], help="--data is in this layout")
+    ap.add_argument("--split", default="test", help="CLIP_benchmark sub-folder")
     ap.add_argument("--classnames", help="file: one class name per line, in label order")
     ap.add_argument("--templates", help="file: one prompt per line with {}")
     args = ap.parse_args(argv)
-    world = parse_world(args.data)
-    classnames = read_lines(args.classnames) if args.classnames else None
-    templates = read_lines(args.templates) if args.templates else None
-    if world:
-        from bimac.data.synthetic import class_names
+    counter = SkipCounter()
+    try:
+        world = parse_world(args.data)
+        classnames = read_lines(args.classnames) if args.classnames else None
+        templates = read_lines(args.templates) if args.templates else None
+        if args.format == "clip_benchmark":
+            ds = benchmarks.read_clip_benchmark(args.data, args.split)
+            if ds.kind != "classification":
+                raise benchmarks.FormatError(
+                    f"{ds.root / 'dataset_type.txt'}: says {ds.kind!r}; use bimac eval "
+                    f"{ds.kind} --format clip_benchmark"
+                )
+            classnames = classnames or ds.classnames
+            templates = templates or ds.templates
+            if not classnames:
+                raise benchmarks.FormatError(f"{ds.root / 'classnames.txt'}: missing")
+            images, labels = shard_items(ds.shards, counter)
+        elif world:
+            from bimac.data.synthetic import class_names
 
-        images, labels = shard_items(args.data)
-        classnames = classnames or class_names(world[0])
-        templates = templates or world_templates(world[0])
-    elif Path(args.data).is_dir():
-        images, labels, dirs = image_folder(args.data)
-        classnames = classnames or [d.replace("_", " ") for d in dirs]
-    else:
-        if not classnames:
-            ap.error("--classnames is required with shards")
-        images, labels = shard_items(args.data)
+            images, labels = shard_items(args.data, counter)
+            classnames = classnames or class_names(world[0])
+            templates = templates or world_templates(world[0])
+        elif Path(args.data).is_dir():
+            images, labels, dirs = image_folder(args.data)
+            classnames = classnames or [d.replace("_", " ") for d in dirs]
+        else:
+            if not classnames:
+                ap.error("--classnames is required with shards")
+            images, labels = shard_items(args.data, counter)
+        if not images:
+            raise ValueError(f"{args.data}: no labelled image to evaluate")
+    except (OSError, ValueError) as exn:
+        raise SystemExit(f"bimac eval classification: {exn}") from None
     results = evaluate(
         encoder_from_args(args),
         images,
@@ -173,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch_size,
     )
     results["data"] = args.data
-    report(results, args.out, "Zero-shot classification")
+    note_skips(results, counter)
+    benchmarks.report_wds(results, args, "Zero-shot classification", "zeroshot_classification")
     return results
 
 

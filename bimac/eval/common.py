@@ -1,28 +1,30 @@
-"""What the evaluation scripts share: model loading, image decoding, dataset readers, reports.
+"""What the evaluation scripts share: model loading, embedding, reports.
 
 Models: a BiMAC export (``--checkpoint DIR``, through ``BiMAC.from_pretrained`` and the tokenizer
 saved beside it) or an open_clip model for comparison (``--open-clip NAME --pretrained TAG|FILE``).
 Both become an :class:`Encoder` with ``images(uint8 [B, 3, S, S]) -> [B, D]`` and
 ``texts(list[str]) -> [B, D]`` (L2-normalised), and ``image_size``.
 
-Data specs: ``world:SPLIT[:N]`` renders the embedded world in memory (no files), anything else
-is a WebDataset shard pattern (``dir/{00000..00003}.tar``) unless a script says otherwise.
+Data specs (``bimac.data.samples``): ``world:SPLIT[:N]`` renders the embedded world in memory (no
+files), anything else is a WebDataset shard pattern (``dir/{00000..00003}.tar``) read with
+training's tar reader, skips counted by reason, unless a script says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
+
+from bimac.data.loader import SkipCounter
+from bimac.data.samples import image_chw
 
 logger = logging.getLogger(__name__)
 
@@ -104,18 +106,6 @@ def encoder_from_args(args: argparse.Namespace) -> Encoder:
     return open_clip_encoder(args.open_clip, args.pretrained, args.device)
 
 
-def decode_image(data: bytes | str | Path, size: int) -> np.ndarray:
-    """Image bytes or path -> ``uint8 [3, size, size]``: shorter side to ``size`` (bicubic), centre crop."""
-    img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data).convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
 @torch.no_grad()
 def embed_images(
     encoder: Encoder,
@@ -126,7 +116,7 @@ def embed_images(
     """Embeddings ``[N, D]`` (CPU float32) of images given as bytes or paths."""
     out, batch = [], []
     for src in tqdm(sources, total=total, desc="images", leave=False):
-        batch.append(decode_image(src, encoder.image_size))
+        batch.append(image_chw(src, encoder.image_size))
         if len(batch) == batch_size:
             out.append(encoder.images(torch.from_numpy(np.stack(batch))).cpu())
             batch = []
@@ -150,45 +140,14 @@ def embed_texts(encoder: Encoder, texts: list[str], batch_size: int) -> torch.Te
     return torch.cat(out)
 
 
-def parse_world(spec: str) -> tuple[str, int] | None:
-    """``world:SPLIT[:N]`` -> (split, n) or None for other specs."""
-    if not spec.startswith("world:"):
-        return None
-    parts = spec.split(":")
-    return parts[1], int(parts[2]) if len(parts) > 2 else 200
-
-
-def iter_samples(spec: str, seed: int = 0, size: int = 64) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "jpg", "json", "txt", "cls", ...}`` of a world spec or shards.
-
-    Shard members keep their bytes (``json`` is parsed, ``txt``/``cls`` decoded); the image is
-    the first of ``jpg``/``jpeg``/``png``/``webp`` present.
-    """
-    world = parse_world(spec)
-    if world:
-        from bimac.data.synthetic import make_sample
-
-        split, n = world
-        count = 2 * n if split == "probe" else n  # n pairs for the probe split
-        for i in range(count):
-            yield make_sample(seed, split, i, size)
-        return
-    import webdataset as wds
-
-    from bimac.data.loader import expand_shards
-
-    for raw in wds.WebDataset(expand_shards(spec), shardshuffle=False, empty_check=False):
-        sample = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
-        for ext in ("jpg", "jpeg", "png", "webp"):
-            if ext in raw:
-                sample["jpg"] = raw[ext]
-                break
-        if "json" in raw:
-            sample["json"] = json.loads(raw["json"])
-        for key in ("txt", "cls"):
-            if key in raw:
-                sample[key] = raw[key].decode("utf-8").strip()
-        yield sample
+def note_skips(results: dict, counter: SkipCounter) -> None:
+    """Put what was skipped into ``results`` (``skipped`` total, ``skipped_by_reason``) and say
+    it in one log line."""
+    by_reason = counter.as_dict()
+    results["skipped"] = sum(by_reason.values())
+    results["skipped_by_reason"] = by_reason
+    if by_reason:
+        logger.warning("skipped %d samples: %s", results["skipped"], by_reason)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

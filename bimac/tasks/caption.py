@@ -80,7 +80,7 @@ class CaptionConfig:
 def reference_index(shards: str, tokenizer: Any, lang: str = "en") -> dict[str, list[list[int]]]:
     """``{sample_id: [reference token ids]}`` of every training image (``url#key``, as the loader
     names samples): all ``captions_LANG`` of the JSON when present, else the ``txt`` caption."""
-    from bimac.eval.common import iter_samples
+    from bimac.data.samples import iter_samples
 
     index: dict[str, list[list[int]]] = {}
     for s in iter_samples(shards):

@@ -54,8 +54,8 @@ class ClassificationConfig:
 
 def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[int], list[str]]:
     """Image sources (bytes or paths), integer labels and class names of a dataset spec."""
+    from bimac.data.samples import iter_samples, parse_world
     from bimac.eval.classification import image_folder, read_lines, shard_items
-    from bimac.eval.common import iter_samples, parse_world
 
     names = read_lines(classnames_file) if classnames_file else None
     world = parse_world(spec)
@@ -82,13 +82,13 @@ def image_batches(
     images: list[Any], labels: list[int], size: int, batch_size: int, order: list[int] | None = None
 ) -> Iterator[dict[str, Any]]:
     """``{"image": uint8 [B, 3, S, S], "label": int64 [B]}`` batches in ``order``."""
-    from bimac.eval.common import decode_image
+    from bimac.data.samples import image_chw
 
     order = list(range(len(images))) if order is None else order
     for a in range(0, len(order), batch_size):
         idx = order[a : a + batch_size]
         yield {
-            "image": torch.from_numpy(np.stack([decode_image(images[i], size) for i in idx])),
+            "image": torch.from_numpy(np.stack([image_chw(images[i], size) for i in idx])),
             "label": torch.tensor([labels[i] for i in idx], dtype=torch.long),
         }
 

@@ -1,7 +1,9 @@
 """Checkpoint interchange with open_clip (safetensors only; nothing pickled is ever loaded).
 
     bimac export --checkpoint runs/demo/pretrain/export --to-open-clip runs/demo/open_clip [--name N]
-        -> open_clip.create_model_and_transforms("local-dir:runs/demo/open_clip"), or after
+        -> open_clip.create_model_and_transforms("local-dir:runs/demo/open_clip") and
+           open_clip.get_tokenizer("local-dir:runs/demo/open_clip") (the export's own tokenizer;
+           one open_clip cannot load is refused), or after
            open_clip.add_model_config("runs/demo/open_clip/N.json"):
            open_clip.create_model_and_transforms("N", pretrained="runs/demo/open_clip/open_clip_model.safetensors")
     bimac export --from-open-clip coca_ViT-B-32 --pretrained mscoco_finetuned_laion2b_s13b_b90k \
@@ -17,6 +19,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> object:
     from bimac import interchange
+    from bimac.config import ConfigError
 
     ap = argparse.ArgumentParser(
         prog="bimac export",
@@ -45,12 +48,18 @@ def main(argv: list[str] | None = None) -> object:
     ap.add_argument(
         "--tokenizer",
         default=None,
-        help="with --from-open-clip: tokenizer name saved beside the model "
-        "(default: copied from an export folder, else none)",
+        help="with --from-open-clip: tokenizer name saved beside the model (default: copied "
+        "from an export folder, else none); with --to-open-clip: tokenizer.json or open_clip "
+        "name (default: the export's own)",
     )
     args = ap.parse_args(argv)
     if args.checkpoint and args.to_open_clip:
-        files = interchange.export_open_clip(args.checkpoint, args.to_open_clip, args.name)
+        try:
+            files = interchange.export_open_clip(
+                args.checkpoint, args.to_open_clip, args.name, args.tokenizer
+            )
+        except (ConfigError, OSError) as exn:
+            raise SystemExit(f"bimac export: {exn}") from None
         print(f"open_clip model {files.name}: config {files.config}, weights {files.weights}")
         return files
     if args.from_open_clip and args.pretrained and args.out:
