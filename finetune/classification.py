@@ -34,8 +34,8 @@ from finetune.common import (
 
 def zero_shot(encoder, images, labels, classnames, spec: str, batch_size: int) -> dict:
     """Prompt-ensemble zero-shot accuracy (``bimac.eval.classification``) of the start model."""
-    from bimac.eval.classification import CLIP_TEMPLATES, evaluate, world_templates
     from bimac.data.samples import parse_world
+    from bimac.eval.classification import CLIP_TEMPLATES, evaluate, world_templates
 
     world = parse_world(spec)
     templates = world_templates(world[0]) if world else CLIP_TEMPLATES

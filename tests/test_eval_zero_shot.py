@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from bimac.data.samples import image_chw
 from bimac.data.synthetic import class_names, make_sample
 from bimac.data.tokenizer import HFTokenizer, train_world_tokenizer
 from bimac.eval import classification
 from bimac.eval.classification import world_templates
-from bimac.data.samples import image_chw
 from bimac.losses.contrastive import contrastive_loss
 from bimac.models.bimac import BiMAC, BiMACConfig
 

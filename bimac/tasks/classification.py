@@ -57,8 +57,8 @@ class ClassificationConfig:
 
 def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[int], list[str]]:
     """Image sources (bytes or paths), integer labels and class names of a dataset spec."""
-    from bimac.eval.classification import _lines, image_folder, shard_items
     from bimac.data.samples import iter_samples, parse_world
+    from bimac.eval.classification import _lines, image_folder, shard_items
 
     names = _lines(classnames_file) if classnames_file else None
     world = parse_world(spec)
