@@ -45,6 +45,7 @@ import open_clip
 import yaml
 from safetensors.torch import save_file
 
+from bimac import export_folder
 from bimac.config import ConfigError, to_dict
 from bimac.export_folder import TOKENIZER_FILE
 from bimac.models.bimac import BiMAC, BiMACConfig
@@ -85,10 +86,7 @@ def _tokenizer_source(src_dir: Path | None, tokenizer: str | Path | None) -> tup
     """``("file", path)`` for a ``tokenizers`` JSON or ``("open_clip", name)`` for CLIP BPE; a
     tokenizer open_clip cannot load raises :class:`ConfigError` (one line, with the fix)."""
     if tokenizer is None and src_dir is not None:
-        if (src_dir / TOKENIZER_FILE).is_file():
-            tokenizer = src_dir / TOKENIZER_FILE
-        elif (src_dir / "tokenizer.txt").is_file():
-            tokenizer = (src_dir / "tokenizer.txt").read_text().strip()
+        tokenizer = export_folder.tokenizer_source(src_dir)
     if tokenizer is None:
         raise ConfigError(
             "export has no tokenizer (no tokenizer.json or tokenizer.txt beside the model): "
@@ -136,9 +134,9 @@ def export_open_clip(
     out.mkdir(parents=True, exist_ok=True)
     if kind == "file":
         shutil.copyfile(source, out / TOKENIZER_FILE)
-        from bimac.eval.common import load_tokenizer
-
-        tok = load_tokenizer(out, cfg.context_length)  # checks the special tokens are there
+        tok = export_folder.load_tokenizer(
+            out, cfg.context_length
+        )  # checks the special tokens are there
         specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
         (out / HF_TOKENIZER_CONFIG).write_text(
             json.dumps(
