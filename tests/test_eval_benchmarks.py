@@ -208,7 +208,7 @@ def test_eval_probe_formats_write_clip_benchmark_json(export, tmp_path):
     assert run("shards.synthetic", "--out", data, "--split", "probe", "--n", "8",
                "--format", "sugarcrepe").returncode == 0  # fmt: skip
     out = tmp_path / "res" / "{dataset}.json"
-    p = run("bimac.cli", "eval", "probe", "--checkpoint", export, "--format", "sugarcrepe",
+    p = run("cli", "eval", "probe", "--checkpoint", export, "--format", "sugarcrepe",
             "--data", data, "--out", out)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "| swap_att |" in p.stdout and "| replace_rel |" in p.stdout
@@ -218,7 +218,7 @@ def test_eval_probe_formats_write_clip_benchmark_json(export, tmp_path):
         assert result["dataset"] == f"sugar_crepe/{task}"
         assert result["task"] == "image_caption_selection"
         assert set(result["metrics"]) == {"text_acc", "image_acc", "acc"}
-    bad = run("bimac.cli", "eval", "probe", "--checkpoint", export, "--format", "winoground",
+    bad = run("cli", "eval", "probe", "--checkpoint", export, "--format", "winoground",
               "--data", tmp_path / "nowhere")  # fmt: skip
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("nowhere/examples.jsonl: missing; "
@@ -234,7 +234,7 @@ def test_eval_retrieval_skips_and_counts_a_truncated_shard(export, tmp_path):
     data = tars[1].read_bytes()
     tars[1].write_bytes(data[: len(data) // 2])  # cut inside the second shard
     out = tmp_path / "r.json"
-    p = run("bimac.cli", "eval", "retrieval", "--checkpoint", export, "--data",
+    p = run("cli", "eval", "retrieval", "--checkpoint", export, "--data",
             f"{tmp_path}/shards/{{00000..00001}}.tar", "--out", out)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and "truncated_tar" in p.stderr
@@ -269,7 +269,7 @@ sys.exit(cli.main())
 def test_clip_benchmark_agrees_with_bimac_eval_on_an_export(export, tmp_path):
     pytest.importorskip("clip_benchmark", reason="pip install clip-benchmark==1.6.2 (dev extra)")
     oc = tmp_path / "oc"
-    assert run("bimac.cli", "export", "--checkpoint", export, "--to-open-clip", oc).returncode == 0
+    assert run("cli", "export", "--checkpoint", export, "--to-open-clip", oc).returncode == 0
     data = tmp_path / "data"
     for name, split in (("world_retrieval", "retrieval"), ("world_shape", "cls_shape")):
         p = run("shards.synthetic", "--out", data / name, "--split", split, "--n", "40",
@@ -287,7 +287,7 @@ def test_clip_benchmark_agrees_with_bimac_eval_on_an_export(export, tmp_path):
             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         assert ref.returncode == 0, ref.stderr[-2000:]
-        ours = run("bimac.cli", "eval", cmd, "--checkpoint", export, "--format",
+        ours = run("cli", "eval", cmd, "--checkpoint", export, "--format",
                    "clip_benchmark", "--data", data / name, "--out", tmp_path / "ours.json")  # fmt: skip
         assert ours.returncode == 0, ours.stderr
         theirs = json.loads((tmp_path / "ref.json").read_text())["metrics"]

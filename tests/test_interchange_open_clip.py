@@ -193,7 +193,7 @@ def test_export_loads_in_open_clip_with_its_own_tokenizer(tmp_path, world_tokeni
 
 def _cli(*argv) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bimac.cli", *map(str, argv)],
+        [sys.executable, "-m", "cli", *map(str, argv)],
         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 

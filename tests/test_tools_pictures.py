@@ -110,7 +110,7 @@ def test_moving_average_by_hand():
 def test_demo_preview_draws_bengali_with_a_font_that_has_its_glyphs(tmp_path):
     """No 'Glyph ... missing from font' warning while the preview grid with Bengali captions is
     drawn (matplotlib warns for every glyph it draws as a box)."""
-    from bimac.demo import preview_grid
+    from cli.demo import preview_grid
 
     from shards.synthetic import build
 
