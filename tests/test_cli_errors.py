@@ -119,19 +119,9 @@ CASES = {
         ["--checkpoint", "DeepSpeed", "{root}/run/export"],
     ),
     "checkpoint is a run directory": (
-        [
-            "-m",
-            "cli",
-            "retrieve",
-            "--checkpoint",
-            "{root}/run",
-            "--images",
-            "{root}/world",
-            "--query",
-            "a red circle",
-        ],
+        ["-m", "cli", "classify", "{image}", "--checkpoint", "{root}/run", "--labels", "a,b"],
         ["--checkpoint", "run directory", "{root}/run/export"],
-    ),  # fmt: skip
+    ),
     "garbage model.safetensors": (
         ["-m", "cli", "classify", "{image}", "--checkpoint", "{root}/garbage", "--labels", "a,b"],
         ["{root}/garbage/model.safetensors", "not a readable safetensors"],
