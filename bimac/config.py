@@ -127,10 +127,10 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
-        fix = f"did you mean {prefix}{close[0]}?" if close else "valid keys here:"
+        guess = f"; did you mean {prefix}{close[0]}?" if close else ""
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; {fix} "
-            f"({', '.join(sorted(fields)) if not close else 'see --help'})"
+            f"unknown config key {prefix}{unknown[0]!s}; valid keys here: "
+            f"{', '.join(sorted(fields))}{guess}"
         )
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     missing = [

@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs/pretrain/tiny.yaml")
 RETRIEVAL = str(REPO / "configs/finetune/retrieval/tiny.yaml")
 CAPTION_BN = str(REPO / "configs/finetune/caption_bn/tiny.yaml")
+CAPTION = str(REPO / "configs/finetune/caption/tiny.yaml")
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None):
@@ -119,19 +120,9 @@ CASES = {
         ["--checkpoint", "DeepSpeed", "{root}/run/export"],
     ),
     "checkpoint is a run directory": (
-        [
-            "-m",
-            "cli",
-            "retrieve",
-            "--checkpoint",
-            "{root}/run",
-            "--images",
-            "{root}/world",
-            "--query",
-            "a red circle",
-        ],
+        ["-m", "cli", "classify", "{image}", "--checkpoint", "{root}/run", "--labels", "a,b"],
         ["--checkpoint", "run directory", "{root}/run/export"],
-    ),  # fmt: skip
+    ),
     "garbage model.safetensors": (
         ["-m", "cli", "classify", "{image}", "--checkpoint", "{root}/garbage", "--labels", "a,b"],
         ["{root}/garbage/model.safetensors", "not a readable safetensors"],
@@ -193,7 +184,7 @@ CASES = {
         ["--out", "summary.json"],
     ),
     "bimac finetune with a bad key": (
-        ["-m", "cli", "finetune", "caption", "--config", RETRIEVAL, "train.lr=fast"],
+        ["-m", "cli", "finetune", "caption", "--config", CAPTION, "train.lr=fast"],
         ["bimac finetune caption: error", "train.lr", "expected a number"],
     ),
 }
@@ -253,7 +244,8 @@ HELP = {
 @pytest.mark.parametrize("entry", list(HELP), ids=" ".join)
 def test_help_names_the_program_and_describes_the_keys(entry, tmp_path):
     prog, key = HELP[entry]
-    for flag in ("--help", "-h"):
+    # -h as well where hand-written parsing once took it for an override
+    for flag in ("--help", "-h") if "shards.bengali.translate" in entry else ("--help",):
         proc = run([*entry, flag], tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.startswith(f"usage: {prog} ")

@@ -54,14 +54,32 @@ def test_objectives_that_are_off_or_fed_are_not_reported():
     assert rf.inactive_objectives() == {}
 
 
+def real_caption_shard(out: Path, n: int = 64) -> Path:
+    """A shard of images with real English captions and no world noun annotations."""
+    from bimac.data.synthetic import make_sample
+    from bimac.data.writer import write_shards
+
+    captions = ["a photograph of a dog running on the grass", "two people sitting at a table"]
+    samples = (
+        {"__key__": f"{i:09d}", "jpg": make_sample(0, "train", i, 64)["jpg"],
+         "txt": captions[i % 2], "json": {"caption": captions[i % 2]}}
+        for i in range(n)
+    )  # fmt: skip
+    return write_shards(samples, out, shard_size=n)[0]
+
+
 @pytest.mark.slow
 def test_pretraining_with_a_noun_pipeline_that_finds_nothing_says_so(tmp_path):
+    """The paper's case: real English captions, a noun pipeline (the world's lexicon) that finds
+    no noun in them: grounding would train at 0 without a word."""
     from test_engine_pretrain import world_overrides
 
+    world = world_overrides(tmp_path / "world")  # for its tokenizer
+    shard = real_caption_shard(tmp_path / "real")
     argv = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"),
-            *world_overrides(tmp_path / "world"), "data.noun_source=none", "objectives.rf=false",
-            f"train.max_steps={NO_SIGNAL_BATCHES}", f"train.output_dir={tmp_path / 'run'}",
-            "train.save_every_steps=0"]  # fmt: skip
+            *world, f"data.train_shards={shard}", "data.noun_source=spacy",
+            "data.spacy_pipeline=world", "objectives.rf=false",
+            f"train.max_steps={NO_SIGNAL_BATCHES}", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
