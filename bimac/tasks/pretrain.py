@@ -195,21 +195,29 @@ class PretrainTask:
 
         tok = self._require_tokenizer()
         net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
-        adapter = CocaAdapter(
-            net.coca,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            pad_token_id=self.model_config.pad_id,
-        )
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
-        gen = generate(adapter, out["decoder_memory"].detach(), cfg)
+        with _gathered_for_generation(model):
+            adapter = CocaAdapter(
+                net.coca,
+                bos_token_id=tok.bos_id,
+                eos_token_id=tok.eos_id,
+                pad_token_id=self.model_config.pad_id,
+            )
+            gen = generate(adapter, out["decoder_memory"].detach(), cfg)
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = self._references(batch)
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to refresh RF's rewards on the same calls (every ``rf_every``)."""
+        return {"cg_calls": self._cg_calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._cg_calls = state.get("cg_calls", 0)
 
     def _references(self, batch: dict) -> list[list[list[int]]]:
         """Each image's reference captions: the loader's ``references`` (all captions of the
@@ -251,3 +259,17 @@ class PretrainTask:
             sum(map(len, corpus)),
         )
         return corpus
+
+
+def _gathered_for_generation(model: nn.Module) -> Any:
+    """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
+    the greedy decoder reads weights and sizes directly: gather the model once and lift
+    DeepSpeed's fetch/release hooks for the generation (DeepSpeed's own helper for RLHF-style
+    generation inside training). Other stages: nothing to do."""
+    import contextlib
+
+    if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(model)
