@@ -279,3 +279,18 @@ def test_any_failed_save_is_one_line_and_removes_the_partial_checkpoint(tmp_path
     (tmp_path / "step00000010").mkdir()
     ckpt.remove_incomplete(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000005"]
+
+
+def test_deepspeed_still_needs_the_scalar_broadcast_patch():
+    """``loop._broadcast_handles_scalars`` replaces two DeepSpeed functions that view every
+    parameter as bytes, which fails on 0-dim parameters. When a DeepSpeed release stops doing
+    that, this test fails: drop the patch and widen the pin in pyproject.toml."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    with pytest.raises(RuntimeError, match="cannot be 0"):
+        torch.zeros(()).view(torch.uint8)  # what both do to open_clip's 0-dim logit_scale
+    for fn in (DeepSpeedEngine._broadcast_model, Init._zero_init_param):
+        assert ".view(torch.uint8)" in inspect.getsource(fn), fn.__qualname__

@@ -13,6 +13,12 @@ are dropped and counted, so every step has the same shapes on every rank and the
 Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO stage then
 skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
 skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in a row.
+
+Exact resume: the run state (:class:`RunState`) is in every checkpoint, the loader resumes at
+its cursor and keys per-sample draws by the sample, and each micro-batch's random draws come from
+generators seeded by (seed, step, rank, micro-batch). Only one run may hold ``output_dir``
+(``run.lock``), and a wait on the loader or on other ranks longer than ``train.watchdog_s`` ends
+the run (:mod:`bimac.engine.watchdog`).
 """
 
 from __future__ import annotations
@@ -123,7 +129,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @contextlib.contextmanager
 def _broadcast_handles_scalars() -> Iterator[None]:
-    """DeepSpeed 0.19.8 broadcasts parameters at set-up as ``p.data.view(torch.uint8)`` (the
+    """DeepSpeed 0.19 (pinned in pyproject.toml; ``tests/test_engine_units.py`` checks that the
+    patch is still needed) broadcasts parameters at set-up as ``p.data.view(torch.uint8)`` (the
     engine's ``_broadcast_model``; ZeRO-3's ``Init._zero_init_param``), which raises on 0-dim
     parameters such as open_clip's ``logit_scale``. While ``initialize`` runs, both broadcast
     through a flat view instead: the same bytes, 0-dim included. We use no model, sequence or
