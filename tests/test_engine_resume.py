@@ -160,3 +160,65 @@ def test_a_real_full_disk_ends_the_run_in_one_line_and_keeps_latest(world, tmp_p
     assert "`latest` still names step00000005, which is intact" in lines[0]
     assert latest == "step00000005"
     assert "step00000010" not in ckpts  # removed, not left to fill the disk
+
+
+# -- fine-tuning stages: one rank, the small model of the fine-tuning tests, 6 steps, killed
+# after the step-2 save (for captioning, inside its SCST phase)
+def _finetune_args(stage: str, world: tuple[Path, Path], out: Path) -> list[str]:
+    from finetune_fixtures import SMALL
+
+    tar, tok = world
+    args = ["--config", f"configs/finetune/{stage}/tiny.yaml", "train.max_steps=6",
+            "train.micro_batch_size=8", "train.global_batch_size=8", "train.save_every_steps=2",
+            "train.progress_bar=false", "train.wandb=disabled", "train.log_every=1",
+            f"tokenizer.path={tok}", f"train.output_dir={out}", "data.image_size=32",
+            *(f"model.{o}" for o in SMALL)]  # fmt: skip
+    if stage == "classification":
+        return [*args, "data.train=world:cls_shape:64:1", "data.test=world:cls_shape:8"]
+    args += [f"data.train_shards={tar}", "data.num_workers=2"]
+    if stage == "retrieval":
+        return [*args, "eval.data=world:retrieval:8"]
+    return [*args, "scst.max_steps=4", "scst.samples=2", "scst.max_new_tokens=6",
+            "eval.annotations=world:val:4", "eval.metrics=[cider]", "eval.max_new_tokens=6",
+            "eval.num_beams=1"]  # fmt: skip
+
+
+def _finetune(stage: str, args: list[str], kill_when: Path | None = None) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    with subprocess.Popen([sys.executable, "-m", f"finetune.{stage}", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        deadline = time.time() + 600
+        while kill_when and proc.poll() is None and time.time() < deadline:
+            if kill_when.is_file() and kill_when.read_text().strip() == "step00000002":
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def finetune_world(tmp_path_factory) -> tuple[Path, Path]:
+    from finetune_fixtures import world_shards
+
+    return world_shards(tmp_path_factory.mktemp("ftworld"), n=64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["retrieval", "classification", "caption"])
+def test_finetuning_stage_resumes_exactly_after_sigkill(stage, finetune_world, tmp_path):
+    phases = ["xe", "scst"] if stage == "caption" else [""]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, err = _finetune(stage, _finetune_args(stage, finetune_world, straight))
+    assert rc == 0, err[-5000:]
+    latest = killed / phases[-1] / "checkpoints" / "latest"
+    rc, _ = _finetune(stage, _finetune_args(stage, finetune_world, killed), kill_when=latest)
+    assert rc != 0
+    rc, err = _finetune(stage, _finetune_args(stage, finetune_world, killed))
+    assert rc == 0, err[-5000:]
+    for phase in phases:
+        want, got = _metrics(straight / phase), _metrics(killed / phase)
+        assert [r["step"] for r in got] == [r["step"] for r in want] != []
+        for g, w in zip(got, want):
+            assert _same(g) == _same(w), (phase, g["step"])

@@ -440,9 +440,12 @@ class _Trainer:
         self.engine.train()
         with PreemptionFlag() as preempt:
             while st.step < self.total_steps and st.epoch < cfg.epochs:
-                batches = iter(
-                    self.task.build_train_loader(self.rank, self.world, st.epoch, st.samples_seen)
-                )
+                with self.watchdog.waiting(f"building the data loader of epoch {st.epoch}"):
+                    batches = iter(
+                        self.task.build_train_loader(
+                            self.rank, self.world, st.epoch, st.samples_seen
+                        )
+                    )
                 first_step = st.step
                 while st.step < self.total_steps:
                     micro = self.draw_micro_batches(batches)
