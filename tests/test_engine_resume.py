@@ -79,6 +79,7 @@ def _same(rec: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # three launches of 20 steps
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sigkill_after_a_save_then_the_same_command_resumes_exactly(stage, world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"resume{stage}")
@@ -100,6 +101,7 @@ def test_sigkill_after_a_save_then_the_same_command_resumes_exactly(stage, world
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_zero3_runs_every_objective_and_matches_zero2(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("z3")
     z2, z3 = _reference(tmp, world, 2), _reference(tmp, world, 3)
@@ -206,6 +208,7 @@ def finetune_world(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("stage", ["retrieval", "classification", "caption"])
 def test_finetuning_stage_resumes_exactly_after_sigkill(stage, finetune_world, tmp_path):
     phases = ["xe", "scst"] if stage == "caption" else [""]
