@@ -9,6 +9,7 @@ loader workers) just after the step-10 save; the same command then resumes, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -34,6 +35,17 @@ def world(tmp_path_factory) -> list[str]:
     return [o for o in overrides if o != "data.num_workers=0"]  # the shipped 2 workers
 
 
+def _kill_all(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts each worker in its own
+    session, so the launcher's process group does not reach them)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
 def _launch(out: Path, world: list[str], *extra: str, kill_after: str | None = None):
     """``bash slurm/pretrain.sh`` with 2 ranks; with ``kill_after``, SIGKILL every process of the
     run as soon as ``checkpoints/latest`` names that tag. Returns (exit status, stderr)."""
@@ -52,7 +64,7 @@ def _launch(out: Path, world: list[str], *extra: str, kill_after: str | None = N
         while kill_after and proc.poll() is None and time.time() < deadline:
             latest = out / "checkpoints" / "latest"
             if latest.is_file() and latest.read_text().strip() == kill_after:
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_all(proc.pid)
                 break
             time.sleep(0.05)
         rc = proc.wait(timeout=900)
@@ -193,7 +205,7 @@ def _finetune(stage: str, args: list[str], kill_when: Path | None = None) -> tup
         deadline = time.time() + 600
         while kill_when and proc.poll() is None and time.time() < deadline:
             if kill_when.is_file() and kill_when.read_text().strip() == "step00000002":
-                os.killpg(proc.pid, signal.SIGKILL)
+                _kill_all(proc.pid)
                 break
             time.sleep(0.05)
         _, err = proc.communicate(timeout=600)
