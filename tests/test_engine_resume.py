@@ -147,7 +147,8 @@ def test_a_directory_held_by_a_live_run_is_refused_in_one_line(world, tmp_path):
     assert len(lines) == 2, err[-3000:]  # one per rank
     assert f"process {holder.pid} on {socket.gethostname()}" in lines[0]
     assert "choose another train.output_dir" in lines[0]
-    assert "Traceback" not in err.split("torch.distributed.elastic")[0]
+    # no traceback from the ranks (torchrun still prints its own ChildFailedError report)
+    assert not [ln for ln in err.splitlines() if ln.strip().startswith('File "') and "bimac" in ln]
     assert not (out / "checkpoints").exists()
 
 
