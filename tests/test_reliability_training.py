@@ -220,7 +220,7 @@ def scenario_epochs(out: Path, world: str) -> dict:
     from bimac.engine import train
 
     task = ShardImageTask(Path(world))
-    r = train(task, _cfg(out / "epochs", global_batch_size=64, micro_batch_size=32, epochs=64, max_steps=0,
+    r = train(task, _cfg(out / "epochs", global_batch_size=64, micro_batch_size=32, epochs=64, max_steps=200,
                          watchdog_s=120))  # fmt: skip
     return {"status": r.status, "step": r.step, "epoch": r.summary["epoch"],
             "loaders": task.epochs_started}  # fmt: skip
@@ -234,7 +234,7 @@ def scenario_stall(out: Path, world: str) -> dict:
     rank, _ = init_distributed()
     Path(out / f"stall_started_rank{rank}").write_text(str(time.time()))
     train(ShardImageTask(Path(world), stall_rank=1),
-          _cfg(out / "stall", global_batch_size=64, micro_batch_size=32, epochs=10, max_steps=0, watchdog_s=8))  # fmt: skip
+          _cfg(out / "stall", global_batch_size=64, micro_batch_size=32, epochs=10, max_steps=20, watchdog_s=8))  # fmt: skip
     return {"error": "the stall was not caught"}
 
 
