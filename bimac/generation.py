@@ -635,3 +635,17 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     width = int(lengths.max())
     ids, logprobs = ids[:, :width], logprobs[:, :width]
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
+
+
+def gathered_for_generation(model: nn.Module) -> Any:
+    """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
+    the adapters read weights and sizes directly: gather the model once and lift
+    DeepSpeed's fetch/release hooks for the generation (DeepSpeed's own helper for RLHF-style
+    generation inside training). Other stages: nothing to do."""
+    import contextlib
+
+    if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(model)

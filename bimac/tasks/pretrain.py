@@ -191,14 +191,19 @@ class PretrainTask:
         self._cg_calls += 1
         if (self._cg_calls - 1) % self.objectives.rf_every:
             return None
-        from bimac.generation import CocaAdapter, GenerationConfig, generate
+        from bimac.generation import (
+            CocaAdapter,
+            GenerationConfig,
+            gathered_for_generation,
+            generate,
+        )
 
         tok = self._require_tokenizer()
         net = getattr(model, "module", model)  # DeepSpeed / DDP wrappers
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
-        with _gathered_for_generation(model):
+        with gathered_for_generation(model):
             adapter = CocaAdapter(
                 net.coca,
                 bos_token_id=tok.bos_id,
@@ -259,17 +264,3 @@ class PretrainTask:
             sum(map(len, corpus)),
         )
         return corpus
-
-
-def _gathered_for_generation(model: nn.Module) -> Any:
-    """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
-    the greedy decoder reads weights and sizes directly: gather the model once and lift
-    DeepSpeed's fetch/release hooks for the generation (DeepSpeed's own helper for RLHF-style
-    generation inside training). Other stages: nothing to do."""
-    import contextlib
-
-    if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
-        return contextlib.nullcontext()
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-    return unwrap_model_for_generation(model)
