@@ -639,13 +639,18 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
 
 def gathered_for_generation(model: nn.Module) -> Any:
     """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
-    the adapters read weights and sizes directly: gather the model once and lift
-    DeepSpeed's fetch/release hooks for the generation (DeepSpeed's own helper for RLHF-style
-    generation inside training). Other stages: nothing to do."""
+    the adapters read weights and sizes directly: gather the parameters for the generation.
+    DeepSpeed's fetch/release hooks stay in place (the backward of the step's forward needs
+    them): module calls inside release their own weights as usual and fetch them again on the
+    next call. Other stages: nothing to do."""
     import contextlib
 
     if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
         return contextlib.nullcontext()
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+    import deepspeed
 
-    return unwrap_model_for_generation(model)
+    # ZeRO-3 keeps small parameters whole on every rank (``ds_persist``) and never fetches them
+    # again: gathering them would partition them on exit, and the step's backward then reads a
+    # 0-element weight (what broke the first step after a resume)
+    partitioned = [p for p in model.parameters() if not getattr(p, "ds_persist", False)]
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
