@@ -38,7 +38,9 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -637,20 +639,29 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
 
 
-def gathered_for_generation(model: nn.Module) -> Any:
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module) -> Iterator[None]:
     """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
     the adapters read weights and sizes directly: gather the parameters for the generation.
     DeepSpeed's fetch/release hooks stay in place (the backward of the step's forward needs
     them): module calls inside release their own weights as usual and fetch them again on the
-    next call. Other stages: nothing to do."""
-    import contextlib
+    next call. Other stages: nothing to do.
 
+    ZeRO-3 keeps small parameters whole on every rank (``ds_persist``) and never fetches them
+    again, but after a checkpoint load some are partitioned (a resumed run then saw a decoder
+    context of 0 positions): those are gathered for good, and left out of the temporary gather,
+    whose exit would partition them under the step's backward."""
     if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
-        return contextlib.nullcontext()
+        yield
+        return
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    # ZeRO-3 keeps small parameters whole on every rank (``ds_persist``) and never fetches them
-    # again: gathering them would partition them on exit, and the step's backward then reads a
-    # 0-element weight (what broke the first step after a resume)
-    partitioned = [p for p in model.parameters() if not getattr(p, "ds_persist", False)]
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    params = list(model.parameters())
+    persistent = [p for p in params if getattr(p, "ds_persist", False)]
+    lost = [p for p in persistent if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if lost:
+        lost[0].all_gather(param_list=lost)
+    partitioned = [p for p in params if not getattr(p, "ds_persist", False)]
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
