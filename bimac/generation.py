@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -639,29 +638,16 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
 
 
-@contextlib.contextmanager
-def gathered_for_generation(model: nn.Module) -> Iterator[None]:
+def gathered_for_generation(model: nn.Module) -> Any:
     """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
-    the adapters read weights and sizes directly: gather the parameters for the generation.
-    DeepSpeed's fetch/release hooks stay in place (the backward of the step's forward needs
-    them): module calls inside release their own weights as usual and fetch them again on the
-    next call. Other stages: nothing to do.
+    the adapters read weights and sizes directly: gather the model once and lift DeepSpeed's
+    fetch/release hooks for the generation (DeepSpeed's own helper for generation inside
+    training). Other stages: nothing to do.
 
-    ZeRO-3 keeps small parameters whole on every rank (``ds_persist``) and never fetches them
-    again, but after a checkpoint load some are partitioned (a resumed run then saw a decoder
-    context of 0 positions): those are gathered for good, and left out of the temporary gather,
-    whose exit would partition them under the step's backward."""
+    Known limit: the first backward after resuming a ZeRO-3 checkpoint then fails on a
+    0-element parameter (ZeRO-3 with RF cannot resume yet; RELIABILITY.md)."""
     if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
-        yield
-        return
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    params = list(model.parameters())
-    persistent = [p for p in params if getattr(p, "ds_persist", False)]
-    lost = [p for p in persistent if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if lost:
-        lost[0].all_gather(param_list=lost)
-    partitioned = [p for p in params if not getattr(p, "ds_persist", False)]
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
-        yield
+    return unwrap_model_for_generation(model)
