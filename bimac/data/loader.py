@@ -14,6 +14,7 @@ Skip counts live in shared memory, so the main process sees what every worker sk
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import io
@@ -575,6 +576,24 @@ def _union_box(objs: list[dict], noun: dict, w: int, h: int, size: int) -> list[
     return [min(1.0, max(0.0, v)) for v in box]
 
 
+def _exit_with(trainer_pid: int, worker_id: int) -> None:
+    """A worker's parent is the fork server, not the trainer: when the trainer dies (SIGKILL, the
+    watchdog) nothing else would end the worker, and it would hold the node's memory and the
+    launcher's output pipes. Poll the trainer and leave with it."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(trainer_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="trainer-watch").start()
+
+
 class Loader:
     """A DataLoader over a ``ShardDataset`` plus its skip counters (``skipped()``)."""
 
@@ -584,6 +603,7 @@ class Loader:
             dataset,
             batch_size=None,
             num_workers=num_workers,
+            worker_init_fn=functools.partial(_exit_with, os.getpid()) if num_workers else None,
             multiprocessing_context=worker_context() if num_workers else None,
             persistent_workers=False,
             prefetch_factor=4 if num_workers else None,
