@@ -38,6 +38,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -635,3 +636,18 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     width = int(lengths.max())
     ids, logprobs = ids[:, :width], logprobs[:, :width]
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
+
+
+def gathered_for_generation(model: nn.Module) -> Any:
+    """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
+    the adapters read weights and sizes directly: gather the model once and lift DeepSpeed's
+    fetch/release hooks for the generation (DeepSpeed's own helper for generation inside
+    training). Other stages: nothing to do.
+
+    Known limit: the first backward after resuming a ZeRO-3 checkpoint then fails on a
+    0-element parameter (ZeRO-3 with RF cannot resume yet; RELIABILITY.md)."""
+    if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    return unwrap_model_for_generation(model)

@@ -8,6 +8,7 @@ import os
 import sys
 
 from bimac.config import config_parser, program, run_main
+from bimac.engine import RUN_ERRORS
 from bimac.tasks.pretrain import PretrainConfig
 from pretrain import run_pretraining
 
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
     )
-    result = run_pretraining(args.config, args.overrides)
+    try:
+        result = run_pretraining(args.config, args.overrides)
+    except RUN_ERRORS as err:
+        print(f"[rank{rank}] error: {err}", file=sys.stderr)
+        return 1
     if rank == 0:
         print(
             f"{result.status} at step {result.step}; checkpoint: {result.checkpoint}; "

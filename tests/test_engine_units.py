@@ -8,6 +8,7 @@ import math
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -189,3 +190,108 @@ def test_run_logger_writes_metrics_and_summary(tmp_path):
     other_rank = RunLogger(TrainConfig(output_dir=tmp_path / "r1"), None, 1, 2, 0, "abc")
     other_rank.finish({"status": "completed"})
     assert not (tmp_path / "r1").exists()
+
+
+def test_resumed_log_keeps_each_step_once(tmp_path):
+    """A killed run logged steps 1-12 (the last line cut short); it resumes from step 10."""
+    from bimac.engine.run_log import RunLogger
+
+    lines = [json.dumps({"step": s, "loss": float(s)}) for s in range(1, 13)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 13, "lo')
+    cfg = TrainConfig(output_dir=tmp_path, wandb="disabled", progress_bar=False)
+    log = RunLogger(cfg, None, rank=0, total_steps=20, start_step=10, config_hash="abc")
+    log.log_step({"step": 11, "loss": 0.5, "losses": {}}, samples_per_s=1.0)
+    # line-buffered: on disk before any later save, with no close (a SIGKILL closes nothing)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 12))
+
+
+def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path, caplog):
+    import socket
+    import subprocess
+
+    from bimac.engine.run_lock import RunDirectoryLocked, RunLock
+
+    live = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        path = tmp_path / "run.lock"
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid}))
+        with pytest.raises(RunDirectoryLocked, match=f"in use by process {live.pid} on "):
+            RunLock(tmp_path).acquire()
+        path.write_text(json.dumps({"host": "elsewhere", "pid": dead.pid}))
+        with pytest.raises(RunDirectoryLocked, match="on elsewhere .*delete .*run.lock"):
+            RunLock(tmp_path).acquire()  # another host: cannot tell, refused
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+        lock = RunLock(tmp_path)
+        lock.acquire()
+        assert f"its process {dead.pid} on" in caplog.text
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirectoryLocked):  # and now we hold it
+            RunLock(tmp_path).acquire()
+        lock.release()
+        assert not path.exists()
+    finally:
+        live.kill()
+
+
+def test_watchdog_ends_a_stalled_wait_in_one_line():
+    import subprocess
+    import sys
+
+    code = (
+        "import time\nfrom bimac.engine.watchdog import Watchdog\n"
+        "with Watchdog(1.0, rank=1) as w:\n"
+        "    with w.waiting('short'): time.sleep(0.2)\n"
+        "    with w.waiting('the all_reduce before step 7'): time.sleep(30)\n"
+    )
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and time.time() - t0 < 20
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("rank 1: no progress for 1 s while the all_reduce before step 7")
+    assert "raise train.watchdog_s" in proc.stderr
+
+
+class _FailingEngine:
+    """Writes part of a checkpoint, then fails as torch's C++ writer does on a full disk."""
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        os.makedirs(os.path.join(root, tag))
+        with open(os.path.join(root, tag, "mp_rank_00_model_states.pt"), "wb") as f:
+            f.write(b"x" * 100)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 123\nmore")
+
+
+def test_any_failed_save_is_one_line_and_removes_the_partial_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.dist, "get_rank", lambda: 0)
+    (tmp_path / "step00000005").mkdir()
+    (tmp_path / "latest").write_text("step00000005")
+    with pytest.raises(ckpt.CheckpointSaveError) as err:
+        ckpt.save_checkpoint(_FailingEngine(), tmp_path, 10, {}, keep_last=2)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"rank 0 could not write checkpoint {tmp_path / 'step00000010'}: ")
+    assert "unexpected pos 123 (" in msg and "MiB free there" in msg
+    assert "`latest` still names step00000005, which is intact" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000005"]
+    # a save cut short by a kill is removed when the next run starts
+    (tmp_path / "step00000010").mkdir()
+    ckpt.remove_incomplete(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step00000005"]
+
+
+def test_deepspeed_still_needs_the_scalar_broadcast_patch():
+    """``loop._broadcast_handles_scalars`` replaces two DeepSpeed functions that view every
+    parameter as bytes, which fails on 0-dim parameters. When a DeepSpeed release stops doing
+    that, this test fails: drop the patch and widen the pin in pyproject.toml."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    with pytest.raises(RuntimeError, match="cannot be 0"):
+        torch.zeros(()).view(torch.uint8)  # what both do to open_clip's 0-dim logit_scale
+    for fn in (DeepSpeedEngine._broadcast_model, Init._zero_init_param):
+        assert ".view(torch.uint8)" in inspect.getsource(fn), fn.__qualname__

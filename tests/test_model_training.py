@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import time
 from pathlib import Path
 
@@ -35,7 +34,6 @@ def world(tmp_path_factory):
     (out / "world.tar").touch()  # never opened: only decode + collate run
     cfg = DataConfig(train_shards=str(out / "world.tar"), image_size=64, batch_size=16)
     ds = ShardDataset(cfg, tok, rank=0, world_size=1)
-    rng = random.Random(0)
     items = []
     for i in range(224):  # 10 training batches + 4 held out for the pointing game
         s = make_sample(0, "train", i, size=64)
@@ -46,7 +44,7 @@ def world(tmp_path_factory):
             "txt": s["txt"].encode(),
             "json": json.dumps(s["json"]).encode(),
         }
-        items.append(ds.decode(raw, rng))
+        items.append(ds.decode(raw))
     assert ds.counter.as_dict() == {} or not any(ds.counter.as_dict().values())
     return tok, [ds.collate(items[i : i + 16]) for i in range(0, len(items), 16)]
 

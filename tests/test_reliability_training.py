@@ -179,10 +179,71 @@ def scenario_after(out: Path, shards: str) -> dict:
     return res
 
 
+def _never_delivers():
+    time.sleep(3600)
+    yield from ()
+
+
+class ShardImageTask:
+    """A linear probe on the mean colour of the real loader's images (2 workers per rank, from the
+    fork server): cheap steps, so the run is mostly epoch boundaries."""
+
+    def __init__(self, world: Path, stall_rank: int = -1) -> None:
+        from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer
+
+        self.data = DataConfig(train_shards=f"{world}/{{00000..00001}}.tar", batch_size=32,
+                               num_workers=2, shuffle_buffer=100)  # fmt: skip
+        tok_cfg = TokenizerConfig(kind="world", path=str(world / "tokenizer.json"))
+        self.tokenizer, self.counter = build_tokenizer(tok_cfg), SkipCounter()
+        self.stall_rank, self.epochs_started = stall_rank, 0
+
+    def build_model(self):
+        return torch.nn.Linear(3, 1)
+
+    def build_train_loader(self, rank, world_size, epoch, samples_seen):
+        from bimac.data import make_loader
+
+        self.epochs_started += 1
+        if rank == self.stall_rank and epoch == 2:
+            return _never_delivers()
+        return make_loader(self.data, self.tokenizer, rank=rank, world_size=world_size,
+                           epoch=epoch, samples_seen=samples_seen, counter=self.counter)  # fmt: skip
+
+    def losses(self, model, batch):
+        x = batch["image"].float().mean(dim=(2, 3)) / 255
+        return {"mse": (model(x).squeeze(-1) - 0.5).pow(2).mean()}, {}
+
+
+def scenario_epochs(out: Path, world: str) -> dict:
+    """64 short epochs (2 steps each) on 2 ranks with 2 loader workers: a fresh set of workers
+    every epoch, never forked from the threaded trainer."""
+    from bimac.engine import train
+
+    task = ShardImageTask(Path(world))
+    r = train(task, _cfg(out / "epochs", global_batch_size=64, micro_batch_size=32, epochs=64, max_steps=200,
+                         watchdog_s=120))  # fmt: skip
+    return {"status": r.status, "step": r.step, "epoch": r.summary["epoch"],
+            "loaders": task.epochs_started}  # fmt: skip
+
+
+def scenario_stall(out: Path, world: str) -> dict:
+    """Rank 1's loader never delivers its third epoch: the watchdog must end the run."""
+    from bimac.engine import train
+    from bimac.engine.distributed import init_distributed
+
+    rank, _ = init_distributed()
+    Path(out / f"stall_started_rank{rank}").write_text(str(time.time()))
+    train(ShardImageTask(Path(world), stall_rank=1),
+          _cfg(out / "stall", global_batch_size=64, micro_batch_size=32, epochs=10, max_steps=20, watchdog_s=8))  # fmt: skip
+    return {"error": "the stall was not caught"}
+
+
 SCENARIOS = {
     "dies": scenario_dies,
     "after": scenario_after,
     "full_one_rank": scenario_full_one_rank,
+    "epochs": scenario_epochs,
+    "stall": scenario_stall,
 }
 
 
@@ -224,6 +285,40 @@ def runs(tmp_path_factory):
 
 def _seen(path: Path) -> list[list[int]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from shards.synthetic import build
+
+    root = tmp_path_factory.mktemp("world")
+    build(root, "train", n=128, shard_size=64)  # one shard per rank: one worker of each has none
+    return root
+
+
+@pytest.mark.slow
+def test_many_short_epochs_with_loader_workers_complete(world, tmp_path):
+    proc, _ = _launch(tmp_path, "epochs", str(world), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    res = json.loads((tmp_path / "epochs.json").read_text())
+    assert res == {"status": "completed", "step": 128, "epoch": 64, "loaders": 64}
+
+
+@pytest.mark.slow
+def test_a_stalled_rank_trips_the_watchdog_in_one_line(world, tmp_path):
+    proc, _ = _launch(tmp_path, "stall", str(world), timeout=600)
+    assert proc.returncode != 0
+    stalls = [ln for ln in proc.stderr.splitlines() if "no progress for" in ln]
+    assert stalls, proc.stderr[-5000:]
+    # the stalled rank names its loader; its peer, if it trips first, names the collective
+    assert any(
+        ln.startswith("rank 1: no progress for")
+        and "waiting for the data loader before step 5" in ln
+        or ln.startswith("rank 0: no progress for")
+        and "all_reduce agreeing on the end of the epoch" in ln
+        for ln in stalls
+    ), stalls
+    assert "raise train.watchdog_s" in stalls[0]
 
 
 @pytest.mark.slow

@@ -14,7 +14,9 @@ Skip counts live in shared memory, so the main process sees what every worker sk
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -95,13 +97,23 @@ def check_spacy_pipeline(cfg: DataConfig) -> None:
         raise ConfigError("data.spacy_pipeline: " + INSTALL_HINT.format(name=name))
 
 
+def worker_context() -> mp.context.BaseContext:
+    """How loader workers start: from a fork server, never by forking the trainer, whose threads
+    (gloo, DeepSpeed, logging) may hold a lock at the moment of the fork and leave the child
+    stuck for ever (RELIABILITY.md, "hang at an epoch boundary"). The server is a fresh,
+    single-threaded interpreter that imports this module once; each worker forks from it."""
+    if os.name != "posix":
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 class SkipCounter:
     """Counts of skipped samples by reason, in shared memory (visible across workers)."""
 
     def __init__(self) -> None:
-        self._counts = mp.get_context("fork" if os.name == "posix" else "spawn").Array(
-            "q", len(REASONS)
-        )
+        self._counts = worker_context().Array("q", len(REASONS))
         self._warned: set[str] = set()
 
     def add(self, reason: str, detail: str = "") -> None:
@@ -205,6 +217,13 @@ def tar_members(stream) -> Iterator[dict]:
         long_name = None
         if not (name.startswith("__") and name.endswith("__")):
             yield {"fname": name, "data": data}
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ``parts`` that is the same in every process (Python's ``hash()`` of a
+    string is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def shard_members(urls: Iterable[str], counter: SkipCounter) -> Iterator[dict]:
@@ -313,7 +332,7 @@ class ShardDataset(IterableDataset):
 
     # -- sample stream ---------------------------------------------------------------------------
     def _seed(self, *parts: int) -> int:
-        return hash((self.cfg.seed, self.epoch, *parts)) & 0x7FFFFFFF
+        return stable_seed(self.cfg.seed, self.epoch, *parts)
 
     def worker_quota(self, worker: int, num_workers: int) -> int:
         """Resampled mode: samples this worker yields, so the rank's workers sum to epoch_samples."""
@@ -393,7 +412,12 @@ class ShardDataset(IterableDataset):
             if i >= skip:
                 yield sample
 
-    def decode(self, sample: dict, rng: random.Random) -> dict | None:
+    def sample_rng(self, sample: dict) -> random.Random:
+        """The sample's own random draws (which caption, ...), keyed by seed, epoch and sample key:
+        the same whichever rank or worker decodes it and wherever a resumed run restarts."""
+        return random.Random(stable_seed(self.cfg.seed, self.epoch, sample.get("__key__")))
+
+    def decode(self, sample: dict) -> dict | None:
         """Checks and decodes one sample; counts and returns None when it is bad."""
         cfg, key = self.cfg, f"{sample.get('__url__')}#{sample.get('__key__')}"
         img_key = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -425,7 +449,7 @@ class ShardDataset(IterableDataset):
                 return self.counter.add("missing_syn_image", key)
         elif "captions_en" in meta:
             caps = meta["captions_bn"] if cfg.caption_lang == "bn" else meta["captions_en"]
-            i = rng.randrange(len(caps)) if cfg.random_caption else 0
+            i = self.sample_rng(sample).randrange(len(caps)) if cfg.random_caption else 0
             text, references = caps[i], list(caps)
             # world shards carry nouns per caption; other JSON falls back to the noun extractor
             noun_lists = meta.get("nouns_bn" if cfg.caption_lang == "bn" else "nouns")
@@ -519,7 +543,6 @@ class ShardDataset(IterableDataset):
         # A resumed DataLoader starts its round-robin at worker 0; the original would next have
         # asked `next_worker`, so physical worker p plays the part of worker p + next_worker.
         worker = (physical + next_worker) % num_workers
-        rng = random.Random(self._seed(self.rank, worker, 3))
         quota = self.worker_quota(worker, num_workers) if self.cfg.resampled else math.inf
         quota -= done[worker]
         items: list[dict] = []
@@ -527,7 +550,7 @@ class ShardDataset(IterableDataset):
         for raw in self.raw_samples(worker, num_workers, done[worker]):
             if produced >= quota:
                 break
-            item = self.decode(raw, rng)
+            item = self.decode(raw)
             if item is None:
                 continue
             items.append(item)
@@ -568,6 +591,24 @@ def _union_box(objs: list[dict], noun: dict, w: int, h: int, size: int) -> list[
     return [min(1.0, max(0.0, v)) for v in box]
 
 
+def _exit_with(trainer_pid: int, worker_id: int) -> None:
+    """A worker's parent is the fork server, not the trainer: when the trainer dies (SIGKILL, the
+    watchdog) nothing else would end the worker, and it would hold the node's memory and the
+    launcher's output pipes. Poll the trainer and leave with it."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(trainer_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, daemon=True, name="trainer-watch").start()
+
+
 class Loader:
     """A DataLoader over a ``ShardDataset`` plus its skip counters (``skipped()``)."""
 
@@ -577,6 +618,8 @@ class Loader:
             dataset,
             batch_size=None,
             num_workers=num_workers,
+            worker_init_fn=functools.partial(_exit_with, os.getpid()) if num_workers else None,
+            multiprocessing_context=worker_context() if num_workers else None,
             persistent_workers=False,
             prefetch_factor=4 if num_workers else None,
         )

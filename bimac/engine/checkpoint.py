@@ -94,10 +94,17 @@ def save_checkpoint(
         rng_dir = ckpt_root / tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(rng_state(), rng_dir / f"rank{rank}.pt")
-    except OSError as err:  # e.g. ENOSPC: this rank exits, the launcher stops the others
+    except Exception as err:
+        # ENOSPC arrives as OSError from Python's writers but as RuntimeError ("basic_ios::clear",
+        # "enforce fail at inline_container.cc") from torch's C++ one: any failure is a failed
+        # save. This rank exits; the launcher (or the watchdog) stops the others.
+        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+        free_mib = shutil.disk_usage(ckpt_root).free / 2**20
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointSaveError(
-            f"rank {rank} could not write checkpoint {ckpt_root / tag}: {err}; `latest` still "
-            f"names {latest_tag(ckpt_root) or 'no checkpoint'}, which is intact. Free space "
+            f"rank {rank} could not write checkpoint {ckpt_root / tag}: {first_line} "
+            f"({free_mib:.0f} MiB free there); the partial checkpoint was removed and `latest` "
+            f"still names {latest_tag(ckpt_root) or 'no checkpoint'}, which is intact. Free space "
             f"under {ckpt_root} (or lower train.keep_last) and restart: the run resumes from it"
         ) from err
     dist.barrier()  # every rank's shards and RNG file are on disk before `latest` moves
@@ -118,6 +125,18 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     older = [t for t in tags if t <= latest]
     for tag in older[:-keep_last]:
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+
+
+def remove_incomplete(ckpt_root: Path) -> None:
+    """Delete checkpoint directories newer than ``latest``: saves that a kill or a failure cut
+    short (their files would otherwise fill the disk, and ``prune`` never looks past ``latest``)."""
+    if not Path(ckpt_root).is_dir():
+        return
+    latest = latest_tag(ckpt_root) or ""
+    for p in sorted(Path(ckpt_root).iterdir()):
+        if p.is_dir() and TAG_RE.match(p.name) and p.name > latest:
+            logger.warning("removing incomplete checkpoint %s (newer than `latest`)", p)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:

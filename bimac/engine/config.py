@@ -44,6 +44,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
     max_consecutive_nonfinite: int = 5
+    # seconds a rank may wait on the loader or on other ranks (a collective, a save) before the
+    # run ends with an error naming the rank and the wait; longer than the slowest step. 0 = off.
+    watchdog_s: float = 600.0
 
     log_every: int = 10
     progress_bar: bool = True

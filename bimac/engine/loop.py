@@ -13,6 +13,12 @@ are dropped and counted, so every step has the same shapes on every rank and the
 Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO stage then
 skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
 skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in a row.
+
+Exact resume: the run state (:class:`RunState`) is in every checkpoint, the loader resumes at
+its cursor and keys per-sample draws by the sample, and each micro-batch's random draws come from
+generators seeded by (seed, step, rank, micro-batch). Only one run may hold ``output_dir``
+(``run.lock``), and a wait on the loader or on other ranks longer than ``train.watchdog_s`` ends
+the run (:mod:`bimac.engine.watchdog`).
 """
 
 from __future__ import annotations
@@ -33,12 +39,16 @@ import torch.distributed as dist
 from torch import nn
 
 from bimac.config import config_hash
+from bimac.data.loader import stable_seed
 from bimac.engine import checkpoint as ckpt
 from bimac.engine.config import TrainConfig, derive_accumulation
 from bimac.engine.distributed import init_distributed
 from bimac.engine.preemption import PreemptionFlag, requeue_slurm_job
+from bimac.engine.run_lock import RunDirectoryLocked, RunLock
 from bimac.engine.run_log import RunLogger
 from bimac.engine.schedule import build_lr_scheduler
+from bimac.engine.state import RunState
+from bimac.engine.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +56,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Task(Protocol):
-    """What a task gives the engine (docs/contracts.md). Optional extras: ``export(model, dir)``
-    and ``skipped_counts() -> dict[str, int]`` (the loader's skip counters by reason)."""
+    """What a task gives the engine (docs/contracts.md). Optional extras: ``export(model, dir)``,
+    ``skipped_counts() -> dict[str, int]`` (the loader's skip counters by reason),
+    ``summary() -> dict`` (merged into ``summary.json``) and ``state_dict()`` /
+    ``load_state_dict(d)`` (the task's own counters, saved in every checkpoint)."""
 
     def build_model(self) -> nn.Module: ...
 
@@ -117,7 +129,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 @contextlib.contextmanager
 def _broadcast_handles_scalars() -> Iterator[None]:
-    """DeepSpeed 0.19.8 broadcasts parameters at set-up as ``p.data.view(torch.uint8)`` (the
+    """DeepSpeed 0.19 (pinned in pyproject.toml; ``tests/test_engine_units.py`` checks that the
+    patch is still needed) broadcasts parameters at set-up as ``p.data.view(torch.uint8)`` (the
     engine's ``_broadcast_model``; ZeRO-3's ``Init._zero_init_param``), which raises on 0-dim
     parameters such as open_clip's ``logit_scale``. While ``initialize`` runs, both broadcast
     through a flat view instead: the same bytes, 0-dim included. We use no model, sequence or
@@ -160,6 +173,7 @@ def total_optimizer_steps(cfg: TrainConfig) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (NumPy takes 32 bits)."""
     import random
 
     import numpy as np
@@ -218,21 +232,26 @@ def _gather_skip_counts(task: Any) -> dict[str, int]:
     return dict(total)
 
 
-def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainResult:
-    """Run (or resume) training of ``task`` under DeepSpeed; see the module docstring.
+@contextlib.contextmanager
+def _run_directory_lock(out: Path, rank: int) -> Iterator[None]:
+    """Rank 0 takes ``out/run.lock``; every rank raises the same one-line refusal."""
+    lock, refusal = RunLock(out), [None]
+    if rank == 0:
+        try:
+            lock.acquire()
+        except RunDirectoryLocked as err:
+            refusal = [str(err)]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] is not None:
+        raise RunDirectoryLocked(refusal[0])
+    try:
+        yield
+    finally:
+        lock.release()
 
-    Collective: every rank calls it. Returns on completion or after a preemption signal (the
-    checkpoint is saved and, under SLURM, the job requeued); raises
-    :class:`NonFiniteTrainingError` when the run diverges.
-    """
-    rank, world = init_distributed()
+
+def _build_engine(task: Task, cfg: TrainConfig, accumulation: int, total_steps: int) -> Any:
     import deepspeed
-
-    accumulation = derive_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world)
-    total_steps = total_optimizer_steps(cfg)
-    chash = config_hash(experiment_config if experiment_config is not None else cfg)
-    out = Path(cfg.output_dir)
-    ckpt_root = out / "checkpoints"
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
     model = task.build_model()
@@ -252,192 +271,263 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
             lr_scheduler=scheduler,
             config=build_deepspeed_config(cfg, accumulation),
         )
-    seed_everything(cfg.seed + rank)  # independent dropout/augmentation streams per rank
+    return engine, scheduler
 
-    step, epoch, samples_seen, total_samples, consecutive = 0, 0, 0, 0, 0
-    skipped: Counter[str] = Counter()
-    resume_dir = _resolve_resume(cfg, ckpt_root)
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(engine, resume_dir)
-        if state["world_size"] != world:
+
+class _Trainer:
+    """One run of the loop: the engine, the run state and the named parts of a step."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, experiment_config: Any, rank: int, world: int):
+        self.task, self.cfg, self.rank, self.world = task, cfg, rank, world
+        self.accumulation = derive_accumulation(cfg.global_batch_size, cfg.micro_batch_size, world)
+        self.total_steps = total_optimizer_steps(cfg)
+        self.chash = config_hash(experiment_config if experiment_config is not None else cfg)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.experiment_config = experiment_config
+        self.per_rank_cap = cfg.samples_per_epoch // world if cfg.samples_per_epoch else 0
+        self.state = RunState()
+        self.history: list[dict[str, Any]] = []
+        self.last_saved: Path | None = None
+
+    def resume(self) -> None:
+        """Restore the run state, weights, optimizer and schedule from the checkpoint to resume."""
+        if self.rank == 0:
+            ckpt.remove_incomplete(self.ckpt_root)
+        dist.barrier()
+        resume_dir = _resolve_resume(self.cfg, self.ckpt_root)
+        if resume_dir is None:
+            return
+        saved = ckpt.load_checkpoint(self.engine, resume_dir)
+        if saved["world_size"] != self.world:
             raise ValueError(
-                f"checkpoint {resume_dir} was written by {state['world_size']} ranks, this run "
-                f"has {world}: exact resume needs the same world size"
+                f"checkpoint {resume_dir} was written by {saved['world_size']} ranks, this run "
+                f"has {self.world}: exact resume needs the same world size"
             )
-        if state["config_hash"] != chash:
+        if saved["config_hash"] != self.chash:
             logger.warning("config changed since %s was saved (hash differs)", resume_dir)
-        saved_total = getattr(scheduler, "total_steps", None)  # one-cycle keeps its length
-        if saved_total is not None and saved_total != max(2, total_steps):
+        saved_total = getattr(self.scheduler, "total_steps", None)  # one-cycle keeps its length
+        if saved_total is not None and saved_total != max(2, self.total_steps):
             raise ValueError(
                 f"checkpoint {resume_dir} holds a one-cycle schedule of {saved_total} steps but "
-                f"train.max_steps gives {total_steps}: resume with the same length, or start "
+                f"train.max_steps gives {self.total_steps}: resume with the same length, or start "
                 "fresh with train.resume=none or a new train.output_dir"
             )
-        step, epoch, total_samples = state["step"], state["epoch"], state["total_samples"]
-        samples_seen = state["samples_seen"][rank]
-        consecutive = state["consecutive_nonfinite"]
-        skipped.update(state["skipped"])
+        self.state = RunState.restore(saved, self.rank)
+        if hasattr(self.task, "load_state_dict"):
+            self.task.load_state_dict(self.state.task_state)
+        self.last_saved = resume_dir
 
-    def client_state() -> dict[str, Any]:
-        cursors: list[Any] = [None] * world
-        dist.all_gather_object(cursors, samples_seen)  # client_state is written by rank 0 only
-        return {
-            "step": step,
-            "epoch": epoch,
-            "samples_seen": cursors,
-            "world_size": world,
-            "total_samples": total_samples,
-            "config_hash": chash,
-            "skipped": dict(skipped),
-            "consecutive_nonfinite": consecutive,
-        }
-
-    run_log = RunLogger(cfg, experiment_config, rank, total_steps, step, chash)
-    history: list[dict[str, Any]] = []
-    last_saved = resume_dir
-    status = "completed"
-    per_rank_cap = cfg.samples_per_epoch // world if cfg.samples_per_epoch else 0
-    t_start, samples_at_start = time.time(), total_samples
-    engine.train()
-    with PreemptionFlag() as preempt:
-        while status == "completed" and step < total_steps and epoch < cfg.epochs:
-            batches = iter(task.build_train_loader(rank, world, epoch, samples_seen))
-            epoch_done, first_step = False, step
-            while status == "completed" and step < total_steps:
-                micro: list[Any] = []
-                dropped = 0  # samples of partial micro-batches drawn for this step
-                while len(micro) < accumulation and not (
-                    per_rank_cap and samples_seen >= per_rank_cap
-                ):
-                    nxt = next(batches, None)
-                    if nxt is None:
-                        break
-                    if batch_size(nxt) < cfg.micro_batch_size:
-                        # a loader worker's last, partial batch: ranks would disagree on the
-                        # batch shape (cross-rank gathers abort or hang) and on the global batch
-                        samples_seen += batch_size(nxt)
-                        dropped += batch_size(nxt)
-                        continue
-                    micro.append(nxt)
-                short_dropped = torch.tensor([float(len(micro) < accumulation), float(dropped)])
-                dist.all_reduce(short_dropped)
-                if short_dropped[1]:
-                    skipped["partial_batch_samples"] += int(short_dropped[1])
-                if short_dropped[0]:  # a rank ran out: the epoch ends on every rank together
-                    epoch_done = True
+    def draw_micro_batches(self, batches: Iterator[Any]) -> list[Any] | None:
+        """This rank's micro-batches for the next step, or None when any rank ran out (the epoch
+        ends on every rank together). Partial micro-batches (a loader worker's tail) are dropped
+        and counted: ranks would disagree on the batch shape (cross-rank gathers abort or hang)."""
+        cfg, st = self.cfg, self.state
+        micro: list[Any] = []
+        dropped = 0
+        with self.watchdog.waiting(f"waiting for the data loader before step {st.step + 1}"):
+            while len(micro) < self.accumulation and not (
+                self.per_rank_cap and st.samples_seen >= self.per_rank_cap
+            ):
+                nxt = next(batches, None)
+                if nxt is None:
                     break
-                skipped_before = engine.skipped_steps
-                terms_sum: dict[str, float] = {}
-                metrics_list: list[dict[str, float]] = []
-                for mb in micro:
-                    terms, metrics = task.losses(engine, _to_device(mb, engine.device))
-                    loss = torch.stack([t.float() for t in terms.values()]).sum()
-                    engine.backward(loss)  # once, on the weighted sum
-                    engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-                    for k, v in terms.items():
-                        terms_sum[k] = (
-                            terms_sum.get(k, 0.0) + v.detach().float().item() / accumulation
-                        )
-                    metrics_list.append(metrics)
-                step_samples = sum(batch_size(mb) for mb in micro)
-                samples_seen += step_samples
-                step += 1
-                gathered: list[Any] = [None] * world
-                local = (terms_sum, _mean_dicts(metrics_list), preempt.requested, step_samples)
-                dist.all_gather_object(gathered, local)
-                total_samples += sum(g[3] for g in gathered)
-                terms_mean = _mean_dicts([g[0] for g in gathered])
-                bad_terms = [k for k, v in terms_mean.items() if not math.isfinite(v)]
-                applied = engine.skipped_steps == skipped_before
-                if not applied:
-                    if bad_terms:
-                        reason = "nonfinite_loss"
-                    else:
-                        reason = "fp16_overflow" if cfg.precision == "fp16" else "nonfinite_grad"
-                    skipped[reason] += 1
-                    consecutive += reason != "fp16_overflow"
-                    logger.warning("step %d skipped (%s): loss terms %s", step, reason, terms_mean)
-                else:
-                    consecutive = 0
-                    if bad_terms:  # the NaN never reached the gradients: applied, said loudly
-                        skipped["nonfinite_loss_applied"] += 1
-                        logger.error("step %d: non-finite %s, finite gradients", step, bad_terms)
-                grad_norm = engine.get_global_grad_norm()
-                record = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": sum(terms_mean.values()),
-                    "losses": terms_mean,
-                    "metrics": _mean_dicts([g[1] for g in gathered]),
-                    "lr": float(engine.get_lr()[0]),
-                    "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                    "applied": applied,
-                    "samples": total_samples,
-                    "skipped": dict(skipped),
-                }
-                if step % cfg.log_every == 0:
-                    data_skips = _gather_skip_counts(task)
-                    record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
-                history.append(record)
-                rate = (total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)
-                run_log.log_step(record, rate)
-                if consecutive >= cfg.max_consecutive_nonfinite:
-                    what = ", ".join(bad_terms) if bad_terms else "gradient norm"
-                    msg = (
-                        f"stopping at step {step}: {consecutive} consecutive steps skipped with "
-                        f"a non-finite {what} (loss terms: {terms_mean}); check that "
-                        "objective's inputs, the learning rate and the precision"
-                    )
-                    run_log.finish({"status": "diverged", "step": step, "message": msg})
-                    raise NonFiniteTrainingError(msg)
-                if any(g[2] for g in gathered):  # preemption on any rank: save and leave
-                    last_saved = ckpt.save_checkpoint(
-                        engine, ckpt_root, step, client_state(), cfg.keep_last
-                    )
-                    status = "preempted"
-                elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    last_saved = ckpt.save_checkpoint(
-                        engine, ckpt_root, step, client_state(), cfg.keep_last
-                    )
-            if epoch_done and step == first_step and samples_seen == 0:
-                raise RuntimeError(
-                    f"epoch {epoch} gave no optimizer step: each rank needs {accumulation} "
-                    f"micro-batches of {cfg.micro_batch_size}; the loader's skipped samples by "
-                    f"reason: {_gather_skip_counts(task)}"
-                )
-            if epoch_done:
-                epoch, samples_seen = epoch + 1, 0
+                if batch_size(nxt) < cfg.micro_batch_size:
+                    st.samples_seen += batch_size(nxt)
+                    dropped += batch_size(nxt)
+                    continue
+                micro.append(nxt)
+        short_dropped = torch.tensor([float(len(micro) < self.accumulation), float(dropped)])
+        where = f"the all_reduce agreeing on the end of the epoch before step {st.step + 1}"
+        with self.watchdog.waiting(where):
+            dist.all_reduce(short_dropped)
+        if short_dropped[1]:
+            st.skipped["partial_batch_samples"] += int(short_dropped[1])
+        return None if short_dropped[0] else micro
 
-    export_dir = None
-    if status == "completed":
-        if last_saved is None or last_saved.name != ckpt.tag_for_step(step):
-            last_saved = ckpt.save_checkpoint(
-                engine, ckpt_root, step, client_state(), cfg.keep_last
+    def forward_backward(self, micro: list[Any]) -> tuple[dict[str, float], list[dict]]:
+        """Backward once per micro-batch on the weighted sum of its terms (DeepSpeed ZeRO-1/2
+        mis-accumulates when backward runs once per term). Each micro-batch's random draws
+        (dropout, masks, sampling) come from generators seeded by (seed, step, rank, micro-batch):
+        the same after a resume as in an uninterrupted run."""
+        engine, terms_sum, metrics_list = self.engine, {}, []
+        step = self.state.step + 1
+        for i, mb in enumerate(micro):
+            seed_everything(stable_seed(self.cfg.seed, step, self.rank, i))
+            terms, metrics = self.task.losses(engine, _to_device(mb, engine.device))
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float().item() / len(micro)
+            metrics_list.append(metrics)
+        return terms_sum, metrics_list
+
+    def account_step(
+        self, micro: list[Any], terms_sum: dict, metrics_list: list, applied: bool, preempt: bool
+    ) -> tuple[dict[str, Any], bool]:
+        """Gather every rank's losses, count samples and skips; the step's record, and whether
+        any rank asked to be preempted."""
+        cfg, st = self.cfg, self.state
+        step_samples = sum(batch_size(mb) for mb in micro)
+        st.samples_seen += step_samples
+        st.step += 1
+        gathered: list[Any] = [None] * self.world
+        local = (terms_sum, _mean_dicts(metrics_list), preempt, step_samples)
+        with self.watchdog.waiting(f"the all_gather of step {st.step}'s results"):
+            dist.all_gather_object(gathered, local)
+        st.total_samples += sum(g[3] for g in gathered)
+        terms_mean = _mean_dicts([g[0] for g in gathered])
+        bad_terms = [k for k, v in terms_mean.items() if not math.isfinite(v)]
+        if not applied:
+            if bad_terms:
+                reason = "nonfinite_loss"
+            else:
+                reason = "fp16_overflow" if cfg.precision == "fp16" else "nonfinite_grad"
+            st.skipped[reason] += 1
+            st.consecutive_nonfinite += reason != "fp16_overflow"
+            logger.warning("step %d skipped (%s): loss terms %s", st.step, reason, terms_mean)
+        else:
+            st.consecutive_nonfinite = 0
+            if bad_terms:  # the NaN never reached the gradients: applied, said loudly
+                st.skipped["nonfinite_loss_applied"] += 1
+                logger.error("step %d: non-finite %s, finite gradients", st.step, bad_terms)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": st.step,
+            "epoch": st.epoch,
+            "loss": sum(terms_mean.values()),
+            "losses": terms_mean,
+            "metrics": _mean_dicts([g[1] for g in gathered]),
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+            "applied": applied,
+            "samples": st.total_samples,
+            "skipped": dict(st.skipped),
+        }
+        if st.step % cfg.log_every == 0:
+            data_skips = _gather_skip_counts(self.task)
+            record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
+        return record, any(g[2] for g in gathered)
+
+    def check_divergence(self, record: dict[str, Any]) -> None:
+        st = self.state
+        if st.consecutive_nonfinite < self.cfg.max_consecutive_nonfinite:
+            return
+        bad = [k for k, v in record["losses"].items() if not math.isfinite(v)]
+        msg = (
+            f"stopping at step {st.step}: {st.consecutive_nonfinite} consecutive steps skipped "
+            f"with a non-finite {', '.join(bad) if bad else 'gradient norm'} (loss terms: "
+            f"{record['losses']}); check that objective's inputs, the learning rate and the "
+            "precision"
+        )
+        self.run_log.finish({"status": "diverged", "step": st.step, "message": msg})
+        raise NonFiniteTrainingError(msg)
+
+    def save(self) -> None:
+        if hasattr(self.task, "state_dict"):
+            self.state.task_state = self.task.state_dict()
+        client_state = self.state.client_state(self.world, self.chash)
+        with self.watchdog.waiting(f"saving checkpoint {ckpt.tag_for_step(self.state.step)}"):
+            self.last_saved = ckpt.save_checkpoint(
+                self.engine, self.ckpt_root, self.state.step, client_state, self.cfg.keep_last
             )
-        if cfg.export_at_end:
-            export_dir = ckpt.export_model(engine, out / "export", experiment_config, task)
-    tail = history[-min(len(history), 10) :]
-    summary = {
-        "status": status,
-        "step": step,
-        "total_steps": total_steps,
-        "epoch": epoch,
-        "samples": total_samples,
-        "world_size": world,
-        "zero_stage": cfg.zero_stage,
-        "precision": cfg.precision,
-        "config_hash": chash,
-        "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
-        "final_losses": _mean_dicts([r["losses"] for r in tail]),
-        "final_metrics": _mean_dicts([r["metrics"] for r in tail]),
-        "skipped": dict(skipped),
-        "data_skipped": _gather_skip_counts(task),  # the loader's skipped samples by reason
-        "checkpoint": str(last_saved) if last_saved else None,
-        "export": str(export_dir) if export_dir else None,
-    }
-    run_log.finish(summary)
+
+    def run(self) -> str:
+        """The loop over epochs and steps; returns "completed" or "preempted"."""
+        cfg, st = self.cfg, self.state
+        t_start, samples_at_start = time.time(), st.total_samples
+        self.engine.train()
+        with PreemptionFlag() as preempt:
+            while st.step < self.total_steps and st.epoch < cfg.epochs:
+                with self.watchdog.waiting(f"building the data loader of epoch {st.epoch}"):
+                    batches = iter(
+                        self.task.build_train_loader(
+                            self.rank, self.world, st.epoch, st.samples_seen
+                        )
+                    )
+                first_step = st.step
+                while st.step < self.total_steps:
+                    micro = self.draw_micro_batches(batches)
+                    if micro is None:
+                        break
+                    skipped_before = self.engine.skipped_steps
+                    with self.watchdog.waiting(f"forward/backward of step {st.step + 1}"):
+                        terms_sum, metrics_list = self.forward_backward(micro)
+                    applied = self.engine.skipped_steps == skipped_before
+                    record, preempted = self.account_step(
+                        micro, terms_sum, metrics_list, applied, preempt.requested
+                    )
+                    self.history.append(record)
+                    rate = (st.total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)
+                    self.run_log.log_step(record, rate)
+                    self.check_divergence(record)
+                    if preempted:  # preemption on any rank: save and leave
+                        self.save()
+                        return "preempted"
+                    if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
+                        self.save()
+                else:
+                    break  # max_steps reached inside the epoch
+                if st.step == first_step and st.samples_seen == 0:
+                    raise RuntimeError(
+                        f"epoch {st.epoch} gave no optimizer step: each rank needs "
+                        f"{self.accumulation} micro-batches of {cfg.micro_batch_size}; the "
+                        f"loader's skipped samples by reason: {_gather_skip_counts(self.task)}"
+                    )
+                st.epoch, st.samples_seen = st.epoch + 1, 0
+        return "completed"
+
+    def summary(self, status: str, export_dir: Path | None) -> dict[str, Any]:
+        st, tail = self.state, self.history[-min(len(self.history), 10) :]
+        summary = {
+            "status": status,
+            "step": st.step,
+            "total_steps": self.total_steps,
+            "epoch": st.epoch,
+            "samples": st.total_samples,
+            "world_size": self.world,
+            "zero_stage": self.cfg.zero_stage,
+            "precision": self.cfg.precision,
+            "config_hash": self.chash,
+            "final_loss": sum(r["loss"] for r in tail) / len(tail) if tail else None,
+            "final_losses": _mean_dicts([r["losses"] for r in tail]),
+            "final_metrics": _mean_dicts([r["metrics"] for r in tail]),
+            "skipped": dict(st.skipped),
+            "data_skipped": _gather_skip_counts(self.task),  # the loader's skips by reason
+            "checkpoint": str(self.last_saved) if self.last_saved else None,
+            "export": str(export_dir) if export_dir else None,
+        }
+        if hasattr(self.task, "summary"):
+            summary.update(self.task.summary())
+        return summary
+
+
+def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainResult:
+    """Run (or resume) training of ``task`` under DeepSpeed; see the module docstring.
+
+    Collective: every rank calls it. Returns on completion or after a preemption signal (the
+    checkpoint is saved and, under SLURM, the job requeued); raises
+    :class:`NonFiniteTrainingError` when the run diverges, :class:`RunDirectoryLocked` when
+    another live run holds ``cfg.output_dir``.
+    """
+    rank, world = init_distributed()
+    t = _Trainer(task, cfg, experiment_config, rank, world)
+    with _run_directory_lock(t.out, rank), Watchdog(cfg.watchdog_s, rank) as t.watchdog:
+        t.engine, t.scheduler = _build_engine(task, cfg, t.accumulation, t.total_steps)
+        t.resume()
+        t.run_log = RunLogger(cfg, experiment_config, rank, t.total_steps, t.state.step, t.chash)
+        status = t.run()
+        export_dir = None
+        if status == "completed":
+            if t.last_saved is None or t.last_saved.name != ckpt.tag_for_step(t.state.step):
+                t.save()
+            if cfg.export_at_end:
+                export_dir = ckpt.export_model(t.engine, t.out / "export", experiment_config, task)
+        summary = t.summary(status, export_dir)
+        t.run_log.finish(summary)
     if status == "preempted" and rank == 0 and cfg.requeue_on_preemption:
         requeue_slurm_job()
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    return TrainResult(status, step, history, last_saved, export_dir, summary)
+    if hasattr(t.engine, "destroy"):
+        t.engine.destroy()
+    return TrainResult(status, t.state.step, t.history, t.last_saved, export_dir, summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,14 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _step_of(line: str) -> float:
+    """The step of a ``metrics.jsonl`` line; a line cut short by a kill counts as after any step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class RunLogger:
@@ -54,7 +63,9 @@ class RunLogger:
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
+        self._keep_steps_up_to(start_step)
+        # line-buffered: a step's line is on disk before the checkpoint that covers it is saved
+        self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - finish()
         if cfg.progress_bar:
             self.pbar = tqdm(total=total_steps, initial=start_step, desc=self.run_name, unit="step")
         if cfg.wandb != "disabled":
@@ -72,6 +83,22 @@ class RunLogger:
                     "config_hash": config_hash,
                 },
             )
+
+    def _keep_steps_up_to(self, step: int) -> None:
+        """Drop lines of steps after ``step`` (the checkpoint resumed from), which a killed run
+        logged before its next save: the resumed run logs them again, so each step appears once."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if _step_of(ln) <= step]
+        if len(kept) != len(lines):
+            logger.info(
+                "metrics.jsonl: dropped %d lines after step %d", len(lines) - len(kept), step
+            )
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(path)
 
     def log_step(self, record: dict[str, Any], samples_per_s: float) -> None:
         if not self.active:

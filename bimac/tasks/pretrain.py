@@ -244,20 +244,27 @@ class PretrainTask:
         self._cg_calls += 1
         if (self._cg_calls - 1) % self.objectives.rf_every:
             return None
-        from bimac.generation import GenerationConfig, generate
+        from bimac.generation import GenerationConfig, gathered_for_generation, generate
 
         tok = self._require_tokenizer()
-        adapter = unwrap(model).caption_adapter(tok)
         # the start token takes one of the decoder's context_length positions
         max_new = min(self.objectives.rf_max_new_tokens, self.model_config.context_length - 1)
         cfg = GenerationConfig(strategy="greedy", max_new_tokens=max_new)
-        gen = generate(adapter, out["decoder_memory"].detach(), cfg)
+        with gathered_for_generation(model):
+            gen = generate(unwrap(model).caption_adapter(tok), out["decoder_memory"].detach(), cfg)
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = self._references(batch)
         self._reference_count += sum(1 for refs in references for ref in refs if ref)
         rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
         metrics["rf_cider"] = float(rewards.mean())
         return reward_weights(rewards).to(out["logits"].device)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to refresh RF's rewards on the same calls (every ``rf_every``)."""
+        return {"cg_calls": self._cg_calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._cg_calls = state.get("cg_calls", 0)
 
     def _references(self, batch: dict) -> list[list[list[int]]]:
         """Each image's reference captions: the loader's ``references`` (all captions of the

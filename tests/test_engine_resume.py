@@ -1,0 +1,251 @@
+"""Exact resume, one run per directory, a real full disk and ZeRO-3 with every objective, on the
+shipped ``configs/pretrain/tiny.yaml`` (all four objectives, RF, random captions, 2 loader
+workers, shuffle buffer 1000) launched as a user does: ``NPROC=2 bash slurm/pretrain.sh``.
+
+Every process of a run is SIGKILLed (the whole process group: torchrun, its workers, their
+loader workers) just after the step-10 save; the same command then resumes, and its
+``metrics.jsonl`` must equal an uninterrupted run's step by step, exactly (fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_engine_pretrain import world_overrides  # noqa: E402
+
+STEPS, SAVE_EVERY, KILL_AFTER = 20, 5, "step00000010"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> list[str]:
+    # 128 samples in 2 shards: each rank reads one shard, one of its 2 workers has none, and an
+    # epoch is 4 steps, so the 20 steps cross 4 epoch boundaries and resume mid-epoch
+    overrides = world_overrides(tmp_path_factory.mktemp("world"))
+    return [o for o in overrides if o != "data.num_workers=0"]  # the shipped 2 workers
+
+
+def _kill_all(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts each worker in its own
+    session, so the launcher's process group does not reach them)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+
+
+def _launch(out: Path, world: list[str], *extra: str, kill_after: str | None = None):
+    """``bash slurm/pretrain.sh`` with 2 ranks; with ``kill_after``, SIGKILL every process of the
+    run as soon as ``checkpoints/latest`` names that tag. Returns (exit status, stderr)."""
+    overrides = [*world, "train.global_batch_size=16", "train.micro_batch_size=8",
+                 f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_EVERY}",
+                 "train.warmup_steps=2", f"train.output_dir={out}", *extra]  # fmt: skip
+    env = {**os.environ, "CONFIG": "configs/pretrain/tiny.yaml", "PYTHON": sys.executable,
+           "NPROC": "2", "OVERRIDES": " ".join(overrides), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    err_path = out.parent / f"{out.name}.{time.time():.0f}.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)  # fmt: skip
+        deadline = time.time() + 900
+        while kill_after and proc.poll() is None and time.time() < deadline:
+            latest = out / "checkpoints" / "latest"
+            if latest.is_file() and latest.read_text().strip() == kill_after:
+                _kill_all(proc.pid)
+                break
+            time.sleep(0.05)
+        rc = proc.wait(timeout=900)
+    return rc, err_path.read_text()
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+REFERENCE: dict[int, list[dict]] = {}
+
+
+def _reference(tmp: Path, world: list[str], stage: int) -> list[dict]:
+    if stage not in REFERENCE:
+        rc, err = _launch(tmp / f"straight{stage}", world, f"train.zero_stage={stage}")
+        assert rc == 0, err[-5000:]
+        REFERENCE[stage] = _metrics(tmp / f"straight{stage}")
+    return REFERENCE[stage]
+
+
+def _same(rec: dict) -> dict:
+    return {k: rec[k] for k in ("step", "epoch", "loss", "losses", "lr", "samples", "metrics")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # three launches of 20 steps
+@pytest.mark.parametrize(
+    "stage",
+    [
+        1,
+        2,
+        pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
+            "ZeRO-3 with RF: the first backward after the resume fails on a 0-element parameter "
+            "(rf=false resumes); see RELIABILITY.md"))),
+    ],
+)  # fmt: skip
+def test_sigkill_after_a_save_then_the_same_command_resumes_exactly(stage, world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"resume{stage}")
+    straight = _reference(tmp, world, stage)
+    assert [r["step"] for r in straight] == list(range(1, STEPS + 1))
+    out = tmp / "killed"
+    rc, _ = _launch(out, world, f"train.zero_stage={stage}", kill_after=KILL_AFTER)
+    assert rc != 0  # killed
+    assert (out / "run.lock").is_file()  # left behind by the killed rank 0
+    rc, err = _launch(out, world, f"train.zero_stage={stage}")
+    assert rc == 0, err[-5000:]
+    assert "taking over" in err and "no longer runs" in err  # the stale lock, one log line
+    resumed = _metrics(out)
+    # every step exactly once, the saved step included, and each equal to the uninterrupted run
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    for got, want in zip(resumed, straight):
+        assert _same(got) == _same(want), got["step"]
+    assert not (out / "run.lock").exists()  # released at the end
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_zero3_runs_every_objective_and_matches_zero2(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("z3")
+    z2, z3 = _reference(tmp, world, 2), _reference(tmp, world, 3)
+    assert "rf_cider" in z3[0]["metrics"]  # RF's greedy captions ran under ZeRO-3
+    for a, b in zip(z2[:10], z3[:10]):
+        assert (
+            a["losses"].keys() == b["losses"].keys() == {"mcl", "cg", "grounding", "reconstruction"}
+        )
+        for k in a["losses"]:
+            # fp32 on CPU, partitioned reductions round differently: steps 1-5 agreed to 1e-5,
+            # step 6's reconstruction term by 1.6e-5 relative (2026-11-27); the drift grows
+            assert b["losses"][k] == pytest.approx(a["losses"][k], rel=1e-4, abs=1e-6), (
+                a["step"],
+                k,
+            )
+
+
+@pytest.mark.slow
+def test_a_directory_held_by_a_live_run_is_refused_in_one_line(world, tmp_path):
+    import socket
+
+    holder = subprocess.Popen(["sleep", "600"])  # stands for a live run's rank 0
+    try:
+        out = tmp_path / "held"
+        out.mkdir()
+        lock = {"host": socket.gethostname(), "pid": holder.pid, "since": "2026-01-01 00:00:00"}
+        (out / "run.lock").write_text(json.dumps(lock))
+        rc, err = _launch(out, world)
+    finally:
+        holder.kill()
+    assert rc != 0
+    lines = [ln for ln in err.splitlines() if "is in use by process" in ln]
+    assert len(lines) == 2, err[-3000:]  # one per rank
+    assert f"process {holder.pid} on {socket.gethostname()}" in lines[0]
+    assert "choose another train.output_dir" in lines[0]
+    # no traceback from the ranks (torchrun still prints its own ChildFailedError report)
+    assert not [ln for ln in err.splitlines() if ln.strip().startswith('File "') and "bimac" in ln]
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_ends_the_run_in_one_line_and_keeps_latest(world, tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)],
+                           capture_output=True, text=True)  # fmt: skip
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root / CAP_SYS_ADMIN): {mount.stderr}")
+    try:
+        out = mnt / "run"
+        # one checkpoint (weights + Adam state) is ~35 MB: the step-5 save fits, step 10's does not
+        rc, err = _launch(out, world, "train.max_steps=12", "train.zero_stage=2")
+        ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+        latest = (out / "checkpoints" / "latest").read_text()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert rc != 0
+    lines = [ln for ln in err.splitlines() if "could not write checkpoint" in ln]
+    assert lines, err[-5000:]
+    assert "MiB free there" in lines[0] and "the partial checkpoint was removed" in lines[0]
+    assert "`latest` still names step00000005, which is intact" in lines[0]
+    assert latest == "step00000005"
+    assert "step00000010" not in ckpts  # removed, not left to fill the disk
+
+
+# -- fine-tuning stages: one rank, the small model of the fine-tuning tests, 6 steps, killed
+# after the step-2 save (for captioning, inside its SCST phase)
+def _finetune_args(stage: str, world: tuple[Path, Path], out: Path) -> list[str]:
+    from finetune_fixtures import SMALL
+
+    tar, tok = world
+    args = ["--config", f"configs/finetune/{stage}/tiny.yaml", "train.max_steps=6",
+            "train.micro_batch_size=8", "train.global_batch_size=8", "train.save_every_steps=2",
+            "train.progress_bar=false", "train.wandb=disabled", "train.log_every=1",
+            f"tokenizer.path={tok}", f"train.output_dir={out}", "data.image_size=32",
+            *(f"model.{o}" for o in SMALL)]  # fmt: skip
+    if stage == "classification":
+        return [*args, "data.train=world:cls_shape:64:1", "data.test=world:cls_shape:8"]
+    args += [f"data.train_shards={tar}", "data.num_workers=2"]
+    if stage == "retrieval":
+        return [*args, "eval.data=world:retrieval:8"]
+    return [*args, "scst.max_steps=4", "scst.samples=2", "scst.max_new_tokens=6",
+            "eval.annotations=world:val:4", "eval.metrics=[cider]", "eval.max_new_tokens=6",
+            "eval.num_beams=1"]  # fmt: skip
+
+
+def _finetune(stage: str, args: list[str], kill_when: Path | None = None) -> tuple[int, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    with subprocess.Popen([sys.executable, "-m", f"finetune.{stage}", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:  # fmt: skip
+        deadline = time.time() + 600
+        while kill_when and proc.poll() is None and time.time() < deadline:
+            if kill_when.is_file() and kill_when.read_text().strip() == "step00000002":
+                _kill_all(proc.pid)
+                break
+            time.sleep(0.05)
+        _, err = proc.communicate(timeout=600)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def finetune_world(tmp_path_factory) -> tuple[Path, Path]:
+    from finetune_fixtures import world_shards
+
+    return world_shards(tmp_path_factory.mktemp("ftworld"), n=64)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("stage", ["retrieval", "classification", "caption"])
+def test_finetuning_stage_resumes_exactly_after_sigkill(stage, finetune_world, tmp_path):
+    phases = ["xe", "scst"] if stage == "caption" else [""]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, err = _finetune(stage, _finetune_args(stage, finetune_world, straight))
+    assert rc == 0, err[-5000:]
+    latest = killed / phases[-1] / "checkpoints" / "latest"
+    rc, _ = _finetune(stage, _finetune_args(stage, finetune_world, killed), kill_when=latest)
+    assert rc != 0
+    rc, err = _finetune(stage, _finetune_args(stage, finetune_world, killed))
+    assert rc == 0, err[-5000:]
+    for phase in phases:
+        want, got = _metrics(straight / phase), _metrics(killed / phase)
+        assert [r["step"] for r in got] == [r["step"] for r in want] != []
+        for g, w in zip(got, want):
+            assert _same(g) == _same(w), (phase, g["step"])
