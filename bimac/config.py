@@ -41,7 +41,12 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user fixes (a mistake, a full disk, a directory another run holds): its
+    message names the file or key and the fix, and entry points print it as one line."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot be built; the message names the key and the fix."""
 
 
@@ -390,14 +395,15 @@ def path_hint(path: str | Path) -> str:
 
 
 def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None = None) -> int:
-    """Run an entry point's ``main(argv)``; a :class:`ConfigError` (a user mistake: its message
-    names the file or key and the fix) becomes one line on stderr and exit status 2."""
+    """Run an entry point's ``main(argv)`` and return its exit status (``main``'s int, else 0);
+    a :class:`UserError` (its message names the file or key and the fix) becomes one line on
+    stderr and exit status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        main(argv)
-    except ConfigError as err:
+        status = main(argv)
+    except UserError as err:
         if "--debug" in argv or os.environ.get("BIMAC_DEBUG", "") not in ("", "0"):
             raise
         print(f"{program(prog)}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status if isinstance(status, int) else 0

@@ -36,6 +36,14 @@ if [[ -n "$OVERRIDES" ]]; then
     ARGS+=("${EXTRA[@]}")
 fi
 
+# The config, shards and tokenizer are checked once here, before any rank starts: a mistake is
+# one line and exit status 2, not one traceback per rank plus the launcher's report.
+preflight() {
+    if [[ "${DRY_RUN:-0}" != 1 ]]; then
+        "$PYTHON" "${ARGS[@]}" --check --world-size "$1" >/dev/null
+    fi
+}
+
 run() {
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         if [[ -n "${MASTER_ADDR:-}" ]]; then
@@ -63,6 +71,7 @@ print(master_host())')
     # each srun task maps SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID to RANK/WORLD_SIZE/LOCAL_RANK
     # (bimac.engine.distributed; MASTER_ADDR/PORT are exported above and srun passes the
     # environment on); USR1 reaches every task, rank 0 requeues after the save.
+    preflight $((NODES * GPUS))
     run srun --nodes="$NODES" --ntasks-per-node="$GPUS" --gpus-per-node="$GPUS" \
         --cpus-per-task="${SLURM_CPUS_PER_TASK:-10}" --kill-on-bad-exit=1 \
         "$PYTHON" -u "${ARGS[@]}"
@@ -72,5 +81,6 @@ else
         NPROC=${NPROC:-2}
     fi
     NPROC=${NPROC:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')}
+    preflight "$NPROC"
     run "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" "${ARGS[@]}"
 fi

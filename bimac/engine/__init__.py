@@ -7,11 +7,7 @@ from bimac.engine.config import TrainConfig, derive_accumulation
 from bimac.engine.loop import NonFiniteTrainingError, Task, TrainResult, train
 from bimac.engine.run_lock import RunDirectoryLocked
 
-# a run that ends for one of these tells the user what to do in one line, without a traceback
-RUN_ERRORS = (CheckpointSaveError, RunDirectoryLocked)
-
 __all__ = [
-    "RUN_ERRORS",
     "CheckpointSaveError",
     "RunDirectoryLocked",
     "NonFiniteTrainingError",

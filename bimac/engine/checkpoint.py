@@ -26,12 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bimac.config import UserError
+
 logger = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step\d{8}$")
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(UserError, RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); ``latest`` is unchanged."""
 
 

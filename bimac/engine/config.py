@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from bimac.config import ConfigError
+
 
 @dataclass
 class TrainConfig:
@@ -67,7 +69,7 @@ def derive_accumulation(global_batch_size: int, micro_batch_size: int, world_siz
     """Gradient-accumulation steps that turn ``micro x world`` into the global batch."""
     per_step = micro_batch_size * world_size
     if micro_batch_size <= 0 or global_batch_size <= 0 or global_batch_size % per_step:
-        raise ValueError(
+        raise ConfigError(
             f"train.global_batch_size={global_batch_size} is not a multiple of "
             f"train.micro_batch_size={micro_batch_size} x world_size={world_size} = {per_step}; "
             "change one of them so the global batch divides"

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bimac.config import config_hash
+from bimac.config import UserError, config_hash
 from bimac.data.loader import stable_seed
 from bimac.engine import checkpoint as ckpt
 from bimac.engine.config import TrainConfig, derive_accumulation
@@ -72,7 +72,7 @@ class Task(Protocol):
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
 
 
-class NonFiniteTrainingError(RuntimeError):
+class NonFiniteTrainingError(UserError, RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 

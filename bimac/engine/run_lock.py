@@ -16,10 +16,12 @@ import socket
 import time
 from pathlib import Path
 
+from bimac.config import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class RunDirectoryLocked(RuntimeError):
+class RunDirectoryLocked(UserError, RuntimeError):
     """Another live run holds this run directory."""
 
 
