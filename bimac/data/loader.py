@@ -407,7 +407,7 @@ class ShardDataset(IterableDataset):
         stream = shard_samples((s["url"] for s in self._shards(worker, num_workers)), self.counter)
         if self.cfg.shuffle_buffer > 0:
             rng = random.Random(self._seed(self.rank, worker, 2))
-            stream = wds.filters._shuffle(stream, self.cfg.shuffle_buffer, 100, rng=rng)
+            stream = wds.filters.shuffle(self.cfg.shuffle_buffer, 100, rng=rng)(stream)
         for i, sample in enumerate(stream):
             if i >= skip:
                 yield sample
