@@ -166,7 +166,7 @@ def test_grid_with_two_seeds_runs_and_collects_mean_and_std(tmp_path, world_shar
     # train.seed reached the runs: same cell, other seed, other initial weights and batches
     assert summaries[runs[0]]["final_loss"] != summaries[runs[1]]["final_loss"]
     table = (out / "results.md").read_text().splitlines()
-    assert proc.stdout.splitlines()[-len(table) :] == table
+    assert proc.stdout.rstrip().splitlines()[-len(table) :] == table
     head = [c.strip() for c in table[0].strip("|").split("|")]
     rows = {r.split(" | ")[0].lstrip("| "): [c.strip() for c in r.strip("|").split("|")]
             for r in table[2:4]}  # fmt: skip
