@@ -4,7 +4,8 @@
     python slurm/submit.py grid  --grid table5 --config configs/pretrain/paper.yaml --out runs/t5
     python slurm/submit.py grid  --grid table6 --lambdas 0.1 0.4 0.7 1.0 1.5 --out runs/t6
     python slurm/submit.py grid  --grid pal_table3 --config configs/finetune/caption_bn/paper.yaml
-    python slurm/submit.py collect --out runs/t6
+    python slurm/submit.py grid  --grid table5 --seeds 3 --config configs/pretrain/tiny.yaml --out runs/t5
+    python slurm/submit.py collect --out runs/t6 [--baseline CELL]
 
 ``table5``: one cell per preset in ``configs/pretrain/ablations/`` (the rows of BiMAC Table 5;
 their ``objectives`` sections applied to ``--config``);
@@ -13,7 +14,11 @@ their ``objectives`` sections applied to ``--config``);
 sensitivity rows (``losses`` sections of ``configs/finetune/caption_bn/{ablations,sensitivity}``).
 Each cell writes
 ``<out>/<cell>/summary.json``; ``collect`` (also run after ``grid --wait``) turns them into one
-markdown table. ``--cluster local`` runs the cells as local processes (tests, laptops).
+markdown table. ``--seeds N`` runs every cell N times with ``train.seed=0..N-1`` as
+``<out>/<cell>-seed<k>``; ``collect`` then writes each number as mean ± standard deviation over
+the seeds and marks a loss or metric with ``*`` where it differs from the baseline row (the
+grid's first cell, or ``--baseline``) by Welch's t-test at p < 0.05, i.e. beyond the seeds'
+spread. ``--cluster local`` runs the cells as local processes (tests, laptops).
 
 Preemption: the engine saves on USR1 and requeues the job itself; submitit's ``checkpoint()``
 (rank 0 only, so no collective save there) just resubmits, and the run resumes from ``latest``.
@@ -23,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +49,8 @@ PAL_CONFIGS = REPO / "configs" / "finetune" / "caption_bn"
 PAL_TABLE3 = ("ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot", "pal", "pal_infonce",
               "pal_infonce_ot")  # fmt: skip
 GRIDS = ("table5", "table6", "pal_table3", "pal_table4")
+SEEDED_RUN = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
+SIGNIFICANCE = 0.05  # Welch's t-test level for collect's "*" marks
 
 
 @dataclass
@@ -99,10 +109,10 @@ def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> li
         presets = sorted((PAL_CONFIGS / "sensitivity").glob("*.yaml"))
         return _preset_cells(presets, "losses", config, "caption_bn")
     if grid != "table5":
-        raise ValueError(f"unknown grid {grid!r}: one of {', '.join(GRIDS)}")
+        raise ConfigError(f"unknown grid {grid!r}: one of {', '.join(GRIDS)}")
     presets = [p for p in sorted(ABLATIONS.glob("*.yaml")) if not p.stem.startswith("lambda_git")]
     if not presets:
-        raise FileNotFoundError(f"no ablation presets in {ABLATIONS}")
+        raise ConfigError(f"no ablation presets in {ABLATIONS}")
     cells = _preset_cells(presets, "objectives", config, "pretrain")
 
     def order(cell: Cell) -> tuple[int, bool]:
@@ -110,6 +120,18 @@ def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> li
         return len(on), "objectives.grounding=true" in on
 
     return sorted(cells, key=order)
+
+
+def with_seeds(cells: list[Cell], seeds: int) -> list[Cell]:
+    """Each cell ``seeds`` times, ``train.seed=k`` and ``-seed<k>`` in the run name; one seed keeps
+    the cells (and the config's own seed) as they are."""
+    if seeds <= 1:
+        return cells
+    return [
+        Cell(f"{c.name}-seed{k}", c.config, [*c.overrides, f"train.seed={k}"], c.entry)
+        for c in cells
+        for k in range(seeds)
+    ]
 
 
 def make_executor(
@@ -143,6 +165,9 @@ def submit(cells: list[Cell], out: Path, executor: submitit.Executor) -> list[su
         import cloudpickle
 
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    out.mkdir(parents=True, exist_ok=True)
+    # collect lays the cells out in grid order, the first one the baseline
+    (out / "grid.json").write_text(json.dumps({"runs": [c.name for c in cells]}, indent=1))
     jobs = []
     for cell in cells:
         executor.update_parameters(name=f"bimac-{cell.name}")
@@ -159,28 +184,87 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
 
 
-def collect(out: Path) -> str:
-    """Markdown table of every ``out/*/summary.json`` (one row per cell), with the captioning
-    scores of ``eval_bn.json`` beside them for the PAL grids."""
-    rows = []
-    for path in sorted(out.glob("*/summary.json")):
+def _differs(runs: list[float], base: list[float]) -> bool:
+    """Welch's t-test (unequal variances) of two cells' per-seed values at ``SIGNIFICANCE``;
+    without spread in either cell any difference counts."""
+    from scipy.stats import ttest_ind
+
+    if statistics.pvariance(runs) == 0 and statistics.pvariance(base) == 0:
+        return statistics.fmean(runs) != statistics.fmean(base)
+    return bool(ttest_ind(runs, base, equal_var=False).pvalue < SIGNIFICANCE)
+
+
+def _cell_value(values: list[Any], compared: bool, base: list[Any] | None) -> str:
+    """One run, or a bookkeeping column its seeds agree on: the value. Several seeds: ``mean ±
+    std`` (sample std), with ``*`` where ``base`` (the baseline cell's values) differs beyond the
+    spread."""
+    nums = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(values) == 1 or not nums or (not compared and len(set(map(str, values))) == 1):
+        return _fmt(values[0]) if len(set(map(str, values))) == 1 else "/".join(map(str, values))
+    text = f"{statistics.fmean(nums):.4f} ± {statistics.stdev(nums) if len(nums) > 1 else 0:.4f}"
+    base_nums = [v for v in base or [] if isinstance(v, (int, float)) and math.isfinite(v)]
+    if compared and len(nums) > 1 and len(base_nums) > 1 and _differs(nums, base_nums):
+        text += " *"
+    return text
+
+
+def _run_order(out: Path, names: list[str]) -> list[str]:
+    """``names`` in the grid's order (``grid.json``, written at submission), else sorted."""
+    manifest = out / "grid.json"
+    order = json.loads(manifest.read_text())["runs"] if manifest.is_file() else []
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def collect(out: Path, baseline: str | None = None) -> str:
+    """Markdown table of every ``out/*/summary.json``, with the captioning scores of
+    ``eval_bn.json`` beside them for the PAL grids: one row per cell, its seeds' runs
+    (``<cell>-seed<k>``) aggregated as mean ± std and compared with the ``baseline`` cell."""
+    runs: dict[str, dict] = {}
+    for path in out.glob("*/summary.json"):
         summary = json.loads(path.read_text())
         scores = path.with_name("eval_bn.json")
         if scores.is_file():
             summary.setdefault("final_metrics", {}).update(json.loads(scores.read_text())["scores"])
-        rows.append((path.parent.name, summary))
-    if not rows:
+        runs[path.parent.name] = summary
+    if not runs:
         raise ConfigError(f"--out: no */summary.json under {out}; give the --out of a grid")
-    losses = sorted({k for _, s in rows for k in s.get("final_losses", {})})
-    metrics = sorted({k for _, s in rows for k in s.get("final_metrics", {})})
-    head = ["cell", "status", "steps", "samples", "loss", *losses, *metrics, "skipped", "wall s"]
+    groups: dict[str, list[dict]] = {}
+    for name in _run_order(out, list(runs)):
+        match = SEEDED_RUN.match(name)
+        groups.setdefault(match["cell"] if match else name, []).append(runs[name])
+    baseline = baseline or next(iter(groups))
+    if baseline not in groups:
+        raise ConfigError(f"--baseline {baseline!r} is not a cell under {out}: {', '.join(groups)}")
+    seeded = any(len(g) > 1 for g in groups.values())
+    summaries = [s for g in groups.values() for s in g]
+    losses = sorted({k for s in summaries for k in s.get("final_losses", {})})
+    metrics = sorted({k for s in summaries for k in s.get("final_metrics", {})})
+
+    def columns(s: dict) -> list[tuple[Any, bool]]:
+        """(value, compared with the baseline) per column of one run."""
+        cols = [(s.get("status"), False), (s.get("step"), False), (s.get("samples"), False)]
+        cols += [(s.get("final_loss"), True)]
+        cols += [(s.get("final_losses", {}).get(k), True) for k in losses]
+        cols += [(s.get("final_metrics", {}).get(k), True) for k in metrics]
+        return cols + [(sum(s.get("skipped", {}).values()), False), (s.get("wall_s"), False)]
+
+    head = ["cell", *(["seeds"] if seeded else []), "status", "steps", "samples", "loss"]
+    head += [*losses, *metrics, "skipped", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, s in rows:
-        cells = [name, s.get("status"), s.get("step"), s.get("samples"), s.get("final_loss")]
-        cells += [s.get("final_losses", {}).get(k) for k in losses]
-        cells += [s.get("final_metrics", {}).get(k) for k in metrics]
-        cells += [sum(s.get("skipped", {}).values()), s.get("wall_s")]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    base_cols = [columns(s) for s in groups[baseline]]
+    for name, group in groups.items():
+        per_run = [columns(s) for s in group]
+        cells = [name, *([str(len(group))] if seeded else [])]
+        for j, (_, compared) in enumerate(per_run[0]):
+            base = [c[j][0] for c in base_cols] if name != baseline else None
+            cells.append(_cell_value([c[j][0] for c in per_run], compared, base))
+        lines.append("| " + " | ".join(cells) + " |")
+    if seeded:
+        lines.append(
+            f"\nmean ± sample standard deviation over the seeds; `*`: differs from `{baseline}` "
+            f"by Welch's t-test (SciPy `ttest_ind(equal_var=False)`) at p < {SIGNIFICANCE}."
+        )
     table = "\n".join(lines) + "\n"
     (out / "results.md").write_text(table)
     return table
@@ -224,11 +308,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--timeout-min", type=int, default=48 * 60)
     p.add_argument("--partition", default=None)
+    p.add_argument("--seeds", type=int, default=1, help="runs per cell (train.seed=0..N-1)")
+    p.add_argument("--baseline", help="collect: the cell others are compared with (default: first)")
     p.add_argument("--wait", action="store_true", help="wait for the jobs, then collect")
     p.add_argument("overrides", nargs="*", help="key=value applied to every cell")
     a = p.parse_intermixed_args(argv)  # overrides may follow options: `grid --grid t6 k=v`
     if a.mode == "collect":
-        print(collect(a.out))
+        try:
+            print(collect(a.out, a.baseline))
+        except (FileNotFoundError, ValueError) as err:  # no runs yet, or an unknown --baseline
+            print(f"submit.py collect: {err}", file=sys.stderr)
+            return 2
         return 0
     if a.mode == "run":
         cells = [Cell(Path(a.config).stem, a.config)]
@@ -237,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     for cell in cells:
         cell.overrides += a.overrides
     check_cells(cells)
+    cells = with_seeds(cells, a.seeds)
     executor = make_executor(
         a.out / "submitit", a.cluster, a.nodes, a.gpus_per_node, a.timeout_min, a.partition
     )
@@ -246,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.wait:
         for job in jobs:
             job.result()
-        print(collect(a.out))
+        print(collect(a.out, a.baseline))
     return 0
 
 

@@ -4,7 +4,12 @@ training run on the embedded world's triplets (tiny config)."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +18,11 @@ from PIL import Image
 
 from bimac.config import load_config
 from bimac.data.synthetic import make_sample
-from bimac.models.pal_captioner import PALCaptioner
+from bimac.data.writer import write_shards
+from bimac.models.pal_captioner import PALCaptioner, world_bengali_corpus
 from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/finetune/caption_bn/tiny.yaml"
 # Bengali block plus the danda sentence marks (U+0964/5) and zero-width (non-)joiners.
 BENGALI = re.compile(
@@ -125,3 +132,74 @@ def test_tiny_training_lowers_ce_and_captions_in_bengali(task):
     assert (out.ids[:, 0] == model.lang_id).all()  # the forced Bengali code
     for text in out.texts:
         assert text.strip() and BENGALI.match(text), text
+
+
+def test_world_vocabulary_keeps_every_word_whole(task):
+    """The world's Bengali words are one piece each (they were 5-7 characters before the word
+    lines were added to SentencePiece's training text), and decoding restores the caption."""
+    captions = world_bengali_corpus(200)
+    words = {w.strip("।") for c in captions for w in c.split()}
+    split = {w: task.tokenizer.tokenize(w) for w in words if len(task.tokenizer.tokenize(w)) != 1}
+    assert not split, split
+    ids = task.tokenizer(text_target=captions[:50])["input_ids"]
+    assert task.tokenizer.batch_decode(ids, skip_special_tokens=True) == captions[:50]
+    assert max(len(i) for i in ids) <= 16  # bn_IN + ~11 words + danda + </s>, far below max_length
+
+
+def test_skip_counts_run_across_epochs(task, tmp_path, monkeypatch):
+    """One triplet without its synthetic image, read in two epochs: counted twice."""
+    samples = [make_sample(0, "train", i, 64, triplet=True) for i in range(6)]
+    del samples[2]["syn.jpg"]
+    write_shards(samples, tmp_path, shard_size=6)
+    monkeypatch.setattr(task.cfg.data, "train_shards", str(tmp_path / "00000.tar"))
+    for epoch in (0, 1):
+        batches = list(task.build_train_loader(0, 1, epoch, 0))
+        assert sum(len(b["sample_id"]) for b in batches) == 5
+    assert task.skipped_counts() == {"missing_syn_image": 2}
+
+
+def _glued(word: str, vocabulary: set[str]) -> bool:
+    return any(word[:i] in vocabulary and word[i:] in vocabulary for i in range(1, len(word)))
+
+
+@pytest.mark.slow
+def test_finetune_caption_bn_entry_point_writes_scores_of_its_captions(tmp_path):
+    """``python -m finetune.caption_bn`` (tiny config, 150 steps, 64 train / 32 held-out world
+    triplets): exit 0, the metric table on stdout, Bengali captions made of the world's words (no
+    two glued together, no doubled vowel sign), and eval_bn.json's BLEU-1..4 equal to
+    pycocoevalcap's BLEU (the COCO reference implementation) on the captions it lists (1e-6)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+
+    from bimac.metrics.text import normalize_bn
+    from shards.synthetic import build
+
+    for split, n in (("train", 64), ("val", 32)):
+        build(tmp_path / split, split, n, 64, triplets=True, shard_size=64)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "finetune.caption_bn", "--config", CONFIG,
+           f"data.train_shards={tmp_path}/train/00000.tar",
+           f"data.val_shards={tmp_path}/val/00000.tar", f"train.output_dir={out}",
+           "train.max_steps=150", "train.epochs=1000", "train.progress_bar=false",
+           "train.wandb=disabled", "eval.max_samples=32", "eval.meteor=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |" in proc.stdout
+    result = json.loads((out / "eval_bn.json").read_text())
+    scores, rows = result["scores"], result["captions"]
+    assert scores["images"] == len(rows) == 32
+    vocabulary = {w.strip("।") for c in world_bengali_corpus(200) for w in c.split()}
+    words = [c.replace("।", " ").split() for _, c, _ in rows]
+    assert sum(len(w) >= 3 for w in words) >= len(rows) // 2, rows  # sentences, not just "।"
+    for (_, caption, _), caption_words in zip(rows, words):
+        assert not caption_words or BENGALI.match(caption), caption
+        assert not re.search("([\u09be-\u09cc])\\1", caption), caption  # doubled vowel sign
+        assert not [w for w in caption_words if w not in vocabulary and _glued(w, vocabulary)]
+    bleu, _ = Bleu(4).compute_score(
+        {i: [normalize_bn(r)] for i, (_, _, r) in enumerate(rows)},
+        {i: [normalize_bn(c)] for i, (_, c, _) in enumerate(rows)},
+        verbose=0,
+    )
+    for k in range(4):
+        assert scores[f"BLEU-{k + 1}"] == pytest.approx(100 * bleu[k], abs=1e-6)
+    assert "METEOR" not in scores

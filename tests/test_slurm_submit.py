@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,25 +91,90 @@ def test_collect_makes_one_row_per_summary(tmp_path):
     assert (tmp_path / "results.md").read_text().splitlines() == table
 
 
-@pytest.mark.slow
-def test_local_executor_runs_a_two_cell_grid(tmp_path, world_shards, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two cells share the cores
+def _write_summary(run_dir: Path, loss: float, pg: float) -> None:
+    run_dir.mkdir(parents=True)
+    summary = {"status": "completed", "step": 4, "samples": 64, "final_loss": loss,
+               "final_losses": {"mcl": loss}, "final_metrics": {"pointing_game": pg},
+               "skipped": {}, "wall_s": 3.0}  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_collect_writes_mean_and_std_over_seeds_and_marks_only_beyond_the_spread(tmp_path):
+    """Two seeds per cell: mean ± sample std by hand; ``*`` where Welch's t-test against the
+    baseline (the first cell of grid.json, not the alphabetical first) gives p < 0.05."""
     sub = _submit_module()
-    cells = sub.grid_cells("table6", str(REPO / "configs/pretrain/tiny.yaml"), [0.1, 0.7])
-    for cell in cells:
-        cell.overrides += [
-            *world_shards,
-            "train.max_steps=2",
-            "train.global_batch_size=4",
-            "train.micro_batch_size=4",
-            "objectives.rf=false",
-            "train.wandb=disabled",
-            "train.progress_bar=false",
-            "train.export_at_end=false",
-        ]
-    executor = sub.make_executor(tmp_path / "submitit", "local", 1, 1, 10, None)
-    jobs = sub.submit(cells, tmp_path, executor)
-    summaries = [job.result() for job in jobs]
-    assert [s["step"] for s in summaries] == [2, 2]
+    # base: loss 1.0/1.2, pg 0.50/0.52; far: loss 3.0/3.01 (beyond), pg 0.40/0.64 (within)
+    for cell, losses, pgs in (
+        ("z_base", (1.0, 1.2), (0.5, 0.52)),
+        ("a_far", (3.0, 3.01), (0.4, 0.64)),
+    ):
+        for seed, (loss, pg) in enumerate(zip(losses, pgs)):
+            _write_summary(tmp_path / f"{cell}-seed{seed}", loss, pg)
+    (tmp_path / "grid.json").write_text(json.dumps({"runs": ["z_base-seed0", "z_base-seed1",
+                                                             "a_far-seed0", "a_far-seed1"]}))  # fmt: skip
     table = sub.collect(tmp_path).splitlines()
-    assert [row.split(" | ")[0] for row in table[2:]] == ["| lambda_git=0.1", "| lambda_git=0.7"]
+    assert table[0] == (
+        "| cell | seeds | status | steps | samples | loss | mcl | pointing_game | skipped | wall s |"
+    )
+    # std of (1.0, 1.2) = 0.1414; of (3.0, 3.01) = 0.0071; of (0.4, 0.64) = 0.1697
+    assert table[2] == ("| z_base | 2 | completed | 4 | 64 | 1.1000 ± 0.1414 | 1.1000 ± 0.1414 | "
+                        "0.5100 ± 0.0141 | 0 | 3.0000 |")  # fmt: skip
+    assert table[3] == ("| a_far | 2 | completed | 4 | 64 | 3.0050 ± 0.0071 * | "
+                        "3.0050 ± 0.0071 * | 0.5200 ± 0.1697 | 0 | 3.0000 |")  # fmt: skip
+    assert "Welch's t-test" in table[-1] and "`z_base`" in table[-1]
+    other = sub.collect(tmp_path, baseline="a_far").splitlines()
+    assert other[2].endswith(
+        "| 1.1000 ± 0.1414 * | 1.1000 ± 0.1414 * | 0.5100 ± 0.0141 | 0 | 3.0000 |"
+    )
+
+
+def test_collect_names_an_unknown_baseline_in_one_line(tmp_path):
+    _write_summary(tmp_path / "mcl", 1.0, 0.5)
+    proc = subprocess.run(
+        [sys.executable, "slurm/submit.py", "collect", "--out", str(tmp_path), "--baseline", "nope"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"submit.py collect: --baseline 'nope' is not a cell under {tmp_path}: mcl"
+    ]
+
+
+def _final(summary: dict, column: str) -> float:
+    return summary["final_loss"] if column == "loss" else summary["final_losses"][column]
+
+
+@pytest.mark.slow
+def test_grid_with_two_seeds_runs_and_collects_mean_and_std(tmp_path, world_shards):
+    """``submit.py grid --seeds 2 --wait`` on the local executor: 2 cells x 2 seeds of tiny
+    pretraining, each seed in its run name; the table's mean ± std of each cell's final
+    losses equals the one computed here from the four summaries."""
+    out = tmp_path / "grid"
+    cmd = [sys.executable, "slurm/submit.py", "grid", "--grid", "table6", "--lambdas", "0.1", "0.7",
+           "--config", "configs/pretrain/tiny.yaml", "--seeds", "2", "--cluster", "local",
+           "--nodes", "1", "--gpus-per-node", "1", "--timeout-min", "20", "--out", str(out),
+           "--wait", *world_shards, "train.max_steps=2", "train.global_batch_size=4",
+           "train.micro_batch_size=4", "objectives.rf=false", "train.export_at_end=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # four runs share the cores
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = ["lambda_git=0.1-seed0", "lambda_git=0.1-seed1", "lambda_git=0.7-seed0",
+            "lambda_git=0.7-seed1"]  # fmt: skip
+    summaries = {r: json.loads((out / r / "summary.json").read_text()) for r in runs}
+    assert [s["step"] for s in summaries.values()] == [2, 2, 2, 2]
+    assert [s["run_name"] for s in summaries.values()] == runs
+    # train.seed reached the runs: same cell, other seed, other initial weights and batches
+    assert summaries[runs[0]]["final_loss"] != summaries[runs[1]]["final_loss"]
+    table = (out / "results.md").read_text().splitlines()
+    assert proc.stdout.rstrip().splitlines()[-len(table) :] == table
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = {r.split(" | ")[0].lstrip("| "): [c.strip() for c in r.strip("|").split("|")]
+            for r in table[2:4]}  # fmt: skip
+    assert list(rows) == ["lambda_git=0.1", "lambda_git=0.7"]
+    for cell, row in rows.items():
+        assert row[head.index("seeds")] == "2"
+        for col in ["loss", *summaries[runs[0]]["final_losses"]]:
+            values = [_final(summaries[f"{cell}-seed{k}"], col) for k in (0, 1)]
+            mean, std = row[head.index(col)].rstrip(" *").split(" ± ")
+            assert float(mean) == pytest.approx(statistics.fmean(values), abs=1e-4), col
+            assert float(std) == pytest.approx(statistics.stdev(values), abs=1e-4), col

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bimac.data import DataConfig, make_loader
+from bimac.data import DataConfig, SkipCounter, make_loader
 from bimac.data.tokenizer import TransformersTokenizer
 from bimac.engine import TrainConfig, derive_accumulation
 from bimac.losses import (
@@ -115,7 +115,7 @@ class CaptionBnTask:
             cfg.train.global_batch_size, cfg.train.micro_batch_size, world_size
         )
         self._loader_tokenizer: TransformersTokenizer | None = None
-        self._loader: Any = None
+        self.counter = SkipCounter()  # one for the whole run: skip totals span epochs
 
     # -- engine interface -------------------------------------------------------------------
 
@@ -137,14 +137,13 @@ class CaptionBnTask:
         if data.batch_size != self.cfg.train.micro_batch_size:
             data = DataConfig(**{**data.__dict__, "batch_size": self.cfg.train.micro_batch_size})
         tok = self.loader_tokenizer()
-        self._loader = make_loader(
+        return make_loader(
             data, tok, rank=rank, world_size=world_size, epoch=epoch,
-            samples_seen=samples_seen, tokenizer_bn=tok,
+            samples_seen=samples_seen, tokenizer_bn=tok, counter=self.counter,
         )  # fmt: skip
-        return self._loader
 
     def skipped_counts(self) -> dict[str, int]:
-        return self._loader.skipped() if self._loader is not None else {}
+        return self.counter.as_dict()
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         _unwrap(model).save_pretrained(out_dir)
@@ -205,14 +204,15 @@ class CaptionBnTask:
 @torch.no_grad()
 def evaluate_captions(
     model: PALCaptioner, cfg: CaptionBnConfig, shards: str | None = None
-) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
-    """Beam-search captions for the held-out triplets and score them against their Bengali
-    references: BLEU-1..4, METEOR (Bengali mode), BERTScore F1 (if a model is configured).
-    Returns ``(scores, [(sample_id, caption, reference), ...])``; a metric that could not run is
-    left out of ``scores`` and logged."""
+) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
+    """Beam-search captions for the held-out triplets, scored against their Bengali references by
+    :func:`bimac.eval.captioning.score_captions` (``lang="bn"``): BLEU-1..4, METEOR (Bengali mode,
+    if ``eval.meteor`` and Java runs), BERTScore F1 (if ``eval.bertscore_model``). Returns
+    ``(scores, [(sample_id, caption, reference), ...])``; a metric that cannot run is logged and
+    left out of ``scores``."""
+    from bimac.eval.captioning import score_captions
     from bimac.generation import GenerationConfig
-    from bimac.metrics.bleu import bleu
-    from bimac.metrics.text import normalize_bn
+    from bimac.metrics.text import java_available
 
     ev = cfg.eval
     urls = shards or ev.shards or cfg.data.val_shards
@@ -238,38 +238,30 @@ def evaluate_captions(
         if len(rows) >= ev.max_samples:
             break
     rows = rows[: ev.max_samples]
-    cands = [normalize_bn(c) for _, c, _ in rows]
-    refs = [[normalize_bn(r)] for _, _, r in rows]
-    corpus, _ = bleu(cands, refs)
-    scores = {f"BLEU-{i + 1}": 100 * s for i, s in enumerate(corpus)}
-    if ev.meteor:
-        try:
-            from bimac.metrics.meteor import Meteor
-
-            scores["METEOR"] = (
-                100
-                * Meteor.shared("bn").score([c for _, c, _ in rows], [[r] for _, _, r in rows])[0]
-            )
-        except (RuntimeError, FileNotFoundError) as err:
-            logger.warning("METEOR skipped: %s", err)
+    metrics = ["bleu"]
+    if ev.meteor and java_available():
+        metrics.append("meteor")
+    elif ev.meteor:
+        logger.warning("METEOR skipped: it needs a Java runtime on PATH (or set eval.meteor=false)")
     if ev.bertscore_model:
-        from bimac.metrics.bertscore import bertscore
-
-        res = bertscore(
-            [c for _, c, _ in rows], [[r] for _, _, r in rows], lang="bn",
-            model=ev.bertscore_model, layer=ev.bertscore_layer,
-        )  # fmt: skip
-        scores["BERTScore-F1"] = 100 * res["F1"]
-    scores["n"] = float(len(rows))
+        metrics.append("bertscore")
+    scores = score_captions(
+        {sid: cap for sid, cap, _ in rows},
+        {sid: [ref] for sid, _, ref in rows},
+        lang="bn",
+        metrics=tuple(metrics),
+        bertscore_model=ev.bertscore_model or None,
+        bertscore_layer=ev.bertscore_layer,
+    )
     return scores, rows
 
 
-def metrics_table(scores: dict[str, float]) -> str:
+def metrics_table(scores: dict[str, Any]) -> str:
     """A one-row markdown table of the evaluation scores (paper Table 2 columns)."""
     cols = [
         c for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1") if c in scores
     ]
     head = "| n | " + " | ".join(cols) + " |"
     sep = "|---" * (len(cols) + 1) + "|"
-    row = f"| {int(scores.get('n', 0))} | " + " | ".join(f"{scores[c]:.2f}" for c in cols) + " |"
+    row = f"| {scores['images']} | " + " | ".join(f"{scores[c]:.2f}" for c in cols) + " |"
     return "\n".join([head, sep, row])
