@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bimac.config import ConfigError
+from bimac.data.decode import decode_image as _decode_image  # the name evaluation imports
 from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
 
 log = logging.getLogger(__name__)
@@ -200,25 +200,6 @@ def tar_members(stream) -> Iterator[dict]:
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info else (0, 1)
-
-
-def _decode_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """PIL decode, shortest side -> ``size`` (bicubic, like open_clip), centre crop; uint8 HWC."""
-    img = Image.open(io.BytesIO(data))  # reads the header only
-    if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL itself only warns up to 2x this
-        raise Image.DecompressionBombError(
-            f"{img.width}x{img.height} pixels > Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
-        )
-    img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is large
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img), (w, h)
 
 
 def _text(sample: dict, key: str) -> str | None:
