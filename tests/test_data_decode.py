@@ -184,3 +184,64 @@ def test_broken_jpeg_raises(photos, cut):
     data = data[: int(len(data) * cut) if isinstance(cut, float) else cut]
     with pytest.raises(Exception):  # noqa: B017 - the loader counts any exception as bad_image
         decode_image(data, SIZE)
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory, photos):
+    """12 photo samples (500x375) in 2 shards, one stored as PNG (decoded in the worker)."""
+    from bimac.data.tokenizer import save_world_tokenizer
+    from bimac.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("photos")
+    samples = [photo_sample(photos, i, 500, 375) for i in range(12)]
+    samples[3]["jpg"] = _save(Image.open(io.BytesIO(samples[3]["jpg"])), "PNG")
+    write_shards(iter(samples), out, shard_size=6)
+    save_world_tokenizer(out / "tokenizer.json")
+    return out
+
+
+def _batches(folder, decode_on: str, workers: int) -> list[dict]:
+    from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+
+    tok = build_tokenizer(TokenizerConfig(path=str(folder / "tokenizer.json"), context_length=32))
+    cfg = DataConfig(
+        train_shards=f"{folder}/*.tar", image_size=SIZE, batch_size=4, shuffle_buffer=0,
+        decode_on=decode_on,
+    )  # fmt: skip
+    loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
+    return list(loader.loader)  # the DataLoader's batches, before the main process decodes
+
+
+def test_decode_on_cuda_plumbing_on_cpu(photo_shards, monkeypatch):
+    """``data.decode_on: cuda``: workers ship JPEG bytes (the PNG as pixels), ``decode_batch``
+    gives what the CPU path gives (run here with device="cpu": torchvision's batched decoder and
+    float32 resize, the code the GPU runs) and the same batch contract."""
+    import torch
+
+    from bimac.data.decode import decode_batch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cpu = {sid: img for b in _batches(photo_shards, "cpu", 0) for sid, img in zip(b["sample_id"], b["image"])}  # fmt: skip
+    deferred = _batches(photo_shards, "cuda", 1)
+    assert sum(len(b["sample_id"]) for b in deferred) == 12
+    kinds = [t.dim() for b in deferred for t in b["image_encoded"]]
+    assert kinds.count(1) == 11 and kinds.count(3) == 1  # 11 JPEGs deferred, the PNG decoded
+    for b in deferred:
+        keys = set(b) - {"image_encoded"}
+        out = decode_batch(b, SIZE, "cpu")
+        assert set(out) == keys | {"image"}
+        assert out["image"].shape == (len(b["sample_id"]), 3, SIZE, SIZE)
+        assert out["image"].dtype == torch.uint8
+        for sid, img in zip(b["sample_id"], out["image"]):
+            # full decode + float bicubic vs DCT-free uint8 bicubic at 500x375: same pixels +-1
+            assert _psnr(img.numpy(), cpu[sid].numpy()) >= 45.0
+
+
+def test_decode_on_cuda_without_a_gpu_is_a_config_error(photo_shards, monkeypatch):
+    import torch
+
+    from bimac.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^data.decode_on=cuda: no CUDA device here; use "):
+        _batches(photo_shards, "cuda", 0)

@@ -70,19 +70,24 @@ def _dct_factor(w: int, h: int, size: int) -> int:
     return factor
 
 
-def _fast_jpeg(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """The simplejpeg path, or None when this JPEG needs PIL (CMYK, EXIF orientation)."""
+def _fast_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(w, h)`` of a JPEG that libjpeg-turbo/nvjpeg decode as PIL would (YCbCr or greyscale, no
+    EXIF rotation); None when it needs PIL. Refuses bombs."""
     h, w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
     _refuse_bomb(w, h)
     if colourspace not in FAST_COLOURSPACES:
         return None
     if EXIF_MARK in data[:EXIF_SCAN] and _exif_orientation(data) != 1:
         return None
+    return w, h
+
+
+def _fast_jpeg(data: bytes, size: int, w: int, h: int) -> np.ndarray:
     f = _dct_factor(w, h, size)
     pixels = simplejpeg.decode_jpeg(
         data, "RGB", min_factor=f, min_height=-(-h // f), min_width=-(-w // f)
     )
-    return resize_crop(pixels, w, h, size), (w, h)
+    return resize_crop(pixels, w, h, size)
 
 
 def _exif_orientation(data: bytes) -> int:
@@ -113,8 +118,49 @@ def _pil(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
 def decode_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Image bytes -> (uint8 ``size`` x ``size`` x 3 RGB, (width, height) as shown, i.e. after EXIF
     orientation, at full resolution: the frame object boxes refer to)."""
-    if data[:2] == JPEG_SOI:
-        out = _fast_jpeg(data, size)
-        if out is not None:
-            return out
-    return _pil(data, size)
+    wh = _fast_jpeg_size(data) if data[:2] == JPEG_SOI else None
+    if wh is None:
+        return _pil(data, size)
+    return _fast_jpeg(data, size, *wh), wh
+
+
+def decode_or_defer(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """For ``data.decode_on: cuda``: (the JPEG's bytes as a 1-D uint8 array, (w, h)) when the GPU
+    decodes it as ``decode_image`` would, else ``decode_image``'s result (PNG, CMYK, EXIF-rotated
+    JPEG: decoded here, in the loader worker)."""
+    wh = _fast_jpeg_size(data) if data[:2] == JPEG_SOI else None
+    if wh is None:
+        return _pil(data, size)
+    return np.frombuffer(bytearray(data), np.uint8), wh  # writable: torch warns otherwise
+
+
+def decode_batch(batch: dict, size: int, device: str | torch.device) -> dict:
+    """``data.decode_on: cuda``, in the main process: ``image_encoded`` (and ``image_syn_encoded``;
+    lists of 1-D JPEG bytes or HWC pixels from ``decode_or_defer``) -> ``image`` (``image_syn``),
+    uint8 ``[B, 3, size, size]`` channels-last on ``device``, as the CPU path gives them. JPEGs are
+    decoded in one batched ``torchvision.io.decode_jpeg`` call (nvjpeg on CUDA), resized there by
+    antialiased bicubic in float32."""
+    import torchvision.io
+
+    for key in ("image", "image_syn"):
+        encoded = batch.pop(f"{key}_encoded", None)
+        if encoded is None:
+            continue
+        out = torch.empty((len(encoded), size, size, 3), dtype=torch.uint8, device=device)
+        jpegs = [i for i, t in enumerate(encoded) if t.dim() == 1]
+        rgb = torchvision.io.ImageReadMode.RGB
+        decoded = torchvision.io.decode_jpeg([encoded[i] for i in jpegs], mode=rgb, device=device)
+        for i, chw in zip(jpegs, decoded if jpegs else []):
+            h, w = chw.shape[1:]
+            nw, nh = resized_size(w, h, size)
+            resized = torch.nn.functional.interpolate(
+                chw.unsqueeze(0).float(), size=(nh, nw), mode="bicubic", antialias=True
+            )[0]
+            top, left = (nh - size) // 2, (nw - size) // 2
+            crop = resized[:, top : top + size, left : left + size]
+            out[i] = crop.round_().clamp_(0, 255).permute(1, 2, 0).to(torch.uint8)
+        for i, t in enumerate(encoded):
+            if t.dim() == 3:
+                out[i] = t.to(device)
+        batch[key] = out.permute(0, 3, 1, 2)
+    return batch

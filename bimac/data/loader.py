@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bimac.config import ConfigError
+from bimac.data.decode import decode_batch, decode_or_defer
 from bimac.data.decode import decode_image as _decode_image  # the name evaluation imports
 from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
 
@@ -75,6 +76,8 @@ class DataConfig:
     noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
     spacy_pipeline: str = "en_core_web_sm"
     drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+    # cuda: workers ship JPEG bytes and the main process decodes each batch on the GPU (nvjpeg)
+    decode_on: Literal["cpu", "cuda"] = "cpu"
     # pairs: add `references`, every caption of the image (world JSON `captions_en`/`captions_bn`,
     # else the sample's own caption) as token ids without specials, for the RF reward
     references: bool = False
@@ -237,6 +240,8 @@ class ShardDataset(IterableDataset):
         if cfg.caption_lang == "bn" and cfg.noun_source == "spacy":
             raise ValueError("noun_source=spacy extracts English nouns; use json or none for bn")
         check_spacy_pipeline(cfg)
+        if cfg.decode_on == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("data.decode_on=cuda: no CUDA device here; use data.decode_on=cpu")
         if cfg.resampled and cfg.epoch_samples <= 0:
             raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
         if not cfg.resampled and len(self.urls) < self.world_size:
@@ -402,8 +407,9 @@ class ShardDataset(IterableDataset):
             text = text_bn
         if triplet and "nouns" in meta and text in meta.get("captions_en", []):  # world triplets
             nouns = meta["nouns"][meta["captions_en"].index(text)]
+        decode = decode_or_defer if cfg.decode_on == "cuda" else _decode_image
         try:
-            image, (w, h) = _decode_image(sample[img_key], cfg.image_size)
+            image, (w, h) = decode(sample[img_key], cfg.image_size)
         except Image.DecompressionBombError as exn:
             return self.counter.add("image_too_large", f"{key}: {exn}")
         except Exception as exn:  # PIL raises many types for broken files
@@ -411,7 +417,7 @@ class ShardDataset(IterableDataset):
         out = {"image": image, "text": text, "sample_id": key}
         if triplet:
             try:
-                out["image_syn"] = _decode_image(sample["syn.jpg"], cfg.image_size)[0]
+                out["image_syn"] = decode(sample["syn.jpg"], cfg.image_size)[0]
             except Exception as exn:
                 return self.counter.add("missing_syn_image", f"{key}: {exn!r}")
             out["text_bn"] = text_bn
@@ -450,7 +456,7 @@ class ShardDataset(IterableDataset):
                 if box is not None:
                     boxes[i, j], has_box[i, j] = box, True
         batch = {
-            "image": _stack([it["image"] for it in items]),
+            **self._images("image", [it["image"] for it in items]),
             "text": ids,
             "noun_spans": torch.from_numpy(spans),
             "noun_mask": torch.from_numpy(mask),
@@ -461,9 +467,16 @@ class ShardDataset(IterableDataset):
         if self.cfg.references:
             batch["references"] = self._references([it["references"] for it in items])
         if self.cfg.kind == "triplets":
-            batch["image_syn"] = _stack([it["image_syn"] for it in items])
+            batch |= self._images("image_syn", [it["image_syn"] for it in items])
             batch["text_bn"] = self.tokenizer_bn.encode([it["text_bn"] for it in items])
         return batch
+
+    def _images(self, key: str, arrays: list[np.ndarray]) -> dict:
+        """``{key: uint8 [B, 3, H, W]}``; with ``decode_on: cuda``, ``{key_encoded: [tensors]}``
+        (JPEG bytes or pixels) for ``decode_batch`` in the main process."""
+        if self.cfg.decode_on == "cuda":
+            return {f"{key}_encoded": [torch.from_numpy(a) for a in arrays]}
+        return {key: _stack(arrays)}
 
     def _references(self, captions: list[list[str]]) -> list[list[list[int]]]:
         """Each sample's reference captions -> token-id lists, tokenised like ``text`` (same
@@ -548,6 +561,9 @@ class Loader:
         )
 
     def __iter__(self) -> Iterator[dict]:
+        cfg = self.dataset.cfg
+        if cfg.decode_on == "cuda":
+            return (decode_batch(b, cfg.image_size, "cuda") for b in self.loader)
         return iter(self.loader)
 
     def skipped(self) -> dict[str, int]:
