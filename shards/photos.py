@@ -16,6 +16,9 @@ import argparse
 import importlib.util
 import io
 import logging
+import multiprocessing
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -101,13 +104,34 @@ def photo_sample(photos: list[np.ndarray], index: int, w: int, h: int, seed: int
     return {"__key__": world["__key__"], "jpg": buf.getvalue(), "txt": world["txt"], "json": meta}
 
 
+_PHOTOS: list[np.ndarray] = []  # each process loads the sources once
+
+
+def _sample(args: tuple[int, int, int, int]) -> dict:
+    if not _PHOTOS:
+        _PHOTOS.extend(source_photos().values())
+    return photo_sample(_PHOTOS, *args)
+
+
 def build(
-    out: str | Path, n: int, w: int, h: int, seed: int = 0, shard_size: int = 500
+    out: str | Path,
+    n: int,
+    w: int,
+    h: int,
+    seed: int = 0,
+    shard_size: int = 500,
+    processes: int = 1,
 ) -> list[Path]:
-    """Write ``n`` photo samples to ``out/00000.tar``... plus the world tokenizer."""
-    photos = list(source_photos().values())
-    samples = (photo_sample(photos, i, w, h, seed) for i in range(n))
-    tars = write_shards(samples, out, shard_size=shard_size, total=n)
+    """Write ``n`` photo samples to ``out/00000.tar``... plus the world tokenizer, rendering in
+    ``processes`` processes (same bytes for any number)."""
+    jobs = ((i, w, h, seed) for i in range(n))
+    with (
+        multiprocessing.get_context("fork").Pool(processes)
+        if processes > 1
+        else nullcontext() as pool
+    ):
+        samples = pool.imap(_sample, jobs, chunksize=8) if pool else map(_sample, jobs)
+        tars = write_shards(samples, out, shard_size=shard_size, total=n)
     save_world_tokenizer(Path(out) / "tokenizer.json")
     return tars
 
@@ -129,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", type=_size, default=(1024, 768), help="WIDTHxHEIGHT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=500, help="samples per tar")
+    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build(a.out, a.n, *a.size, seed=a.seed, shard_size=a.shard_size)
+    build(a.out, a.n, *a.size, seed=a.seed, shard_size=a.shard_size, processes=a.processes)
 
 
 if __name__ == "__main__":
