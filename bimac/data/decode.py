@@ -39,7 +39,7 @@ def resized_size(w: int, h: int, size: int) -> tuple[int, int]:
 
 def resize_crop(pixels: np.ndarray, w: int, h: int, size: int) -> np.ndarray:
     """``pixels`` (uint8 HWC RGB, the ``w`` x ``h`` image, possibly DCT-downscaled) -> shortest
-    side ``size`` by antialiased bicubic, centre crop; uint8 ``size`` x ``size`` x 3.
+    side ``size`` by antialiased bicubic, centre crop; uint8 ``size`` x ``size`` x 3 (a view).
 
     The resized size comes from ``w``/``h``, not from the (scaled) decode, so every path crops
     the same window.
@@ -52,7 +52,7 @@ def resize_crop(pixels: np.ndarray, w: int, h: int, size: int) -> np.ndarray:
         )
         pixels = out[0].permute(1, 2, 0).numpy()
     top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    return pixels[top : top + size, left : left + size]  # a view: the batch stack copies it once
 
 
 def _refuse_bomb(w: int, h: int) -> None:

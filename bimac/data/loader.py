@@ -172,11 +172,11 @@ def tar_members(stream) -> Iterator[dict]:
             if size[0] & 0x80
             else int(size.strip(b"\0 ") or b"0", 8)
         )
-        padded = (size + 511) & ~511
-        data = read(padded)
-        if len(data) < padded:
+        pad = -size % 512
+        data = read(size)  # then the padding apart: slicing it off would copy the payload again
+        if len(data) < size or (pad and len(read(pad)) < pad):
             raise tarfile.ReadError("unexpected end of data")
-        data, kind = data[:size], hdr[156:157]
+        kind = hdr[156:157]
         if kind == b"x":  # PAX extended header: only the path matters here
             for rec in data.split(b"\n"):
                 _, _, kv = rec.partition(b" ")
