@@ -1,29 +1,56 @@
-"""Images/s of the training data pipeline vs the bare PIL decode+resize loop (per-core ceiling).
+"""Images per CPU-second of the training data pipeline vs the bare decode + resize loop.
 
-Same shards, one run: the embedded world rendered at ``--src`` px (JPEG), read through
-``bimac.data.make_loader`` (tar reading, checks, decode, resize + centre crop to ``--size``,
-tokenise, noun spans, uint8 collate) with 0, 1 and 2 DataLoader workers, beside a single-process
-loop doing only PIL's decode + resize + crop on the same JPEG bytes held in memory.
-Prints a markdown table. ``.venv/bin/python benchmarks/data_loader.py [--n 3000]``
+Three image sets, each 3,000 JPEGs in shards with the world's captions and JSON:
+``photo_500`` (~500x375, img2dataset's size) and ``photo_1024`` (~1024x768, CC's) built by
+``shards.photos`` from photographs that installed packages ship, and ``world_256`` (the embedded
+world at 256 px, flat colours). For each set, on a sample of its JPEGs held in memory:
+
+1. every candidate decode path (PIL full decode, PIL ``draft``, simplejpeg full and DCT-scaled,
+   ``torchvision.io.decode_jpeg``; resize with PIL or ``torch.nn.functional.interpolate`` on
+   uint8) is timed and its 224 px output compared with full decode + PIL bicubic (PSNR); the
+   fastest path within ``--psnr`` dB is the ceiling: its bare single-process loop;
+2. ``bimac.data.make_loader`` (tar reading, grouping, shuffle, checks, JSON, decode, tokenising,
+   noun spans, collate, hand-off from workers) runs one epoch with 0, 1 and 2 workers, with
+   ``bimac.data.decode.decode_image`` and, side by side, with today's decode path before it
+   (PIL draft + PIL bicubic, ``--no-baseline`` skips it);
+3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone.
+
+CPU time = this process + its reaped children (the DataLoader workers), so other jobs on a shared
+machine distort it far less than wall time. ``--json PATH`` writes every figure.
+``.venv/bin/python benchmarks/data_loader.py [--n 3000] [--sets photo_1024] [--json out.json]``
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import json
 import logging
 import os
+import random
 import resource
 import tarfile
-import tempfile
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import simplejpeg
+import torch
+import torchvision
 from PIL import Image
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from shards.synthetic import build
+from bimac.data import loader as loader_module
+from bimac.data.decode import _dct_factor, decode_image, resize_crop, resized_size
+from bimac.data.loader import ShardDataset
+from shards import photos, synthetic
+
+SETS = {"photo_500": (500, 375), "photo_1024": (1024, 768), "world_256": (256, 256)}
+Decoder = Callable[[bytes, int], np.ndarray]
 
 
 def _cpu() -> float:
@@ -35,69 +62,251 @@ def _cpu() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def ceiling(jpegs: list[bytes], size: int) -> tuple[float, float]:
-    """Images per wall second and per CPU second of PIL decode (draft) + shortest-side bicubic
-    resize + centre crop, one process."""
-    t, c = time.perf_counter(), _cpu()
-    for data in jpegs:
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (size, size))
-        img = img.convert("RGB")
-        w, h = img.size
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        np.asarray(img.crop((left, top, left + size, top + size)))
-    return len(jpegs) / (time.perf_counter() - t), len(jpegs) / (_cpu() - c)
+def _pil_resize(img: Image.Image, w: int, h: int, size: int) -> np.ndarray:
+    nw, nh = resized_size(w, h, size)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size)))  # fmt: skip
 
 
-def pipeline(cfg: DataConfig, tok, workers: int) -> tuple[float, float, int]:
-    """Images per wall second and per CPU second (all processes) over one epoch, start-up included."""
-    t, c = time.perf_counter(), _cpu()
-    n = sum(
-        len(b["sample_id"])
-        for b in make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
+def pil_full(data: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return _pil_resize(img, *img.size, size)
+
+
+def pil_draft(data: bytes, size: int) -> np.ndarray:
+    """Today's path before ``bimac.data.decode``: PIL ``draft`` + PIL bicubic."""
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    img.draft("RGB", (size, size))
+    return _pil_resize(img.convert("RGB"), w, h, size)
+
+
+def pil_draft_torch(data: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    img.draft("RGB", (size, size))
+    return resize_crop(np.array(img.convert("RGB")), w, h, size)
+
+
+def _simplejpeg(data: bytes, size: int, scaled: bool) -> tuple[np.ndarray, int, int]:
+    h, w = simplejpeg.decode_jpeg_header(data)[:2]
+    f = _dct_factor(w, h, size) if scaled else 1
+    pixels = simplejpeg.decode_jpeg(
+        data, "RGB", min_factor=f, min_height=-(-h // f), min_width=-(-w // f)
     )
-    return n / (time.perf_counter() - t), n / (_cpu() - c), n
+    return pixels, w, h
+
+
+def simplejpeg_scaled_pil(data: bytes, size: int) -> np.ndarray:
+    pixels, w, h = _simplejpeg(data, size, scaled=True)
+    return _pil_resize(Image.fromarray(pixels), w, h, size)
+
+
+def simplejpeg_scaled_torch(data: bytes, size: int) -> np.ndarray:
+    """The path ``decode_image`` takes for baseline/progressive YCbCr JPEGs."""
+    return resize_crop(*_simplejpeg(data, size, scaled=True), size)
+
+
+def simplejpeg_full_torch(data: bytes, size: int) -> np.ndarray:
+    return resize_crop(*_simplejpeg(data, size, scaled=False), size)
+
+
+def torchvision_torch(data: bytes, size: int) -> np.ndarray:
+    chw = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    h, w = chw.shape[1:]
+    return resize_crop(chw.permute(1, 2, 0).numpy(), w, h, size)
+
+
+CANDIDATES: dict[str, Decoder] = {
+    "PIL full decode + PIL bicubic": pil_full,
+    "PIL draft + PIL bicubic (today's loader)": pil_draft,
+    "PIL draft + torch bicubic": pil_draft_torch,
+    "simplejpeg DCT-scaled + PIL bicubic": simplejpeg_scaled_pil,
+    "simplejpeg DCT-scaled + torch bicubic": simplejpeg_scaled_torch,
+    "simplejpeg full + torch bicubic": simplejpeg_full_torch,
+    "torchvision decode_jpeg + torch bicubic": torchvision_torch,
+}
+TODAY = "PIL draft + PIL bicubic (today's loader)"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 99.0 if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def images_per_cpu_s(fn: Decoder, jpegs: list[bytes], size: int, repeats: int) -> float:
+    """Best of ``repeats`` passes of the bare single-process loop of ``fn``."""
+    best = 0.0
+    for _ in range(repeats):
+        c = time.process_time()
+        for data in jpegs:
+            fn(data, size)
+        best = max(best, len(jpegs) / (time.process_time() - c))
+    return best
+
+
+def compare_decoders(jpegs: list[bytes], size: int, repeats: int) -> dict[str, dict]:
+    """Each candidate: images per CPU-second and its worst PSNR against full decode + bicubic."""
+    refs = [pil_full(d, size) for d in jpegs]
+    out = {}
+    for name, fn in CANDIDATES.items():
+        psnr = min(_psnr(fn(d, size), r) for d, r in zip(jpegs, refs))
+        out[name] = {
+            "images_per_cpu_s": images_per_cpu_s(fn, jpegs, size, repeats),
+            "psnr_min_db": round(psnr, 1),
+        }
+    return out
+
+
+def pipeline(cfg: DataConfig, tok, workers: int, decode) -> tuple[float, float, int]:
+    """Images per wall second and per CPU second (all processes) over one epoch, start-up
+    included, decoding with ``decode`` (forked workers inherit the patch)."""
+    with mock.patch.object(loader_module, "_decode_image", decode):
+        t, c = time.perf_counter(), _cpu()
+        n = sum(
+            len(b["sample_id"])
+            for b in make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
+        )
+        return n / (time.perf_counter() - t), n / (_cpu() - c), n
+
+
+def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
+    """CPU ms per image of each loader stage besides decoding, at 0 workers, each run alone on
+    the first ``n`` samples."""
+    ds = ShardDataset(cfg, tok, rank=0, world_size=1)
+    c = time.process_time()
+    raw = list(itertools.islice(ds.raw_samples(), n))
+    tar = time.process_time() - c
+    image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
+    rng = random.Random(0)
+    with mock.patch.object(loader_module, "_decode_image", lambda d, s: (image, (640, 480))):
+        c = time.process_time()
+        items = [ds.decode(r, rng) for r in raw]
+        checks = time.process_time() - c
+    c = time.process_time()
+    for i in range(0, len(items), cfg.batch_size):
+        ds.collate(items[i : i + cfg.batch_size])
+    collate = time.process_time() - c
+    ms = 1000 / len(raw)
+    return {
+        "tar_read_group_shuffle_ms": tar * ms,
+        "checks_json_captions_nouns_ms": checks * ms,
+        "collate_tokenise_spans_stack_ms": collate * ms,
+    }
+
+
+def image_set(name: str, root: Path, n: int) -> Path:
+    """The shard folder of ``name`` with ``n`` images, built unless already there."""
+    out = root / f"{name}_{n}"
+    if (out / "tokenizer.json").is_file():
+        return out
+    w, h = SETS[name]
+    if name.startswith("world"):
+        synthetic.build(out, "train", n, w, seed=0, shard_size=500)
+    else:
+        photos.build(out, n, w, h, seed=0, shard_size=500)
+    return out
+
+
+def _jpegs(folder: Path) -> list[bytes]:
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            out += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
+    return out
+
+
+def bench_set(name: str, folder: Path, a) -> dict:
+    jpegs = _jpegs(folder)
+    sample = jpegs[:: max(1, len(jpegs) // a.sample)][: a.sample]
+    decoders = compare_decoders(sample, a.size, a.repeats)
+    ok = {k: v for k, v in decoders.items() if v["psnr_min_db"] >= a.psnr}
+    chosen = max(ok, key=lambda k: ok[k]["images_per_cpu_s"])
+    ceiling = images_per_cpu_s(CANDIDATES[chosen], jpegs, a.size, a.repeats)
+    tok = build_tokenizer(TokenizerConfig(path=str(folder / "tokenizer.json"), context_length=32))
+    cfg = DataConfig(
+        train_shards=f"{folder}/*.tar", image_size=a.size, batch_size=64, shuffle_buffer=1000
+    )
+    result = {
+        "images": len(jpegs),
+        "ceiling_images_per_cpu_s": ceiling,
+        "decoder": chosen,
+        "decoders": decoders,
+        "overhead_ms_per_image": stage_costs(cfg, tok),
+    }
+    runs = {"loader": decode_image}
+    if a.baseline:
+        runs["today"] = lambda d, s: (pil_draft(d, s), Image.open(io.BytesIO(d)).size)
+    for workers in (0, 1, 2):
+        row = {}
+        for label, decode in runs.items():
+            rate, cpu_rate, n = max(pipeline(cfg, tok, workers, decode) for _ in range(a.repeats))
+            assert n == len(jpegs), (n, len(jpegs))
+            key = "" if label == "loader" else "today_"
+            row |= {f"{key}images_per_cpu_s": cpu_rate, f"{key}images_per_wall_s": rate}
+        row["ratio"] = row["images_per_cpu_s"] / ceiling
+        if a.baseline:
+            row["speedup_vs_today"] = row["images_per_cpu_s"] / row["today_images_per_cpu_s"]
+        result[str(workers)] = row
+    return result
+
+
+def print_tables(results: dict, a) -> None:
+    for name, r in results.items():
+        print(f"\n### {name}: {r['images']} images -> uint8 {a.size} px\n")
+        print("| decode path (bare loop) | images per CPU-s | min PSNR vs full + bicubic (dB) |")
+        print("|---|---:|---:|")
+        for k, v in r["decoders"].items():
+            mark = " **(chosen)**" if k == r["decoder"] else ""
+            print(f"| {k}{mark} | {v['images_per_cpu_s']:.0f} | {v['psnr_min_db']:.1f} |")
+        print(f"\nceiling (chosen path, all images): {r['ceiling_images_per_cpu_s']:.0f}/CPU-s; "
+              "loader stages besides decoding (ms/image): "
+              + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
+        print("\n| workers | loader images per CPU-s | ratio | today's path | speedup |")
+        print("|---:|---:|---:|---:|---:|")
+        for w in ("0", "1", "2"):
+            row = r[w]
+            today = row.get("today_images_per_cpu_s", float("nan"))
+            print(
+                f"| {w} | {row['images_per_cpu_s']:.0f} | {row['ratio']:.2f} | {today:.0f} | "
+                f"{row.get('speedup_vs_today', float('nan')):.2f} |"
+            )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=3000, help="images")
-    p.add_argument("--src", type=int, default=256, help="stored image side")
+    p.add_argument("--n", type=int, default=3000, help="images per set")
+    p.add_argument("--sets", default=",".join(SETS), help="comma-separated, of " + ",".join(SETS))
     p.add_argument("--size", type=int, default=224, help="tower input side")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    p.add_argument("--sample", type=int, default=200, help="images for the decoder comparison")
+    p.add_argument("--psnr", type=float, default=40.0, help="quality bound of the chosen path")
+    p.add_argument("--data", default="runs/bench/data_loader", help="where the sets are built")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false")
+    p.add_argument("--json", help="write the results here")
     a = p.parse_args()
+    names = [s for s in a.sets.split(",") if s]
+    unknown = [s for s in names if s not in SETS]
+    if unknown:
+        p.error(f"--sets: unknown {unknown}; choose from {list(SETS)}")
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory() as d:
-        tars = build(Path(d), "train", a.n, a.src, seed=0, shard_size=500)
-        jpegs = []
-        for t in tars:
-            with tarfile.open(t) as tf:
-                jpegs += [tf.extractfile(m).read() for m in tf if m.name.endswith(".jpg")]
-        tok = build_tokenizer(
-            TokenizerConfig(path=str(Path(d) / "tokenizer.json"), context_length=32)
-        )
-        cfg = DataConfig(
-            train_shards=f"{d}/*.tar", image_size=a.size, batch_size=64, shuffle_buffer=1000
-        )
-        ceil, ceil_cpu = max(ceiling(jpegs, a.size) for _ in range(a.repeats))
-        rows = []
-        for w in (0, 1, 2):
-            rate, cpu_rate, n = max(pipeline(cfg, tok, w) for _ in range(a.repeats))
-            assert n == a.n, (n, a.n)
-            rows.append((w, rate, rate / (ceil * max(w, 1)), cpu_rate, cpu_rate / ceil_cpu))
-    load = os.getloadavg()[0]
-    print(f"\n{a.n} world images, {a.src} px JPEG -> uint8 {a.size} px, batch 64, best of "
-          f"{a.repeats}; {os.cpu_count()} CPUs, load average {load:.1f}\n")  # fmt: skip
-    print("| pipeline | images/s (wall) | ratio to ceiling per worker | images per CPU-s | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| bare PIL decode+resize loop (ceiling) | {ceil:.0f} | 1.00 | {ceil_cpu:.0f} | 1.00 |")
-    for w, rate, ratio, cpu_rate, cpu_ratio in rows:
-        print(
-            f"| bimac.data loader, {w} workers | {rate:.0f} | {ratio:.2f} | {cpu_rate:.0f} | {cpu_ratio:.2f} |"
-        )
+    torch.set_num_threads(1)  # as in a DataLoader worker; CPU time counts every thread anyway
+    results = {name: bench_set(name, image_set(name, Path(a.data), a.n), a) for name in names}
+    load = os.getloadavg()
+    meta = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15": [round(x, 2) for x in load],
+        "psnr_bound_db": a.psnr,
+        "size": a.size,
+        "batch_size": 64,
+        "repeats": a.repeats,
+    }
+    print(f"\n{meta['date']}, {meta['cpus']} CPUs, load average {load[0]:.1f} / {load[1]:.1f}")
+    print_tables(results, a)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"meta": meta, **results}, indent=2))
 
 
 if __name__ == "__main__":

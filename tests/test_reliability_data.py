@@ -20,6 +20,7 @@ from reliability_faults import (
     SAMPLE_FAULTS,
     decompression_bomb_png,
     encoded,
+    png_bytes,
     truncate_shard,
     write_faulty_shards,
 )
@@ -84,10 +85,11 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, tok, monkeypatc
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy_load)
     good = encoded(make_sample(0, "train", 0))
+    good["jpg"] = png_bytes(good["jpg"])  # a PNG goes through PIL, where the spy sees it
     samples = [good | {"__key__": "bomb", "jpg": data}, good | {"__key__": "good"}]
     write_shards(iter(samples), tmp_path, shard_size=10)
     loader = make_loader(_cfg(str(tmp_path / "00000.tar")), tok, rank=0, world_size=1)
-    ids = _ids(loader)  # num_workers=0: the spy sees every decode
+    ids = _ids(loader)  # num_workers=0: the spy sees every PIL decode
     assert [i.split("#")[1] for i in ids] == ["good"]
     assert loader.skipped() == {"image_too_large": 1}
     assert decoded_sizes and (BOMB_SIDE, BOMB_SIDE) not in decoded_sizes  # the good one only

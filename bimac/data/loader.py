@@ -36,6 +36,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bimac.config import ConfigError, path_hint
+from bimac.data.decode import decode_batch, decode_or_defer
+from bimac.data.decode import decode_image as _decode_image  # benchmarks/data_loader.py swaps it
 from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class DataConfig:
     noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
     spacy_pipeline: str = "en_core_web_sm"
     drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+    # cuda: workers ship JPEG bytes and the main process decodes each batch on the GPU (nvjpeg)
+    decode_on: Literal["cpu", "cuda"] = "cpu"
     # pairs: add `references`, every caption of the image (world JSON `captions_en`/`captions_bn`,
     # else the sample's own caption) as token ids without specials, for the RF reward
     references: bool = False
@@ -191,11 +195,11 @@ def tar_members(stream) -> Iterator[dict]:
             if size[0] & 0x80
             else int(size.strip(b"\0 ") or b"0", 8)
         )
-        padded = (size + 511) & ~511
-        data = read(padded)
-        if len(data) < padded:
+        pad = -size % 512
+        data = read(size)  # then the padding apart: slicing it off would copy the payload again
+        if len(data) < size or (pad and len(read(pad)) < pad):
             raise tarfile.ReadError("unexpected end of data")
-        data, kind = data[:size], hdr[156:157]
+        kind = hdr[156:157]
         if kind == b"x":  # PAX extended header: only the path matters here
             for rec in data.split(b"\n"):
                 _, _, kv = rec.partition(b" ")
@@ -267,25 +271,6 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def _decode_image(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """PIL decode, shortest side -> ``size`` (bicubic, like open_clip), centre crop; uint8 HWC."""
-    img = Image.open(io.BytesIO(data))  # reads the header only
-    if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # PIL itself only warns up to 2x this
-        raise Image.DecompressionBombError(
-            f"{img.width}x{img.height} pixels > Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}"
-        )
-    img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when the image is large
-    img = img.convert("RGB")
-    w, h = img.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img), (w, h)
-
-
 def _text(sample: dict, key: str) -> str | None:
     raw = sample.get(key)
     return None if raw is None else raw.decode("utf-8").strip()
@@ -321,6 +306,8 @@ class ShardDataset(IterableDataset):
         if cfg.caption_lang == "bn" and cfg.noun_source == "spacy":
             raise ValueError("noun_source=spacy extracts English nouns; use json or none for bn")
         check_spacy_pipeline(cfg)
+        if cfg.decode_on == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("data.decode_on=cuda: no CUDA device here; use data.decode_on=cpu")
         if cfg.resampled and cfg.epoch_samples <= 0:
             raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
         if not cfg.resampled and len(self.urls) < self.world_size:
@@ -460,8 +447,9 @@ class ShardDataset(IterableDataset):
             text = text_bn
         if triplet and "nouns" in meta and text in meta.get("captions_en", []):  # world triplets
             nouns = meta["nouns"][meta["captions_en"].index(text)]
+        decode = decode_or_defer if cfg.decode_on == "cuda" else _decode_image
         try:
-            image, (w, h) = _decode_image(sample[img_key], cfg.image_size)
+            image, (w, h) = decode(sample[img_key], cfg.image_size)
         except Image.DecompressionBombError as exn:
             return self.counter.add("image_too_large", f"{key}: {exn}")
         except Exception as exn:  # PIL raises many types for broken files
@@ -469,7 +457,7 @@ class ShardDataset(IterableDataset):
         out = {"image": image, "text": text, "sample_id": key}
         if triplet:
             try:
-                out["image_syn"] = _decode_image(sample["syn.jpg"], cfg.image_size)[0]
+                out["image_syn"] = decode(sample["syn.jpg"], cfg.image_size)[0]
             except Exception as exn:
                 return self.counter.add("missing_syn_image", f"{key}: {exn!r}")
             out["text_bn"] = text_bn
@@ -508,7 +496,7 @@ class ShardDataset(IterableDataset):
                 if box is not None:
                     boxes[i, j], has_box[i, j] = box, True
         batch = {
-            "image": _stack([it["image"] for it in items]),
+            **self._images("image", [it["image"] for it in items]),
             "text": ids,
             "noun_spans": torch.from_numpy(spans),
             "noun_mask": torch.from_numpy(mask),
@@ -519,9 +507,16 @@ class ShardDataset(IterableDataset):
         if self.cfg.references:
             batch["references"] = self._references([it["references"] for it in items])
         if self.cfg.kind == "triplets":
-            batch["image_syn"] = _stack([it["image_syn"] for it in items])
+            batch |= self._images("image_syn", [it["image_syn"] for it in items])
             batch["text_bn"] = self.tokenizer_bn.encode([it["text_bn"] for it in items])
         return batch
+
+    def _images(self, key: str, arrays: list[np.ndarray]) -> dict:
+        """``{key: uint8 [B, 3, H, W]}``; with ``decode_on: cuda``, ``{key_encoded: [tensors]}``
+        (JPEG bytes or pixels) for ``decode_batch`` in the main process."""
+        if self.cfg.decode_on == "cuda":
+            return {f"{key}_encoded": [torch.from_numpy(a) for a in arrays]}
+        return {key: _stack(arrays)}
 
     def _references(self, captions: list[list[str]]) -> list[list[list[int]]]:
         """Each sample's reference captions -> token-id lists, tokenised like ``text`` (same
@@ -625,6 +620,9 @@ class Loader:
         )
 
     def __iter__(self) -> Iterator[dict]:
+        cfg = self.dataset.cfg
+        if cfg.decode_on == "cuda":
+            return (decode_batch(b, cfg.image_size, "cuda") for b in self.loader)
         return iter(self.loader)
 
     def skipped(self) -> dict[str, int]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bimac.data.loader import IMAGE_EXTS, SkipCounter, _decode_image, expand_shards, shard_samples
+from bimac.data.decode import decode_image
+from bimac.data.loader import IMAGE_EXTS, SkipCounter, expand_shards, shard_samples
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def image_chw(source: bytes | str | Path, size: int) -> np.ndarray:
     """Image bytes or file -> ``uint8 [3, size, size]`` through training's decoder (shorter side
     to ``size``, bicubic, centre crop). Raises what the decoder raises for a bad image."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    return np.ascontiguousarray(_decode_image(data, size)[0].transpose(2, 0, 1))
+    return np.ascontiguousarray(decode_image(data, size)[0].transpose(2, 0, 1))
 
 
 def image_files(directory: str | Path) -> list[Path]:

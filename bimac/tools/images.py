@@ -73,10 +73,9 @@ def upright_bytes(path: str | Path) -> bytes:
 def pixels(images: list[bytes], size: int) -> torch.Tensor:
     """uint8 ``[N, 3, size, size]`` through the image decoder that training and evaluation use
     (shorter side resized, centre crop)."""
-    from bimac.data.loader import _decode_image as decode_image  # bimac.data.decode, once merged
+    from bimac.data.samples import image_chw
 
-    hwc = np.stack([decode_image(data, size)[0] for data in images])
-    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(np.stack([image_chw(data, size) for data in images]))
 
 
 class ImageBatch:

@@ -1,0 +1,126 @@
+"""The loader benchmarks through their entry points: ``shards.photos`` (photo benchmark shards),
+``benchmarks/data_loader.py --json`` and ``benchmarks/gpu_check.sh --dry-run``."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _members(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for tar in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            out |= {m.name: tf.extractfile(m).read() for m in tf}
+    return out
+
+
+def test_photo_shards_are_distinct_photos_with_world_captions(tmp_path):
+    runs = {}
+    for processes in ("1", "2"):
+        out = tmp_path / processes
+        proc = _run(sys.executable, "-m", "shards.photos", "--out", str(out), "--n", "12",
+                    "--size", "500x375", "--shard-size", "5", "--processes", processes)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        runs[processes] = _members(out)
+        assert (out / "tokenizer.json").is_file() and len(list(out.glob("*.tar"))) == 3
+    assert runs["1"] == runs["2"]  # the same bytes whatever the number of processes
+    members = runs["1"]
+    jpegs = [v for k, v in members.items() if k.endswith(".jpg")]
+    assert len(jpegs) == 12 and len({hashlib.sha1(j).digest() for j in jpegs}) == 12
+    for name, data in members.items():
+        if name.endswith(".jpg"):
+            img = Image.open(io.BytesIO(data))
+            assert (img.format, img.size, img.mode) == ("JPEG", (500, 375), "RGB")
+            # q90: libjpeg's luminance table at quality 90 starts with 3
+            assert img.quantization[0][0] == 3
+        if name.endswith(".json"):
+            meta = json.loads(data)
+            assert meta["captions_en"] and meta["nouns"] and (meta["width"], meta["height"]) == (500, 375)  # fmt: skip
+            assert all(0 <= o["box"][2] <= 500 and 0 <= o["box"][3] <= 375 for o in meta["objects"])
+            assert members[name.replace(".json", ".txt")].decode() == meta["captions_en"][0]
+
+
+def test_photo_shards_bad_size_is_one_clear_error(tmp_path):
+    proc = _run(sys.executable, "-m", "shards.photos", "--out", str(tmp_path), "--size", "1024")
+    assert proc.returncode == 2
+    assert "--size '1024': give WIDTHxHEIGHT, e.g. 1024x768" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_data_loader_benchmark_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(sys.executable, "benchmarks/data_loader.py", "--n", "96", "--sets",
+                "photo_500,world_256", "--repeats", "1", "--sample", "8", "--data",
+                str(tmp_path / "sets"), "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result) == {"meta", "photo_500", "world_256"}
+    assert len(result["meta"]["load_average_1_5_15"]) == 3
+    for name in ("photo_500", "world_256"):
+        r = result[name]
+        assert r["images"] == 96
+        assert r["decoder"] in r["decoders"]
+        assert r["decoders"][r["decoder"]]["psnr_min_db"] >= result["meta"]["psnr_bound_db"]
+        # the ceiling is the fastest path within the PSNR bound
+        bound = result["meta"]["psnr_bound_db"]
+        ok = [v for v in r["decoders"].values() if v["psnr_min_db"] >= bound]
+        assert r["decoders"][r["decoder"]]["images_per_cpu_s"] == max(v["images_per_cpu_s"] for v in ok)  # fmt: skip
+        assert r["ceiling_images_per_cpu_s"] > 0
+        assert set(r["overhead_ms_per_image"]) == {
+            "tar_read_group_shuffle_ms", "checks_json_captions_nouns_ms",
+            "collate_tokenise_spans_stack_ms",
+        }  # fmt: skip
+        for workers in ("0", "1", "2"):
+            row = r[workers]
+            assert row["ratio"] == pytest.approx(row["images_per_cpu_s"] / r["ceiling_images_per_cpu_s"])  # fmt: skip
+            assert row["speedup_vs_today"] == pytest.approx(row["images_per_cpu_s"] / row["today_images_per_cpu_s"])  # fmt: skip
+    assert "| simplejpeg DCT-scaled + torch bicubic" in proc.stdout
+
+
+def test_data_loader_benchmark_unknown_set_is_one_clear_error():
+    proc = _run(sys.executable, "benchmarks/data_loader.py", "--sets", "photo_2000")
+    assert proc.returncode == 2
+    assert "--sets: unknown ['photo_2000']; choose from" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = _run("bash", "benchmarks/gpu_check.sh", "--dry-run", "--data", str(tmp_path / "d"),
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    step = result["step"]
+    assert step["device"] == "cpu" and step["samples_per_s"] > 0 and step["tflops_per_step"] > 0
+    assert step["mfu"] is None  # no bf16 peak for a CPU
+    assert [r["decode_on"] for r in result["loader"]] == ["cpu", "cuda"]
+    assert all(r["images"] == 64 and r["images_per_s"] > 0 for r in result["loader"])
+
+
+def test_gpu_check_without_a_gpu_says_so():
+    proc = _run("bash", "benchmarks/gpu_check.sh", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "gpu_check: no CUDA device here; run with --dry-run to test the script"
+    )
