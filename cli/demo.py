@@ -45,7 +45,7 @@ def build_world(out: Path, size: int = 64, seed: int = 0, bengali: bool = False)
 
     ``bengali``: only the PAL captioner's triplet splits (train and val, with synthetic companions).
     """
-    from shards.synthetic import build
+    from shards.world import build
 
     splits = BENGALI_SPLITS if bengali else DEMO_SPLITS
     patterns = {}

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
 
 # (package, path inside it): real colour photographs shipped in the package's wheel

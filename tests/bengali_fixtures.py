@@ -1,6 +1,6 @@
 """Tiny random-weight stand-ins for the Bengali pipeline's models, built offline.
 
-Vocabularies come from the embedded world's EN/BN captions (:func:`bimac.data.synthetic.world_corpus`);
+Vocabularies come from the embedded world's EN/BN captions (:func:`bimac.data.world.world_corpus`);
 SentencePiece models are trained on them. Every builder saves to / returns from ``tmp_path`` so the
 stages load them through their real ``from_pretrained`` code paths.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from bimac.data.synthetic import world_corpus
+from bimac.data.world import world_corpus
 
 
 def corpus() -> tuple[list[str], list[str]]:

@@ -31,7 +31,7 @@ SMALL = [
 
 def world_shards(root: Path, n: int = 48, size: int = 64) -> tuple[Path, Path]:
     """One training shard of the embedded world and its tokenizer: ``(tar, tokenizer.json)``."""
-    from shards.synthetic import build
+    from shards.world import build
 
     tar = build(root, "train", n, size, seed=0, shard_size=n)[0]
     return tar, root / "tokenizer.json"
@@ -48,7 +48,7 @@ def random_export(out: Path, tokenizer: Path, overrides: list[str] = (), seed: i
 
 def world_image(path: Path, size: tuple[int, int] = (120, 90), index: int = 0) -> Path:
     """A non-square embedded-world image file (``size`` = width, height)."""
-    from bimac.data.synthetic import make_sample
+    from bimac.data.world import make_sample
 
     sample = make_sample(0, "val", index, 96)
     Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize(size).save(path)

@@ -1,6 +1,6 @@
 """Fault builders for the reliability tests: broken samples, broken shards, hostile pickles.
 
-Each sample fault takes a good embedded-world sample (``bimac.data.synthetic.make_sample``) and
+Each sample fault takes a good embedded-world sample (``bimac.data.world.make_sample``) and
 returns a broken copy; ``SAMPLE_FAULTS`` maps its name to the skip reason the loader must count
 (``None``: the sample is valid and must be used, e.g. a PNG stored under ``.jpg``).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from bimac.data.synthetic import make_sample
+from bimac.data.world import make_sample
 
 BOMB_SIDE = 10_000  # 100 megapixels: above PIL's MAX_IMAGE_PIXELS (89.5 M), below its hard 2x
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
 from bimac.data.loader import tar_members
-from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
 
 

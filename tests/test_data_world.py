@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bimac.data.synthetic import (
+from bimac.data.world import (
     COLOURS,
     NUMBERS_BN,
     RELATIONS,

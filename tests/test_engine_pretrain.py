@@ -29,7 +29,7 @@ GOLDEN_OVERRIDES = ["train.max_steps=20", "train.global_batch_size=8", "train.mi
 
 def world_overrides(root: Path) -> list[str]:
     """Build 128 embedded-world samples in 2 shards under ``root``; the overrides that use them."""
-    from shards.synthetic import build
+    from shards.world import build
 
     if not (root / "tokenizer.json").exists():
         build(root, "train", n=128, shard_size=64)

@@ -1,4 +1,4 @@
-"""The benchmark formats (bimac.eval.benchmarks) on files the world writes (shards.synthetic
+"""The benchmark formats (bimac.eval.benchmarks) on files the world writes (shards.world
 --format): hand-computed scores on 4-item cases, the real commands, and CLIP_benchmark itself as
 the referee of bimac's numbers on the same data."""
 
@@ -16,10 +16,10 @@ from finetune_fixtures import SMALL, random_export, world_shards
 
 from bimac.data.loader import SkipCounter
 from bimac.data.samples import image_chw
-from bimac.data.synthetic import class_names, make_sample
+from bimac.data.world import class_names, make_sample
 from bimac.eval import benchmarks, classification, retrieval
 from bimac.eval.common import Encoder
-from shards.synthetic import build_clip_benchmark, build_probe_benchmark
+from shards.world import build_clip_benchmark, build_probe_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -205,7 +205,7 @@ def export(tmp_path_factory):
 @pytest.mark.slow
 def test_eval_probe_formats_write_clip_benchmark_json(export, tmp_path):
     data = tmp_path / "sugarcrepe"
-    assert run("shards.synthetic", "--out", data, "--split", "probe", "--n", "8",
+    assert run("shards.world", "--out", data, "--split", "probe", "--n", "8",
                "--format", "sugarcrepe").returncode == 0  # fmt: skip
     out = tmp_path / "res" / "{dataset}.json"
     p = run("cli", "eval", "probe", "--checkpoint", export, "--format", "sugarcrepe",
@@ -228,7 +228,7 @@ def test_eval_probe_formats_write_clip_benchmark_json(export, tmp_path):
 
 @pytest.mark.slow
 def test_eval_retrieval_skips_and_counts_a_truncated_shard(export, tmp_path):
-    from shards.synthetic import build
+    from shards.world import build
 
     tars = build(tmp_path / "shards", "retrieval", 12, size=32, shard_size=6)
     data = tars[1].read_bytes()
@@ -272,7 +272,7 @@ def test_clip_benchmark_agrees_with_bimac_eval_on_an_export(export, tmp_path):
     assert run("cli", "export", "--checkpoint", export, "--to-open-clip", oc).returncode == 0
     data = tmp_path / "data"
     for name, split in (("world_retrieval", "retrieval"), ("world_shape", "cls_shape")):
-        p = run("shards.synthetic", "--out", data / name, "--split", split, "--n", "40",
+        p = run("shards.world", "--out", data / name, "--split", split, "--n", "40",
                 "--size", "32", "--format", "clip_benchmark", "--shard-size", "16")  # fmt: skip
         assert p.returncode == 0, p.stderr
     for name, task, cmd in (

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bimac.data.synthetic import make_sample
+from bimac.data.world import make_sample
 from bimac.eval import captioning, classification, probe, retrieval
 from bimac.metrics.bleu import bleu
 from bimac.metrics.cider import cider_d

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from bimac.data.samples import image_chw
-from bimac.data.synthetic import class_names, make_sample
 from bimac.data.tokenizer import HFTokenizer, train_world_tokenizer
+from bimac.data.world import class_names, make_sample
 from bimac.eval import classification
 from bimac.eval.classification import world_templates
 from bimac.losses.contrastive import contrastive_loss

@@ -56,7 +56,7 @@ def test_objectives_that_are_off_or_fed_are_not_reported():
 
 def real_caption_shard(out: Path, n: int = 64) -> Path:
     """A shard of images with real English captions and no world noun annotations."""
-    from bimac.data.synthetic import make_sample
+    from bimac.data.world import make_sample
     from bimac.data.writer import write_shards
 
     captions = ["a photograph of a dog running on the grass", "two people sitting at a table"]

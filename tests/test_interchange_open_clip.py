@@ -165,7 +165,7 @@ def _export_dir(tmp_path, tokenizer_file=None, tokenizer_name=None) -> Path:
 
 def test_export_loads_in_open_clip_with_its_own_tokenizer(tmp_path, world_tokenizer):
     """local-dir: model AND tokenizer give BiMAC's image and text embeddings (cosine 1 to 1e-5)."""
-    from bimac.data.synthetic import make_sample
+    from bimac.data.world import make_sample
 
     export = _export_dir(tmp_path, world_tokenizer)
     files = export_open_clip(export, tmp_path / "oc")

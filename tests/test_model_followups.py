@@ -17,8 +17,8 @@ import torch
 import bimac.generation
 import bimac.models.bimac
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer, strip_special
+from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
 from bimac.tasks.pretrain import ObjectiveConfig, PretrainTask
 

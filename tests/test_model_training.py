@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from bimac.data import DataConfig, ShardDataset, TokenizerConfig, build_tokenizer
-from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import make_sample
 from bimac.losses import pointing_game
 from bimac.models.bimac import load_model_config
 from bimac.tasks.pretrain import ObjectiveConfig, PretrainTask

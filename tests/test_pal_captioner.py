@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from bimac.config import load_config
-from bimac.data.synthetic import make_sample
+from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
 from bimac.models.pal_captioner import PALCaptioner, world_bengali_corpus
 from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask
@@ -171,7 +171,7 @@ def test_finetune_caption_bn_entry_point_writes_scores_of_its_captions(tmp_path)
     from pycocoevalcap.bleu.bleu import Bleu
 
     from bimac.metrics.text import normalize_bn
-    from shards.synthetic import build
+    from shards.world import build
 
     for split, n in (("train", 64), ("val", 32)):
         build(tmp_path / split, split, n, 64, triplets=True, shard_size=64)

@@ -4,7 +4,7 @@ the decompression bomb is refused from its header, and shard URLs are used only 
 Faults already covered elsewhere (not repeated here): truncated JPEG / missing caption /
 invalid JSON / truncated tar / failing ``pipe:`` command one by one in
 ``tests/test_data_loader.py::test_each_bad_input_is_skipped_and_counted``; a missing spaCy
-pipeline's message in ``tests/test_data_text.py``. The training run over these faulty shards
+pipeline's message in ``tests/test_data_nouns.py``. The training run over these faulty shards
 (counts in ``summary.json``) is in ``tests/test_reliability_training.py``.
 """
 
@@ -26,8 +26,8 @@ from reliability_faults import (
 )
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.synthetic import make_sample
 from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
 
 

@@ -289,7 +289,7 @@ def _seen(path: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from shards.synthetic import build
+    from shards.world import build
 
     root = tmp_path_factory.mktemp("world")
     build(root, "train", n=128, shard_size=64)  # one shard per rank: one worker of each has none

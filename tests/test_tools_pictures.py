@@ -111,7 +111,7 @@ def test_demo_preview_draws_bengali_with_a_font_that_has_its_glyphs(tmp_path):
     """No 'Glyph ... missing from font' warning while the preview grid with Bengali captions is
     drawn (matplotlib warns for every glyph it draws as a box)."""
     from cli.demo import preview_grid
-    from shards.synthetic import build
+    from shards.world import build
 
     build(tmp_path, "train", 4, 64, shard_size=4)
     with warnings.catch_warnings():

@@ -5,7 +5,7 @@ Public API (everything here is importable from ``bimac.data``)::
     from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
 
     # shards of the embedded world (+ tokenizer.json beside them):
-    #   python -m shards.synthetic --out runs/world/train --split train --n 2000
+    #   python -m shards.world --out runs/world/train --split train --n 2000
     cfg = DataConfig(train_shards="runs/world/train/{00000..00001}.tar", image_size=64,
                      batch_size=32, num_workers=2)
     tok = build_tokenizer(TokenizerConfig(kind="world", path="runs/world/train/tokenizer.json",
@@ -27,8 +27,8 @@ the shards' ``*_stats.json`` once a worker has run dry). Pass one ``SkipCounter`
 loader for running totals. Triplets (``cfg.kind="triplets"``) add ``image_syn`` and ``text_bn``
 (``tokenizer_bn``, default ``tokenizer``); ``cfg.caption_lang="bn"`` makes pairs Bengali.
 Skip reasons: ``bimac.data.REASONS``.
-The world in Python: ``bimac.data.synthetic.make_sample(seed, split, index, size, triplet)``.
-Nouns: ``bimac.data.text.NounExtractor("world" | "en_core_web_sm")(text) -> list[Noun]``.
+The world in Python: ``bimac.data.world.make_sample(seed, split, index, size, triplet)``.
+Nouns: ``bimac.data.nouns.NounExtractor("world" | "en_core_web_sm")(text) -> list[Noun]``.
 """
 
 from bimac.data.loader import REASONS, DataConfig, Loader, ShardDataset, SkipCounter, make_loader

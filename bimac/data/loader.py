@@ -95,7 +95,7 @@ def check_spacy_pipeline(cfg: DataConfig) -> None:
         return
     import importlib.util
 
-    from bimac.data.text import INSTALL_HINT
+    from bimac.data.nouns import INSTALL_HINT
 
     if importlib.util.find_spec(name) is None:
         raise ConfigError("data.spacy_pipeline: " + INSTALL_HINT.format(name=name))
@@ -473,7 +473,7 @@ class ShardDataset(IterableDataset):
         if self.cfg.noun_source != "spacy":
             return []
         if self._nouns is None:
-            from bimac.data.text import NounExtractor
+            from bimac.data.nouns import NounExtractor
 
             self._nouns = NounExtractor(self.cfg.spacy_pipeline)
         return [(n.start, n.end, None) for n in self._nouns(text)]

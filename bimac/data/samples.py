@@ -44,7 +44,7 @@ def iter_samples(
     """
     world = parse_world(spec)
     if world:
-        from bimac.data.synthetic import make_sample
+        from bimac.data.world import make_sample
 
         split, n = world
         count = 2 * n if split == "probe" else n  # n pairs for the probe split

@@ -58,7 +58,7 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
         if not Path(cfg.path).is_file():
             raise ConfigError(
                 f"tokenizer.path: world tokenizer {cfg.path!r} not found{path_hint(cfg.path)}; "
-                "`python -m shards.synthetic` writes tokenizer.json beside the shards"
+                "`python -m shards.world` writes tokenizer.json beside the shards"
             )
         return HFTokenizer.from_file(cfg.path, cfg.context_length)
     if cfg.kind == "open_clip":
@@ -161,7 +161,7 @@ def train_world_tokenizer(corpus: list[str], vocab_size: int = 1000):
 
 def save_world_tokenizer(path: str | Path, vocab_size: int = 1000, seed: int = 0) -> Path:
     """Train the embedded world's tokenizer on its captions and save it as ``path``."""
-    from bimac.data.synthetic import world_corpus
+    from bimac.data.world import world_corpus
 
     path = Path(path)
     train_world_tokenizer(world_corpus(2000, seed), vocab_size).save(str(path))

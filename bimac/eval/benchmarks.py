@@ -82,7 +82,7 @@ def read_clip_benchmark(root: str | Path, split: str = "test") -> ClipBenchmarkD
     if not nshards_file.is_file():
         raise FormatError(
             f"{nshards_file}: missing; a CLIP_benchmark webdataset folder has "
-            f"{split}/nshards.txt beside {split}/0.tar ... (`python -m shards.synthetic "
+            f"{split}/nshards.txt beside {split}/0.tar ... (`python -m shards.world "
             "--format clip_benchmark` writes one)"
         )
     try:

@@ -53,7 +53,7 @@ def world_templates(split: str) -> list[str]:
     """Prompts in the embedded world's caption style ("An orange cross."); shape classes get
     one prompt per colour, so the ensemble averages over the attribute that is not the label."""
     if split == "cls_shape":
-        from bimac.data.synthetic import COLOURS
+        from bimac.data.world import COLOURS
 
         return [f"{'An' if c[0] in 'aeiou' else 'A'} {c} {{}}." for c in COLOURS]
     return ["A {}.", "An {}."]
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raise benchmarks.FormatError(f"{ds.root / 'classnames.txt'}: missing")
             images, labels = shard_items(ds.shards, counter)
         elif world:
-            from bimac.data.synthetic import class_names
+            from bimac.data.world import class_names
 
             images, labels = shard_items(args.data, counter)
             classnames = classnames or class_names(world[0])

@@ -32,7 +32,7 @@ def evaluate_world(
         {"task": "retrieval", "metric": k, "value": r[k]}
         for k in ("i2t_R@1", "t2i_R@1", "mTR", "mIR")
     ]
-    from bimac.data.synthetic import class_names
+    from bimac.data.world import class_names
 
     images, labels = classification.shard_items(f"world:cls_shape:{n}")
     c = classification.evaluate(

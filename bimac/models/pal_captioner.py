@@ -75,7 +75,7 @@ class PALModelConfig:
 
 def world_bengali_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """The embedded world's Bengali captions of ``n`` train scenes."""
-    from bimac.data.synthetic import captions, make_scene
+    from bimac.data.world import captions, make_scene
 
     return [c.text for i in range(n) for c in captions(make_scene(seed, "train", i))[1]]
 

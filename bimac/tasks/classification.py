@@ -60,7 +60,7 @@ def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[in
     names = read_lines(classnames_file) if classnames_file else None
     world = parse_world(spec)
     if world:
-        from bimac.data.synthetic import class_names
+        from bimac.data.world import class_names
 
         parts = spec.split(":")
         seed = int(parts[3]) if len(parts) > 3 else 0

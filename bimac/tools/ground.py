@@ -36,7 +36,7 @@ COLOUR_MAP = "jet"
 
 def noun_extractor(pipeline: str):
     """spaCy nouns: ``auto`` = en_core_web_sm when installed, else the offline ``world`` ruler."""
-    from bimac.data.text import NounExtractor
+    from bimac.data.nouns import NounExtractor
 
     if pipeline != "auto":
         return NounExtractor(pipeline)

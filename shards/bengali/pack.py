@@ -6,7 +6,7 @@ writes ``NNNNN.tar`` with ``KEY.jpg`` (real), ``KEY.syn.jpg``, ``KEY.txt`` and `
 the sidecar's model names, versions and settings under ``synthesis``) and ``NNNNN_stats.json`` (img2dataset's counters plus the samples dropped and why).
 
 ``python -m shards.bengali.pack --from-world --n 256 --out DIR`` builds the same layout from the
-embedded world (:mod:`bimac.data.synthetic`, whose scenes come with EN/BN captions and a rendered
+embedded world (:mod:`bimac.data.world`, whose scenes come with EN/BN captions and a rendered
 companion), with no model at all.
 
 Shard ``k`` holds input items ``[k * shard_size, (k + 1) * shard_size)``; a shard is written to a
@@ -204,7 +204,7 @@ def coco_triplet(row: dict[str, str], cfg: PackConfig) -> dict[str, Any]:
 
 def world_triplet(index: int, cfg: PackConfig) -> dict[str, Any]:
     """Triplet sample of embedded-world scene ``index`` (captions and companion from the world)."""
-    from bimac.data.synthetic import make_sample
+    from bimac.data.world import make_sample
 
     sample = make_sample(cfg.seed, "train", index, cfg.size, triplet=True)
     prompt = build_prompt(sample["en.txt"], sample["bn.txt"])

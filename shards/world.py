@@ -1,4 +1,4 @@
-"""Build embedded-world shards: ``python -m shards.synthetic --out DIR --split train --n N``.
+"""Build embedded-world shards: ``python -m shards.world --out DIR --split train --n N``.
 
 Writes ``DIR/00000.tar``... in img2dataset's layout (``--triplets`` adds the synthetic companion
 and the EN/BN caption files) and the world tokenizer ``DIR/tokenizer.json``. With ``--format``,
@@ -25,8 +25,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from bimac.data.synthetic import SPLITS, class_names, make_sample
 from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import SPLITS, class_names, make_sample
 from bimac.data.writer import write_shards
 
 FORMATS = ("shards", "clip_benchmark", "sugarcrepe", "winoground", "valse", "spec")
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             build_probe_benchmark(a.out, a.format, a.n, a.size, a.seed)
     except ValueError as exn:
-        raise SystemExit(f"shards.synthetic: {exn}") from None
+        raise SystemExit(f"shards.world: {exn}") from None
 
 
 if __name__ == "__main__":

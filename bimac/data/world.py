@@ -515,7 +515,7 @@ def make_sample(seed: int, split: str, index: int, size: int = 64, triplet: bool
         syn = render(syn_scene, size, syn_rng, jitter=1.0)
         sample |= {"syn.jpg": _jpeg(syn), "en.txt": en[0].text, "bn.txt": bn[0].text}
         meta["companion"] = {
-            "generator": "bimac.data.synthetic.companion",
+            "generator": "bimac.data.world.companion",
             "seed": seed,
             "objects": _objects(syn_scene)[0],
             "captions_en": [c.text for c in captions(syn_scene)[0]],

@@ -12,9 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader, token_spans
-from bimac.data.synthetic import make_sample, world_corpus
-from bimac.data.text import NounExtractor
+from bimac.data.nouns import NounExtractor
 from bimac.data.tokenizer import OpenCLIPTokenizer, TransformersTokenizer, save_world_tokenizer
+from bimac.data.world import make_sample, world_corpus
 
 
 @pytest.fixture(scope="module")

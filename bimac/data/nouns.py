@@ -34,7 +34,7 @@ def world_nlp():
     """``spacy.blank("en")`` + an attribute ruler tagging the world's shape nouns."""
     import spacy
 
-    from bimac.data.synthetic import SHAPES
+    from bimac.data.world import SHAPES
 
     nlp = spacy.blank("en")
     ruler = nlp.add_pipe("attribute_ruler")

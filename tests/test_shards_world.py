@@ -1,4 +1,4 @@
-"""shards.synthetic and shards.check command lines, and the demo's preview grid."""
+"""shards.world and shards.check command lines, and the demo's preview grid."""
 
 from __future__ import annotations
 
