@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md", "RESULTS.md")
 TEST_REF = re.compile(r"(?:(tests/test_\w+\.py)|(?<![\w/])(test_\w+\.py))?::(test_\w+)")
-BENCH_REF = re.compile(r"benchmarks/(\w+\.(?:py|sh))(?::([\w.@/-]+))?")
+BENCH_REF = re.compile(r"benchmarks/(\w+\.(?:py|sh))(?::([\w.@/{},-]+))?")
 
 
 @cache
