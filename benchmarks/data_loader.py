@@ -47,7 +47,7 @@ from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
 from bimac.data import loader as loader_module
 from bimac.data.decode import _dct_factor, decode_image, resize_crop, resized_size
 from bimac.data.loader import ShardDataset
-from shards import photos, synthetic
+from shards import photos, world
 
 SETS = {"photo_500": (500, 375), "photo_1024": (1024, 768), "world_256": (256, 256)}
 Decoder = Callable[[bytes, int], np.ndarray]
@@ -202,7 +202,7 @@ def image_set(name: str, root: Path, n: int) -> Path:
         return out
     w, h = SETS[name]
     if name.startswith("world"):
-        synthetic.build(out, "train", n, w, seed=0, shard_size=500)
+        world.build(out, "train", n, w, seed=0, shard_size=500)
     else:
         photos.build(out, n, w, h, seed=0, shard_size=500)
     return out

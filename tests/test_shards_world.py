@@ -10,11 +10,11 @@ from PIL import Image
 
 from bimac.config import ConfigError
 from cli.demo import preview_grid
-from shards import check, synthetic
+from shards import check, world
 
 
 def test_synthetic_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, capsys):
-    synthetic.main(
+    world.main(
         ["--out", str(tmp_path), "--split", "val", "--n", "25", "--shard-size", "10", "--triplets"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -45,11 +45,11 @@ def test_check_counts_bad_samples_and_fails_on_nothing_read(tmp_path, capsys):
 
 def test_probe_split_needs_pairs(tmp_path):
     with pytest.raises(ValueError, match="pairs"):
-        synthetic.build(tmp_path, "probe", 3)
+        world.build(tmp_path, "probe", 3)
 
 
 def test_preview_grid(tmp_path):
-    synthetic.build(tmp_path, "train", 8, 64, shard_size=8)
+    world.build(tmp_path, "train", 8, 64, shard_size=8)
     png = preview_grid(tmp_path / "00000.tar", tmp_path / "preview.png", n=6, cols=3)
     assert Image.open(png).size[0] > 300
     lines = png.with_suffix(".txt").read_text(encoding="utf-8").splitlines()
