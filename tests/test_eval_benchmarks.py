@@ -228,19 +228,30 @@ def test_eval_probe_formats_write_clip_benchmark_json(export, tmp_path):
 
 @pytest.mark.slow
 def test_eval_retrieval_skips_and_counts_a_truncated_shard(export, tmp_path):
+    import webdataset as wds
+
     from shards.world import build
 
     tars = build(tmp_path / "shards", "retrieval", 12, size=32, shard_size=6)
     data = tars[1].read_bytes()
     tars[1].write_bytes(data[: len(data) // 2])  # cut inside the second shard
+    with wds.TarWriter(str(tmp_path / "shards" / "00002.tar")) as tar:  # one image cut short
+        from bimac.data.world import make_sample
+
+        s = make_sample(0, "retrieval", 99, 32)
+        tar.write({"__key__": "cut", "jpg": s["jpg"][: len(s["jpg"]) // 2], "txt": s["txt"]})
+        tar.write({"__key__": "whole", "jpg": s["jpg"], "txt": s["txt"]})
     out = tmp_path / "r.json"
     p = run("cli", "eval", "retrieval", "--checkpoint", export, "--data",
-            f"{tmp_path}/shards/{{00000..00001}}.tar", "--out", out)  # fmt: skip
+            f"{tmp_path}/shards/{{00000..00002}}.tar", "--out", out)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and "truncated_tar" in p.stderr
     r = json.loads(out.read_text())
     assert r["skipped_by_reason"]["truncated_tar"] == 1
-    assert 6 <= r["images"] < 12  # the first shard whole, the second's complete samples
+    assert (
+        r["skipped_by_reason"]["bad_image"] == 1
+    )  # the cut image; its shard's other sample is used
+    assert 7 <= r["images"] < 13  # the first shard whole, the second's complete samples, "whole"
 
 
 # -- CLIP_benchmark as the referee ----------------------------------------------------------------
@@ -295,3 +306,23 @@ def test_clip_benchmark_agrees_with_bimac_eval_on_an_export(export, tmp_path):
         assert set(theirs) == set(mine), (theirs, mine)
         for key, value in theirs.items():  # 0.01 percentage points
             assert 100 * mine[key] == pytest.approx(100 * value, abs=0.01), key
+
+
+def test_evaluation_reader_skips_and_counts_a_broken_image(tmp_path):
+    """bimac.data.samples.iter_samples (every evaluation's shard reader): an image cut short and
+    bytes that are no image are skipped and counted as bad_image; the good sample comes through."""
+    import webdataset as wds
+
+    from bimac.data.loader import SkipCounter
+    from bimac.data.samples import iter_samples
+    from bimac.data.world import make_sample
+
+    s = make_sample(0, "retrieval", 0, 64)
+    with wds.TarWriter(str(tmp_path / "00000.tar")) as tar:
+        tar.write({"__key__": "cut", "jpg": s["jpg"][: len(s["jpg"]) // 2], "txt": "a"})
+        tar.write({"__key__": "noise", "jpg": b"not an image at all", "txt": "b"})
+        tar.write({"__key__": "whole", "jpg": s["jpg"], "txt": "c"})
+    counter = SkipCounter()
+    got = list(iter_samples(str(tmp_path / "00000.tar"), counter=counter))
+    assert [x["__key__"] for x in got] == ["whole"] and got[0]["jpg"] == s["jpg"]
+    assert counter.as_dict() == {"bad_image": 2}

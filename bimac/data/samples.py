@@ -5,7 +5,8 @@ A spec is ``world:SPLIT[:N]`` (the embedded world rendered in memory, no files) 
 shard pattern (``dir/{00000..00003}.tar``), read through training's tar reader
 (:func:`bimac.data.loader.shard_samples`): a shard that is missing, truncated or malformed and a
 sample with bad JSON or a caption that is not UTF-8 are skipped and counted by reason in a
-:class:`~bimac.data.loader.SkipCounter`, as in training. Images go through training's decoder.
+:class:`~bimac.data.loader.SkipCounter`, as in training; so is an image that does not decode
+(``bad_image``) or claims too many pixels (``image_too_large``). Images go through training's decoder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from bimac.data.decode import decode_image
 from bimac.data.loader import IMAGE_EXTS, SkipCounter, expand_shards, shard_samples
@@ -23,6 +25,7 @@ from bimac.data.loader import IMAGE_EXTS, SkipCounter, expand_shards, shard_samp
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = tuple(f".{e}" for e in IMAGE_EXTS)  # image files of a folder
+CHECK_SIZE = 16  # side of the check decode: JPEGs decode at 1/8 scale, the whole stream is read
 
 
 def parse_world(spec: str) -> tuple[str, int] | None:
@@ -57,6 +60,14 @@ def iter_samples(
         sample = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
         image = next((e for e in IMAGE_EXTS if e in raw), None)
         if image:
+            try:  # a cheap reduced-size decode finds a truncated or broken image, as training would
+                decode_image(raw[image], CHECK_SIZE)
+            except Image.DecompressionBombError as exn:
+                counter.add("image_too_large", f"{key}: {exn}")
+                continue
+            except Exception as exn:  # PIL and simplejpeg raise many types for broken files
+                counter.add("bad_image", f"{key}: {exn!r}")
+                continue
             sample["jpg"] = raw[image]
         try:
             if "json" in raw:
