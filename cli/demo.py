@@ -113,7 +113,7 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m cli.demo", description=__doc__)
     p.add_argument("--out", default="runs/demo", type=Path)
     p.add_argument(
         "--bengali", action="store_true", help="the PAL Bengali captioner demo (triplet shards)"

@@ -132,7 +132,11 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m shards.cc15m",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--cc3m", help="CC3M TSV (caption<TAB>url)")
     p.add_argument("--cc12m", help="CC12M TSV (url<TAB>caption)")
     p.add_argument("--out", type=Path)

@@ -147,7 +147,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m shards.photos", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=3000, help="images")
     p.add_argument("--size", type=_size, default=(1024, 768), help="WIDTHxHEIGHT")

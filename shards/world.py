@@ -152,7 +152,7 @@ def build_probe_benchmark(out: str | Path, fmt: str, n: int, size: int = 64, see
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m shards.world", description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train", choices=SPLITS)
     p.add_argument("--n", type=int, default=1000, help="samples (probe: 2 per pair)")

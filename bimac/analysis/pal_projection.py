@@ -137,7 +137,9 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bimac.analysis.pal_projection", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--after", required=True, help="export directory of the trained captioner")
     p.add_argument(
         "--before", default="init", help="'init' (untrained, same seed) or an export dir"
