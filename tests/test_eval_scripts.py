@@ -117,6 +117,24 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
+def _export_embeddings(export, images: list[bytes], texts: list[str]):
+    """L2-normalised image and text embeddings straight from the export (model + tokenizer), with
+    the images through the shared decoder: the numbers the evaluations must reproduce."""
+    from bimac.data.samples import image_chw
+    from bimac.export_folder import load_tokenizer
+    from bimac.models.bimac import BiMAC
+
+    model = BiMAC.from_pretrained(export).eval()
+    tok = load_tokenizer(export, model.config.context_length)
+    size = model.config.image_size
+    with torch.no_grad():
+        img = model.encode_image(
+            torch.stack([torch.from_numpy(image_chw(b, size)) for b in images])
+        )
+        txt = model.encode_text(tok.encode(texts))
+    return img, txt
+
+
 def test_retrieval_karpathy_json(checkpoint, tmp_path):
     (tmp_path / "img").mkdir()
     items = []
@@ -147,8 +165,20 @@ def test_retrieval_karpathy_json(checkpoint, tmp_path):
     )
     assert out["images"] == 5 and out["texts"] == 25
     assert json.loads((tmp_path / "r.json").read_text())["mTR"] == out["mTR"]
-    for k in ("i2t_R@1", "t2i_R@5", "mIR"):
-        assert 0 <= out[k] <= 100
+    # recomputed from the export's own embeddings: image i owns captions 5i..5i+4
+    img, txt = _export_embeddings(
+        checkpoint, [(tmp_path / "img" / f"{i}.jpg").read_bytes() for i in range(5)],
+        [c["raw"] for it in items[:5] for c in it["sentences"]],
+    )  # fmt: skip
+    sim = img @ txt.T
+    owner = torch.arange(25) // 5
+    i2t_rank = torch.stack([(sim[i] > sim[i][owner == i].max()).sum() for i in range(5)])
+    t2i_rank = torch.stack([(sim[:, j] > sim[owner[j], j]).sum() for j in range(25)])
+    for k in (1, 5, 10):
+        assert out[f"i2t_R@{k}"] == pytest.approx(100 * float((i2t_rank < k).float().mean()))
+        assert out[f"t2i_R@{k}"] == pytest.approx(100 * float((t2i_rank < k).float().mean()))
+    assert out["mTR"] == pytest.approx(sum(out[f"i2t_R@{k}"] for k in (1, 5, 10)) / 3)
+    assert out["mIR"] == pytest.approx(sum(out[f"t2i_R@{k}"] for k in (1, 5, 10)) / 3)
 
 
 def test_classification_image_folder_and_probe_world(checkpoint, tmp_path):
@@ -169,7 +199,18 @@ def test_classification_image_folder_and_probe_world(checkpoint, tmp_path):
         ]
     )
     assert out["images"] == 6 and out["templates"] == 2
-    assert out["classes"] == len(list((tmp_path / "folder").iterdir()))
+    classes = sorted(d.name for d in (tmp_path / "folder").iterdir())
+    assert out["classes"] == len(classes)
+    # recomputed: class vector = normalised mean of the normalised template embeddings
+    paths = [(c, p) for c in classes for p in sorted((tmp_path / "folder" / c).iterdir())]
+    templates = ["a {}", "a picture of a {}"]
+    img, txt = _export_embeddings(
+        checkpoint, [p.read_bytes() for _, p in paths], [t.format(c) for c in classes for t in templates]
+    )  # fmt: skip
+    weights = torch.nn.functional.normalize(txt.view(len(classes), 2, -1).mean(1), dim=-1)
+    predicted = (img @ weights.T).argmax(1)
+    labels = torch.tensor([classes.index(c) for c, _ in paths])
+    assert out["top1"] == pytest.approx(100 * float((predicted == labels).float().mean()))
     pr = probe.main(
         [
             "--checkpoint",
