@@ -41,6 +41,8 @@ def score_export(export: str | Path, cfg: CaptionConfig, annotations: str, image
         {"image_id": k, "caption": v, "references": refs[k][:2]}
         for k, v in list(results.items())[:5]
     ]
+    # every generated caption, in COCO's results format, so the scores can be recomputed
+    scores["captions"] = [{"image_id": k, "caption": v} for k, v in results.items()]
     return scores
 
 

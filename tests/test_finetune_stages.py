@@ -92,11 +92,31 @@ def test_caption_stage_runs_xe_then_scst_and_scores_both(world, tmp_path):
         ]
     )
     res = _read(out / "eval_caption.json")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from bimac.data.world import make_sample
+    from bimac.metrics.text import ptb_tokenize
+
+    refs = {i: make_sample(0, "val", i)["json"]["captions_en"] for i in range(6)}
+    flat = iter(ptb_tokenize([c for i in range(6) for c in refs[i]]))
+    gts = {i: [next(flat) for _ in refs[i]] for i in range(6)}
     for phase in ("xe", "scst"):
         assert res[phase]["status"] == "completed"
         test = res[phase]["eval"]["test"]
-        assert test["images"] == 6 and 0 <= test["BLEU-4"] <= 100 and test["CIDEr-D"] >= 0
-    assert res["scst"]["reward_first"] is not None
+        assert test["images"] == 6
+        # recomputed from the written captions with pycocoevalcap (its Cider is CIDEr-D), 1e-6
+        written = {c["image_id"]: c["caption"] for c in test["captions"]}
+        assert sorted(written) == list(range(6))
+        hyp = dict(enumerate([h] for h in ptb_tokenize([written[i] for i in range(6)])))
+        assert test["BLEU-4"] == pytest.approx(
+            100 * Bleu(4).compute_score(gts, hyp)[0][3], abs=1e-6
+        )
+        assert test["CIDEr-D"] == pytest.approx(100 * Cider().compute_score(gts, hyp)[0], abs=1e-6)
+    # the SCST rewards reported are those its training log recorded (first and last step)
+    log = [json.loads(x) for x in (out / "scst" / "metrics.jsonl").read_text().splitlines()]
+    assert res["scst"]["reward_first"] == log[0]["metrics"]["scst_reward"]
+    assert res["scst"]["reward_last"] == log[-1]["metrics"]["scst_reward"]
     assert (out / "xe" / "metrics.jsonl").is_file() and (out / "scst" / "export").is_dir()
 
 
