@@ -53,3 +53,21 @@ def world_image(path: Path, size: tuple[int, int] = (120, 90), index: int = 0) -
     sample = make_sample(0, "val", index, 96)
     Image.open(io.BytesIO(sample["jpg"])).convert("RGB").resize(size).save(path)
     return path
+
+
+def export_embeddings(export, images: list[bytes], texts: list[str]):
+    """L2-normalised image and text embeddings straight from the export (model + tokenizer), with
+    the images through the shared decoder: the numbers the evaluations must reproduce."""
+    from bimac.data.samples import image_chw
+    from bimac.export_folder import load_tokenizer
+    from bimac.models.bimac import BiMAC
+
+    model = BiMAC.from_pretrained(export).eval()
+    tok = load_tokenizer(export, model.config.context_length)
+    size = model.config.image_size
+    with torch.no_grad():
+        img = model.encode_image(
+            torch.stack([torch.from_numpy(image_chw(b, size)) for b in images])
+        )
+        txt = model.encode_text(tok.encode(texts))
+    return img, txt

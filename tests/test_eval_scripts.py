@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from finetune_fixtures import export_embeddings
 
 from bimac.data.world import make_sample
 from bimac.eval import captioning, classification, probe, retrieval
@@ -117,24 +118,6 @@ def checkpoint(tmp_path_factory):
     return directory
 
 
-def _export_embeddings(export, images: list[bytes], texts: list[str]):
-    """L2-normalised image and text embeddings straight from the export (model + tokenizer), with
-    the images through the shared decoder: the numbers the evaluations must reproduce."""
-    from bimac.data.samples import image_chw
-    from bimac.export_folder import load_tokenizer
-    from bimac.models.bimac import BiMAC
-
-    model = BiMAC.from_pretrained(export).eval()
-    tok = load_tokenizer(export, model.config.context_length)
-    size = model.config.image_size
-    with torch.no_grad():
-        img = model.encode_image(
-            torch.stack([torch.from_numpy(image_chw(b, size)) for b in images])
-        )
-        txt = model.encode_text(tok.encode(texts))
-    return img, txt
-
-
 def test_retrieval_karpathy_json(checkpoint, tmp_path):
     (tmp_path / "img").mkdir()
     items = []
@@ -166,7 +149,7 @@ def test_retrieval_karpathy_json(checkpoint, tmp_path):
     assert out["images"] == 5 and out["texts"] == 25
     assert json.loads((tmp_path / "r.json").read_text())["mTR"] == out["mTR"]
     # recomputed from the export's own embeddings: image i owns captions 5i..5i+4
-    img, txt = _export_embeddings(
+    img, txt = export_embeddings(
         checkpoint, [(tmp_path / "img" / f"{i}.jpg").read_bytes() for i in range(5)],
         [c["raw"] for it in items[:5] for c in it["sentences"]],
     )  # fmt: skip
@@ -204,7 +187,7 @@ def test_classification_image_folder_and_probe_world(checkpoint, tmp_path):
     # recomputed: class vector = normalised mean of the normalised template embeddings
     paths = [(c, p) for c in classes for p in sorted((tmp_path / "folder" / c).iterdir())]
     templates = ["a {}", "a picture of a {}"]
-    img, txt = _export_embeddings(
+    img, txt = export_embeddings(
         checkpoint, [p.read_bytes() for _, p in paths], [t.format(c) for c in classes for t in templates]
     )  # fmt: skip
     weights = torch.nn.functional.normalize(txt.view(len(classes), 2, -1).mean(1), dim=-1)

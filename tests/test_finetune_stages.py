@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from finetune_fixtures import SMALL, world_shards
+from finetune_fixtures import SMALL, export_embeddings, world_shards
 
 from bimac.data import TokenizerConfig
 from bimac.models.bimac import BiMAC, load_model_config
@@ -68,6 +68,23 @@ def test_retrieval_stage_writes_recall_before_and_after(world, tmp_path):
             assert 0.0 <= r[k] <= 100.0
         assert r["i2t_R@1"] <= r["i2t_R@5"] <= r["i2t_R@10"]
     assert res["before"] != res["after"]  # two optimizer steps changed the embeddings
+    # "after" recomputed from the export's own embeddings (image i owns captions 5i..5i+4)
+    from bimac.data.world import make_sample
+
+    samples = [make_sample(0, "retrieval", i) for i in range(12)]
+    img, txt = export_embeddings(
+        out / "export", [s["jpg"] for s in samples], [c for s in samples for c in s["json"]["captions_en"]]
+    )  # fmt: skip
+    sim, owner = img @ txt.T, torch.arange(60) // 5
+    i2t_rank = torch.stack([(sim[i] > sim[i][owner == i].max()).sum() for i in range(12)])
+    t2i_rank = torch.stack([(sim[:, j] > sim[owner[j], j]).sum() for j in range(60)])
+    for k in (1, 5, 10):
+        assert res["after"][f"i2t_R@{k}"] == pytest.approx(
+            100 * float((i2t_rank < k).float().mean())
+        )
+        assert res["after"][f"t2i_R@{k}"] == pytest.approx(
+            100 * float((t2i_rank < k).float().mean())
+        )
     assert BiMAC.from_pretrained(out / "export").config.image_size == 32
     assert _read(out / "summary.json")["step"] == 2
 
