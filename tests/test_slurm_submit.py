@@ -136,7 +136,7 @@ def test_collect_names_an_unknown_baseline_in_one_line(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"submit.py collect: --baseline 'nope' is not a cell under {tmp_path}: mcl"
+        f"python slurm/submit.py: error: --baseline 'nope' is not a cell under {tmp_path}: mcl"
     ]
 
 
