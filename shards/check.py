@@ -10,7 +10,6 @@ shards, caption length statistics. Exits 1 when nothing could be read.
 from __future__ import annotations
 
 import json
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -46,13 +45,12 @@ def check(urls: str, triplets: bool = False, image_size: int = 64) -> dict:
         noun_source="none",
     )
     ds = ShardDataset(cfg, tokenizer=None, rank=0, world_size=1)
-    rng = random.Random(0)
     chars: list[int] = []
     words: list[int] = []
     ids: set[str] = set()
     duplicates = 0
     for raw in tqdm(ds.raw_samples(), desc="checking", unit="sample"):
-        item = ds.decode(raw, rng)
+        item = ds.decode(raw)
         if item is None:
             continue
         duplicates += item["sample_id"] in ids

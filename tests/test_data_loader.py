@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -256,14 +255,25 @@ def test_missing_triplet_member_is_counted(tmp_path, tok):
     }
 
 
-def test_skip_counter_reset_and_sharing():
+def _count_in_another_process(counter: SkipCounter) -> None:
+    counter.add("bad_json")
+    counter.add("truncated_tar")
+
+
+def test_skip_counter_counts_across_processes_and_resets():
+    """A loader worker is another process (started from the fork server, as DataLoader workers
+    are): what it counts is seen by the trainer's process."""
+    import multiprocessing as mp
+
     c = SkipCounter()
     c.add("bad_json")
-    c.add("bad_json")
-    assert c.as_dict() == {"bad_json": 2}
+    worker = mp.get_context("forkserver").Process(target=_count_in_another_process, args=(c,))
+    worker.start()
+    worker.join(timeout=120)
+    assert worker.exitcode == 0
+    assert c.as_dict() == {"bad_json": 2, "truncated_tar": 1}
     c.reset()
     assert c.as_dict() == {}
-    assert Counter() == Counter(c.as_dict())
 
 
 def test_bengali_pairs_use_bengali_captions_and_nouns(tmp_path, tok):

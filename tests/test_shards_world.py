@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -12,8 +16,10 @@ from bimac.config import ConfigError
 from cli.demo import preview_grid
 from shards import check, world
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_synthetic_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, capsys):
+
+def test_world_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, capsys):
     world.main(
         ["--out", str(tmp_path), "--split", "val", "--n", "25", "--shard-size", "10", "--triplets"]
     )
@@ -35,7 +41,24 @@ def test_synthetic_cli_writes_img2dataset_layout_and_check_reads_it(tmp_path, ca
     assert summary["duplicate_ids"] == 0 and summary["caption_words"]["min"] >= 2
 
 
-def test_check_counts_bad_samples_and_fails_on_nothing_read(tmp_path, capsys):
+def test_check_counts_bad_samples_by_reason(tmp_path):
+    """`python -m shards.check` on shards with 1 % of each fault (tests/reliability_faults.py):
+    its JSON counts every skip by reason and every good sample, read from a directory too."""
+    from reliability_faults import write_faulty_shards
+
+    pattern, expected, good = write_faulty_shards(tmp_path / "faulty", n=200, shard_size=100)
+    for spec in (pattern, str(tmp_path / "faulty")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "shards.check", spec], cwd=REPO, capture_output=True,
+            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout[proc.stdout.index("{") :])
+        assert summary["skipped"] == dict(expected) and summary["samples"] == good
+        assert summary["skipped_total"] == sum(expected.values()) and summary["shards"] == 2
+
+
+def test_check_fails_on_nothing_read(tmp_path, capsys):
     (tmp_path / "00000.tar").write_bytes(b"\0" * 1024)  # an empty tar: nothing to read
     with pytest.raises(ConfigError, match="no sample of"):
         check.main([str(tmp_path / "00000.tar")])
