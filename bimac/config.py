@@ -275,7 +275,16 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def field_comments(cls: type) -> dict[str, str]:
     """Field name -> its comment in the dataclass source (the ``#`` lines just above the field,
-    then the one at the end of its line), so ``--help`` says what the code says."""
+    then the one at the end of its line), so ``--help`` says what the code says; fields inherited
+    from a base dataclass keep the base's comment unless the subclass redefines them."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_own_field_comments(klass))
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # a class defined in a REPL or a test's exec

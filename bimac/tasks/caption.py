@@ -12,19 +12,18 @@ document frequencies from the *training* references (:class:`bimac.metrics.cider
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from bimac.data import DataConfig, TokenizerConfig
+from bimac.data import DataConfig
 from bimac.data.tokenizer import strip_special
-from bimac.engine import TrainConfig
 from bimac.losses import caption_loss, scst_loss
-from bimac.models.bimac import BiMACConfig, unwrap
-from bimac.tasks.finetune import FinetuneBase, freeze
+from bimac.models.bimac import unwrap
+from bimac.tasks.finetune import FinetuneBase, FinetuneConfig, freeze
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +64,10 @@ class CaptionEvalConfig:
 
 
 @dataclass
-class CaptionConfig:
-    """``configs/finetune/caption/*.yaml``."""
+class CaptionConfig(FinetuneConfig):
+    """``configs/finetune/caption/*.yaml`` (``train``: the cross-entropy phase)."""
 
-    init: str = ""  # BiMAC export directory to start from; "" = a fresh `model`
-    model: BiMACConfig = field(default_factory=BiMACConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)  # the cross-entropy phase
     scst: SCSTConfig = field(default_factory=SCSTConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
 
@@ -134,11 +129,6 @@ class CaptionTask(FinetuneBase):
         if model.coca.visual.proj is not None:
             freeze([model.coca.visual.proj])
         return model
-
-    def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
-    ) -> Iterable:
-        return self.shard_loader(self.cfg.data, rank, world_size, epoch, samples_seen)
 
     def losses(
         self, model: nn.Module, batch: dict[str, Any]

@@ -20,11 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bimac.data import TokenizerConfig
-from bimac.engine import TrainConfig
-from bimac.models.bimac import BiMACConfig
 from bimac.models.classifier import ImageClassifier
-from bimac.tasks.finetune import FinetuneBase, freeze
+from bimac.tasks.finetune import FinetuneBase, FinetuneConfig, freeze
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +36,10 @@ class ClassificationDataConfig:
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(FinetuneConfig):
     """``configs/finetune/classification/*.yaml``."""
 
-    init: str = ""  # BiMAC export directory to start from; "" = a fresh `model`
-    model: BiMACConfig = field(default_factory=BiMACConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: ClassificationDataConfig = field(default_factory=ClassificationDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     mode: Literal["linear_probe", "full"] = "linear_probe"
     label_smoothing: float = 0.0
     eval_batch_size: int = 64

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,21 @@ from torch import nn
 
 from bimac import export_folder
 from bimac.config import ConfigError
-from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data import SkipCounter, TokenizerConfig, build_tokenizer, make_loader
+from bimac.engine import TrainConfig
 from bimac.models.bimac import BiMAC, BiMACConfig, export_model_config
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    """The sections every English fine-tuning stage's config starts with."""
+
+    init: str = ""  # BiMAC export directory to start from; "" = a fresh `model`
+    model: BiMACConfig = field(default_factory=BiMACConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def init_model_config(init: str, model: BiMACConfig) -> BiMACConfig:
@@ -62,11 +74,10 @@ class FinetuneBase:
             return BiMAC.from_pretrained(self.cfg.init)
         return BiMAC(self.model_config)
 
-    def shard_loader(
-        self, data: DataConfig, rank: int, world_size: int, epoch: int, samples_seen: int
-    ) -> Any:
+    def build_train_loader(self, rank: int, world_size: int, epoch: int, samples_seen: int) -> Any:
+        """The shard loader of ``cfg.data`` (a stage with other data overrides this)."""
         return make_loader(
-            data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+            self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
             samples_seen=samples_seen, counter=self.counter,
         )  # fmt: skip
 

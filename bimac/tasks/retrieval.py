@@ -6,18 +6,15 @@ patch decoder and grounding heads are frozen, as they receive no gradient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from bimac.data import DataConfig, TokenizerConfig
-from bimac.engine import TrainConfig
+from bimac.data import DataConfig
 from bimac.losses import contrastive_loss
-from bimac.models.bimac import BiMACConfig
-from bimac.tasks.finetune import FinetuneBase, freeze
+from bimac.tasks.finetune import FinetuneBase, FinetuneConfig, freeze
 
 
 @dataclass
@@ -33,14 +30,10 @@ class RetrievalEvalConfig:
 
 
 @dataclass
-class RetrievalConfig:
+class RetrievalConfig(FinetuneConfig):
     """``configs/finetune/retrieval/*.yaml``."""
 
-    init: str = ""  # BiMAC export directory to start from; "" = a fresh `model`
-    model: BiMACConfig = field(default_factory=BiMACConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
     temperature: float | None = None  # fixed τ; null = the model's learnable logit scale
     eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
 
@@ -59,22 +52,12 @@ class RetrievalTask(FinetuneBase):
         unused: list[Any] = [
             model.coca.text_decoder,
             model.patch_decoder,
-            model.patch_norm,
-            model.patch_proj,
-            model.noun_norm,
-            model.noun_proj,
-            model.grounding_logit_scale,
-            model.grounding_logit_bias,
+            *model.grounding_parts(),
         ]
         if self.cfg.temperature is not None:
             unused.append(model.coca.logit_scale)
         freeze(unused)
         return model
-
-    def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
-    ) -> Iterable:
-        return self.shard_loader(self.cfg.data, rank, world_size, epoch, samples_seen)
 
     def losses(
         self, model: nn.Module, batch: dict[str, Any]
