@@ -249,3 +249,19 @@ def test_finetuning_stage_resumes_exactly_after_sigkill(stage, finetune_world, t
         assert [r["step"] for r in got] == [r["step"] for r in want] != []
         for g, w in zip(got, want):
             assert _same(g) == _same(w), (phase, g["step"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_world_size_is_refused_in_one_line(finetune_world, tmp_path):
+    """A checkpoint written by 2 ranks (two RNG files), resumed by a 1-rank stage: one line that
+    names both sizes and the fix, before DeepSpeed reads a byte of it."""
+    out = tmp_path / "cls"
+    tag = out / "checkpoints" / "step00000002"
+    (tag / "rng").mkdir(parents=True)
+    for rank in (0, 1):
+        (tag / "rng" / f"rank{rank}.pt").write_bytes(b"")
+    (out / "checkpoints" / "latest").write_text("step00000002")
+    rc, err = _finetune("classification", _finetune_args("classification", finetune_world, out))
+    assert rc == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+    assert "was written by 2 ranks and this run has 1" in line and "train.resume=none" in line

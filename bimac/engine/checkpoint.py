@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bimac.config import UserError
+from bimac.config import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,14 @@ def remove_incomplete(ckpt_root: Path) -> None:
 def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
     """Load model/optimizer/scheduler from ``tag_dir`` and this rank's RNG; returns client_state."""
     tag_dir = Path(tag_dir)
-    rng_file = tag_dir / "rng" / f"rank{dist.get_rank()}.pt"
-    if not rng_file.is_file():
-        raise FileNotFoundError(
-            f"{rng_file} is missing: the checkpoint is incomplete or was written with a different "
-            "world size (exact resume needs the same number of ranks)"
+    written_by = len(list((tag_dir / "rng").glob("rank*.pt")))  # one RNG file per rank
+    if written_by != dist.get_world_size():
+        raise ConfigError(
+            f"checkpoint {tag_dir} was written by {written_by} ranks and this run has "
+            f"{dist.get_world_size()}: exact resume needs the same number of ranks; launch "
+            f"{written_by}, or start afresh with train.resume=none or another train.output_dir"
         )
+    rng_file = tag_dir / "rng" / f"rank{dist.get_rank()}.pt"
     path, client_state = engine.load_checkpoint(
         str(tag_dir.parent),
         tag=tag_dir.name,

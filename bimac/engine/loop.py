@@ -298,12 +298,7 @@ class _Trainer:
         resume_dir = _resolve_resume(self.cfg, self.ckpt_root)
         if resume_dir is None:
             return
-        saved = ckpt.load_checkpoint(self.engine, resume_dir)
-        if saved["world_size"] != self.world:
-            raise ValueError(
-                f"checkpoint {resume_dir} was written by {saved['world_size']} ranks, this run "
-                f"has {self.world}: exact resume needs the same world size"
-            )
+        saved = ckpt.load_checkpoint(self.engine, resume_dir)  # refuses another world size
         if saved["config_hash"] != self.chash:
             logger.warning("config changed since %s was saved (hash differs)", resume_dir)
         saved_total = getattr(self.scheduler, "total_steps", None)  # one-cycle keeps its length
