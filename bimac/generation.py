@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -638,16 +639,33 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
 
 
-def gathered_for_generation(model: nn.Module) -> Any:
+@contextlib.contextmanager
+def gathered_for_generation(model: nn.Module) -> Iterator[nn.Module]:
     """Under ZeRO-3 each rank holds a slice of every parameter (0 elements outside a gather), and
     the adapters read weights and sizes directly: gather the model once and lift DeepSpeed's
     fetch/release hooks for the generation (DeepSpeed's own helper for generation inside
     training). Other stages: nothing to do.
 
-    Known limit: the first backward after resuming a ZeRO-3 checkpoint then fails on a
-    0-element parameter (ZeRO-3 with RF cannot resume yet; RELIABILITY.md)."""
+    Every parameter leaves the context as it entered: DeepSpeed's helper partitions all of them on
+    exit, and the ones that were whole on entry are gathered again. The step's backward needs
+    them whole: a weight read outside its own module's forward (``MultiheadAttention`` reads its
+    ``out_proj`` weights, BiMAC its ``logit_scale``) is fetched in backward only if it was
+    partitioned when first read, which registers it with the reading module. In a fresh run
+    ZeRO-3 starts partitioned, so that happens; after a checkpoint load the small persistent
+    parameters start whole (DeepSpeed gathers them at the end of ``load_checkpoint``), are never
+    registered, and a partitioned one would reach the backward with 0 elements."""
     if getattr(model, "zero_optimization_stage", lambda: 0)() != 3:
-        return contextlib.nullcontext()
+        yield model
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
 
-    return unwrap_model_for_generation(model)
+    # the same list, in the same order, on every rank (the gather is a collective)
+    whole = sorted(
+        (p for p in model.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE),
+        key=lambda p: p.ds_id,
+    )
+    with unwrap_model_for_generation(model) as unwrapped:
+        yield unwrapped
+    if whole:
+        whole[0].all_gather(param_list=whole)

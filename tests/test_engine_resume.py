@@ -92,16 +92,7 @@ def _same(rec: dict) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # three launches of 20 steps
-@pytest.mark.parametrize(
-    "stage",
-    [
-        1,
-        2,
-        pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-            "ZeRO-3 with RF: the first backward after the resume fails on a 0-element parameter "
-            "(rf=false resumes); see RELIABILITY.md"))),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_sigkill_after_a_save_then_the_same_command_resumes_exactly(stage, world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"resume{stage}")
     straight = _reference(tmp, world, stage)
