@@ -183,6 +183,10 @@ CASES = {
         [str(REPO / "slurm/submit.py"), "collect", "--out", "{root}/empty_dir"],
         ["--out", "summary.json"],
     ),
+    "SCST under ZeRO-3": (
+        ["-m", "finetune.caption", "--config", CAPTION, "train.zero_stage=3"],
+        ["train.zero_stage=3", "scst.max_steps", "train.zero_stage=2"],
+    ),
     "bimac finetune with a bad key": (
         ["-m", "cli", "finetune", "caption", "--config", CAPTION, "train.lr=fast"],
         ["bimac finetune caption: error", "train.lr", "expected a number"],

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bimac.config import ConfigError
 from bimac.data import DataConfig
 from bimac.data.tokenizer import strip_special
 from bimac.losses import caption_loss, scst_loss
@@ -70,6 +71,14 @@ class CaptionConfig(FinetuneConfig):
     data: DataConfig = field(default_factory=DataConfig)
     scst: SCSTConfig = field(default_factory=SCSTConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.scst.max_steps and self.train.zero_stage == 3:
+            raise ConfigError(
+                "train.zero_stage=3 with scst.max_steps > 0: SCST samples captions with "
+                "gradients, which bimac does not run under ZeRO-3 yet; use train.zero_stage=2 "
+                "(or scst.max_steps=0 to train only the cross-entropy phase under ZeRO-3)"
+            )
 
 
 def reference_index(shards: str, tokenizer: Any, lang: str = "en") -> dict[str, list[list[int]]]:
