@@ -256,3 +256,35 @@ def test_a_checkpoint_of_another_world_size_is_refused_in_one_line(finetune_worl
     assert rc == 2 and "Traceback" not in err, err[-3000:]
     (line,) = [ln for ln in err.splitlines() if "error:" in ln]
     assert "was written by 2 ranks and this run has 1" in line and "train.resume=none" in line
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_caption_bn_resumes_exactly_after_sigkill(tmp_path):
+    """`python -m finetune.caption_bn` (the shipped tiny PAL config: triplet loader, PAL +
+    InfoNCE + Sinkhorn OT, progressive unfreezing) SIGKILLed after its step-2 save and rerun:
+    every step of metrics.jsonl equals the uninterrupted run's, exactly."""
+    from shards.world import build
+
+    for split, n in (("train", 48), ("val", 8)):
+        build(tmp_path / split, split, n, 64, triplets=True, shard_size=48)
+
+    def args(out: Path) -> list[str]:
+        return ["--config", "configs/finetune/caption_bn/tiny.yaml",
+                f"data.train_shards={tmp_path}/train/00000.tar",
+                f"data.val_shards={tmp_path}/val/00000.tar", f"train.output_dir={out}",
+                "train.max_steps=6", "train.save_every_steps=2", "train.epochs=100",
+                "train.progress_bar=false", "train.wandb=disabled", "train.log_every=1",
+                "eval.max_samples=4", "eval.meteor=false"]  # fmt: skip
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    rc, err = _finetune("caption_bn", args(straight))
+    assert rc == 0, err[-5000:]
+    rc, _ = _finetune("caption_bn", args(killed), kill_when=killed / "checkpoints" / "latest")
+    assert rc != 0
+    rc, err = _finetune("caption_bn", args(killed))
+    assert rc == 0, err[-5000:]
+    want, got = _metrics(straight), _metrics(killed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 7))
+    for g, w in zip(got, want):
+        assert _same(g) == _same(w), g["step"]
