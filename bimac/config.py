@@ -32,7 +32,7 @@ import textwrap
 import tokenize
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -416,3 +416,43 @@ def run_main(main: Callable[[list[str]], Any], prog: str, argv: list[str] | None
         print(f"{program(prog)}: error: {err}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) else 0
+
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+
+
+def parse_cli(
+    cls: type[T],
+    prog: str,
+    doc: str,
+    argv: Sequence[str] | None = None,
+    config_help: str = "YAML with any of the keys below",
+) -> T:
+    """Build config ``cls`` from ``[--config FILE] [--key VALUE | --flag | key=value ...]``.
+
+    The shared convention (:func:`bimac.config.config_parser`: ``--help`` lists every key) plus
+    the dashed form of a key: ``--shard-index 3`` is ``shard_index=3``, a bare ``--flag`` is
+    ``flag=true``; values are parsed as YAML, as in :func:`bimac.config.load_config`.
+    """
+    parser = config_parser(
+        cls, program(prog), doc, config_help=config_help,
+        config_required=False, overrides=False,
+    )  # fmt: skip
+    known, args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    overrides = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            name = arg[2:].replace("-", "_")
+            name, eq, value = name.partition("=")
+            if not eq:
+                nxt = args[i + 1] if i + 1 < len(args) else "--"
+                has_value = not nxt.startswith("--") and not _OVERRIDE.match(nxt)
+                value = args[i + 1] if has_value else "true"
+                i += has_value
+            overrides.append(f"{name}={value}")
+        else:
+            overrides.append(arg)
+        i += 1
+    return load_config(cls, known.config, overrides)

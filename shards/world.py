@@ -16,15 +16,18 @@ them all; ``bimac eval ... --format F --data DIR``):
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import webdataset as wds
 from PIL import Image
 
+from bimac.config import ConfigError, parse_cli, run_main
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import SPLITS, class_names, make_sample
 from bimac.data.writer import write_shards
@@ -151,33 +154,38 @@ def build_probe_benchmark(out: str | Path, fmt: str, n: int, size: int = 64, see
     return out
 
 
+@dataclass
+class WorldShardsConfig:
+    """What ``python -m shards.world`` writes (``--key value`` or ``key=value``)."""
+
+    out: str = ""  # output folder (required)
+    split: Literal[SPLITS] = "train"
+    n: int = 1000  # samples (probe: 2 per pair)
+    size: int = 64  # image side in pixels
+    seed: int = 0
+    triplets: bool = False  # add KEY.syn.jpg, KEY.en.txt, KEY.bn.txt
+    shard_size: int = 1000  # samples per tar
+    # shards (img2dataset layout), clip_benchmark (retrieval / cls_* splits), or a fine-grained
+    # benchmark's layout (probe split)
+    format: Literal[FORMATS] = "shards"
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out: give the output folder, e.g. --out runs/world/train")
+        if self.format != "shards" and self.triplets:
+            raise ConfigError("triplets: only with format=shards")
+        if self.format == "clip_benchmark" and self.split == "probe":
+            raise ConfigError("format=clip_benchmark writes retrieval or cls_* splits, not probe")
+        if self.format not in ("shards", "clip_benchmark") and self.split != "probe":
+            raise ConfigError(f"format={self.format} writes the probe split: add --split probe")
+
+
+PROG = "python -m shards.world"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m shards.world", description=__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--split", default="train", choices=SPLITS)
-    p.add_argument("--n", type=int, default=1000, help="samples (probe: 2 per pair)")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--triplets", action="store_true", help="add KEY.syn.jpg, KEY.en.txt, KEY.bn.txt"
-    )
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar")
-    p.add_argument(
-        "--format",
-        default="shards",
-        choices=FORMATS,
-        help="shards (img2dataset layout), clip_benchmark (retrieval / cls_* splits), or a "
-        "fine-grained benchmark's layout (probe split)",
-    )
-    a = p.parse_args(argv)
+    a = parse_cli(WorldShardsConfig, PROG, __doc__, argv)
     logging.basicConfig(level=logging.INFO)
-    if a.format != "shards" and a.triplets:
-        p.error("--triplets is for --format shards")
-    if a.format in ("shards", "clip_benchmark") or a.split != "probe":
-        if a.format not in ("shards", "clip_benchmark"):
-            p.error(f"--format {a.format} writes the probe split: add --split probe")
-        if a.format == "clip_benchmark" and a.split == "probe":
-            p.error("--format clip_benchmark writes retrieval or cls_* splits, not probe")
     try:
         if a.format == "shards":
             build(a.out, a.split, a.n, a.size, a.seed, a.triplets, a.shard_size)
@@ -186,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             build_probe_benchmark(a.out, a.format, a.n, a.size, a.seed)
     except ValueError as exn:
-        raise SystemExit(f"shards.world: {exn}") from None
+        raise ConfigError(str(exn)) from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

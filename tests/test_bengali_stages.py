@@ -20,6 +20,7 @@ import torch
 from bengali_fixtures import coco_json, corpus, tiny_kandinsky, tiny_labse, tiny_marian
 from PIL import Image
 
+from bimac.config import parse_cli
 from shards.bengali import pack, synthesise, translate, verify
 from shards.bengali.resumable import read_csv
 
@@ -286,7 +287,7 @@ def test_translate_killed_midway_then_rerun_matches_an_uninterrupted_run(
 
 def test_synthesise_killed_midway_then_rerun_matches_an_uninterrupted_run(run, models, tmp_path):
     args = _synth_args(models, run["root"] / "ver" / "accepted.csv", tmp_path)
-    cfg = synthesise.parse_cli(synthesise.SynthesiseConfig, synthesise.PROG, "", args)
+    cfg = parse_cli(synthesise.SynthesiseConfig, synthesise.PROG, "", args)
     synth = synthesise.KandinskySynthesiser(cfg)
     rows = read_csv(cfg.accepted)
     generate, calls = synth.generate, []

@@ -10,10 +10,10 @@ import pytest
 from bengali_fixtures import byte_clip_tokenizer
 from PIL import Image
 
-from bimac.config import load_config
+from bimac.config import load_config, parse_cli
 from shards.bengali import verify
 from shards.bengali.pack import PackConfig
-from shards.bengali.resumable import ShardRun, parse_cli, read_csv, shard_bounds
+from shards.bengali.resumable import ShardRun, read_csv, shard_bounds
 from shards.bengali.synthesise import (
     BN_STOPWORDS,
     EN_STOPWORDS,

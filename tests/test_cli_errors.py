@@ -183,6 +183,10 @@ CASES = {
         [str(REPO / "slurm/submit.py"), "collect", "--out", "{root}/empty_dir"],
         ["--out", "summary.json"],
     ),
+    "world builder with an unknown split": (
+        ["-m", "shards.world", "--out", "{root}/w", "--split", "nosuch"],
+        ["python -m shards.world: error", "split", "'nosuch' is not one of"],
+    ),
     "SCST under ZeRO-3": (
         ["-m", "finetune.caption", "--config", CAPTION, "train.zero_stage=3"],
         ["train.zero_stage=3", "scst.max_steps", "train.zero_stage=2"],
@@ -238,6 +242,7 @@ HELP = {
     ("-m", "shards.bengali.synthesise"): ("python -m shards.bengali.synthesise", "seed: int = 42"),
     ("-m", "shards.bengali.pack"): ("python -m shards.bengali.pack", "out: Path = "),
     ("-m", "shards.check"): ("python -m shards.check", "--triplets"),
+    ("-m", "shards.world"): ("python -m shards.world", "shard_size: int = 1000"),
     (str(REPO / "slurm/submit.py"),): ("python slurm/submit.py", "--cluster"),
     ("-m", "cli", "eval", "retrieval"): ("bimac eval retrieval", "--checkpoint"),
     ("-m", "cli", "finetune", "caption_bn"): ("bimac finetune caption_bn", "losses.rho: float"),

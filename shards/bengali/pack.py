@@ -31,12 +31,11 @@ from typing import Any, TypeVar
 
 from PIL import Image
 
-from bimac.config import ConfigError, run_main
+from bimac.config import ConfigError, parse_cli, run_main
 from bimac.data.writer import write_shards
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_json,
-    parse_cli,
     read_csv,
     require_input,
     setup_logging,
@@ -217,7 +216,7 @@ PROG = "python -m shards.bengali.pack"
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     setup_logging()
-    cfg = parse_cli(PackConfig, PROG, __doc__, argv)
+    cfg = parse_cli(PackConfig, PROG, __doc__, argv, "stage YAML (configs/bengali/*.yaml)")
     if cfg.out.is_dir() and any(cfg.out.glob("*.py")):
         raise ConfigError(
             f"out: {cfg.out} holds Python sources; give a data directory, e.g. out=work/bengali/shards"

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import time
@@ -23,15 +22,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm.auto import tqdm
 
-from bimac.config import ConfigError, config_parser, load_config, path_hint, program
+from bimac.config import ConfigError, path_hint
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 #: reason recorded for the rows of a batch whose model call raised
 MODEL_ERROR = "model_error"
@@ -247,37 +244,6 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def parse_cli(cls: type[T], prog: str, doc: str, argv: Sequence[str] | None = None) -> T:
-    """Build config ``cls`` from ``[--config FILE] [--key VALUE | --flag | key=value ...]``.
-
-    The shared convention (:func:`bimac.config.config_parser`: ``--help`` lists every key) plus
-    the dashed form of a key: ``--shard-index 3`` is ``shard_index=3``, a bare ``--flag`` is
-    ``flag=true``; values are parsed as YAML, as in :func:`bimac.config.load_config`.
-    """
-    parser = config_parser(
-        cls, program(prog), doc, config_help="stage YAML (configs/bengali/*.yaml)",
-        config_required=False, overrides=False,
-    )  # fmt: skip
-    known, args = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    overrides = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg.startswith("--"):
-            name = arg[2:].replace("-", "_")
-            name, eq, value = name.partition("=")
-            if not eq:
-                nxt = args[i + 1] if i + 1 < len(args) else "--"
-                has_value = not nxt.startswith("--") and not _OVERRIDE.match(nxt)
-                value = args[i + 1] if has_value else "true"
-                i += has_value
-            overrides.append(f"{name}={value}")
-        else:
-            overrides.append(arg)
-        i += 1
-    return load_config(cls, known.config, overrides)
 
 
 def require_input(path: Path, key: str, made_by: str) -> Path:

@@ -26,12 +26,11 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from bimac.config import run_main
+from bimac.config import parse_cli, run_main
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_bytes,
     atomic_write_json,
-    parse_cli,
     pending_shards,
     read_csv,
     require_input,
@@ -320,7 +319,7 @@ PROG = "python -m shards.bengali.synthesise"
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
-    cfg = parse_cli(SynthesiseConfig, PROG, __doc__, argv)
+    cfg = parse_cli(SynthesiseConfig, PROG, __doc__, argv, "stage YAML (configs/bengali/*.yaml)")
     require_input(cfg.accepted, "accepted", "`python -m shards.bengali.verify --merge` writes it")
     todo = pending_shards(cfg.out, "synthesise", range(cfg.num_shards), cfg.shard_index, FIELDS)
     if not todo:

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from bimac.config import ConfigError, run_main
+from bimac.config import ConfigError, parse_cli, run_main
 from shards.bengali.resumable import (
     ShardRun,
-    parse_cli,
     pending_shards,
     require_input,
     setup_logging,
@@ -126,7 +125,7 @@ PROG = "python -m shards.bengali.translate"
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     setup_logging()
-    cfg = parse_cli(TranslateConfig, PROG, __doc__, argv)
+    cfg = parse_cli(TranslateConfig, PROG, __doc__, argv, "stage YAML (configs/bengali/*.yaml)")
     if cfg.captions is None:
         raise ConfigError("captions: give the COCO caption JSON with --captions FILE")
     require_input(cfg.captions, "captions", "give the COCO caption JSON (captions_train2014.json)")

@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from bimac.config import ConfigError, run_main
+from bimac.config import ConfigError, parse_cli, run_main
 from shards.bengali.resumable import (
     ShardRun,
     atomic_write_bytes,
     atomic_write_json,
-    parse_cli,
     pending_shards,
     read_csv,
     require_input,
@@ -186,7 +185,7 @@ PROG = "python -m shards.bengali.verify"
 
 def main(argv: list[str] | None = None) -> Any:
     setup_logging()
-    cfg = parse_cli(VerifyConfig, PROG, __doc__, argv)
+    cfg = parse_cli(VerifyConfig, PROG, __doc__, argv, "stage YAML (configs/bengali/*.yaml)")
     if cfg.merge:
         return merge(cfg)
     translate = "`python -m shards.bengali.translate --out DIR` writes it"
