@@ -13,7 +13,6 @@ the URL column is detected per file, rows without an http(s) URL or caption are 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -21,7 +20,10 @@ import os
 import subprocess
 import sys
 import venv
+from dataclasses import dataclass
 from pathlib import Path
+
+from bimac.config import ConfigError, parse_cli, path_hint, run_main
 
 log = logging.getLogger(__name__)
 DEFAULT_VENV = Path(os.environ.get("BIMAC_IMG2DATASET_VENV", "~/.cache/bimac/img2dataset-venv"))
@@ -131,36 +133,46 @@ def build(
     return report
 
 
+@dataclass
+class CC15MConfig:
+    """What ``python -m shards.cc15m`` downloads (``--key value`` or ``key=value``)."""
+
+    cc3m: str = ""  # CC3M TSV (caption<TAB>url)
+    cc12m: str = ""  # CC12M TSV (url<TAB>caption)
+    out: str = ""  # output folder: one sub-folder per source
+    venv: str = str(DEFAULT_VENV)  # the isolated img2dataset venv
+    setup: bool = False  # only create the img2dataset venv
+    image_size: int = 256
+    processes: int = 4
+    threads: int = 64
+    shard_size: int = 10000
+    timeout: int = 10  # per-image download timeout (s)
+
+    def __post_init__(self) -> None:
+        if not self.setup and not (self.out and (self.cc3m or self.cc12m)):
+            raise ConfigError("give --out and at least one of --cc3m / --cc12m (or --setup)")
+        for key in ("cc3m", "cc12m"):
+            path = getattr(self, key)
+            if path and not self.setup and not Path(path).is_file():
+                raise ConfigError(f"{key}: {path} does not exist{path_hint(path)}")
+
+
+PROG = "python -m shards.cc15m"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m shards.cc15m",
-        description=__doc__,
-        formatter_class=argparse.RawTextHelpFormatter,
-    )
-    p.add_argument("--cc3m", help="CC3M TSV (caption<TAB>url)")
-    p.add_argument("--cc12m", help="CC12M TSV (url<TAB>caption)")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="isolated img2dataset venv")
-    p.add_argument("--setup", action="store_true", help="only create the img2dataset venv")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--processes", type=int, default=4)
-    p.add_argument("--threads", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=10000)
-    p.add_argument("--timeout", type=int, default=10, help="per-image download timeout (s)")
-    a = p.parse_args(argv)
+    a = parse_cli(CC15MConfig, PROG, __doc__, argv)
     logging.basicConfig(level=logging.INFO)
     if a.setup:
-        print(ensure_venv(a.venv))
+        print(ensure_venv(Path(a.venv)))
         return
-    tsvs = {k: v for k, v in (("cc3m", a.cc3m), ("cc12m", a.cc12m)) if v}
-    if not tsvs or a.out is None:
-        p.error("give --out and at least one of --cc3m / --cc12m")
+    tsvs = {k: Path(v) for k, v in (("cc3m", a.cc3m), ("cc12m", a.cc12m)) if v}
     report = build(
-        a.out, tsvs, a.venv, image_size=a.image_size, processes=a.processes,
+        Path(a.out), tsvs, Path(a.venv), image_size=a.image_size, processes=a.processes,
         threads=a.threads, shard_size=a.shard_size, timeout=a.timeout,
     )  # fmt: skip
     json.dump({k: {"samples": v["samples"]} for k, v in report.items()}, sys.stdout, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -187,6 +187,10 @@ CASES = {
         ["-m", "shards.world", "--out", "{root}/w", "--split", "nosuch"],
         ["python -m shards.world: error", "split", "'nosuch' is not one of"],
     ),
+    "cc15m with a missing TSV": (
+        ["-m", "shards.cc15m", "--out", "{root}/cc", "--cc3m", "{root}/nope.tsv"],
+        ["python -m shards.cc15m: error", "cc3m", "nope.tsv does not exist"],
+    ),
     "SCST under ZeRO-3": (
         ["-m", "finetune.caption", "--config", CAPTION, "train.zero_stage=3"],
         ["train.zero_stage=3", "scst.max_steps", "train.zero_stage=2"],
@@ -243,6 +247,7 @@ HELP = {
     ("-m", "shards.bengali.pack"): ("python -m shards.bengali.pack", "out: Path = "),
     ("-m", "shards.check"): ("python -m shards.check", "--triplets"),
     ("-m", "shards.world"): ("python -m shards.world", "shard_size: int = 1000"),
+    ("-m", "shards.cc15m"): ("python -m shards.cc15m", "timeout: int = 10"),
     (str(REPO / "slurm/submit.py"),): ("python slurm/submit.py", "--cluster"),
     ("-m", "cli", "eval", "retrieval"): ("bimac eval retrieval", "--checkpoint"),
     ("-m", "cli", "finetune", "caption_bn"): ("bimac finetune caption_bn", "losses.rho: float"),
