@@ -12,18 +12,20 @@ so tokenising, noun spans and JSON cost what they cost on world shards.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import io
 import logging
 import multiprocessing
 import os
+import sys
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from bimac.config import ConfigError, parse_cli, run_main
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
@@ -136,28 +138,38 @@ def build(
     return tars
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size {text!r}: give WIDTHxHEIGHT, e.g. 1024x768"
-        ) from None
-    return w, h
+@dataclass
+class PhotoShardsConfig:
+    """What ``python -m shards.photos`` writes (``--key value`` or ``key=value``)."""
+
+    out: str = ""  # output folder (required)
+    n: int = 3000  # images
+    size: str | int = "1024x768"  # WIDTHxHEIGHT (an int is a mistake reported with the fix)
+    seed: int = 0
+    shard_size: int = 500  # samples per tar
+    processes: int = os.cpu_count() or 1
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out: give the output folder, e.g. --out runs/bench/photo_1024")
+        parts = str(self.size).lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ConfigError(f"size: {str(self.size)!r}: give WIDTHxHEIGHT, e.g. 1024x768")
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        w, h = (int(v) for v in str(self.size).lower().split("x"))
+        return w, h
+
+
+PROG = "python -m shards.photos"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m shards.photos", description=__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=3000, help="images")
-    p.add_argument("--size", type=_size, default=(1024, 768), help="WIDTHxHEIGHT")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=500, help="samples per tar")
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
-    a = p.parse_args(argv)
+    a = parse_cli(PhotoShardsConfig, PROG, __doc__, argv)
     logging.basicConfig(level=logging.INFO)
-    build(a.out, a.n, *a.size, seed=a.seed, shard_size=a.shard_size, processes=a.processes)
+    build(a.out, a.n, *a.width_height, seed=a.seed, shard_size=a.shard_size, processes=a.processes)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))

@@ -62,7 +62,7 @@ def test_photo_shards_are_distinct_photos_with_world_captions(tmp_path):
 def test_photo_shards_bad_size_is_one_clear_error(tmp_path):
     proc = _run(sys.executable, "-m", "shards.photos", "--out", str(tmp_path), "--size", "1024")
     assert proc.returncode == 2
-    assert "--size '1024': give WIDTHxHEIGHT, e.g. 1024x768" in proc.stderr
+    assert "error: size: '1024': give WIDTHxHEIGHT, e.g. 1024x768" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
