@@ -15,13 +15,16 @@ OT, ``configs/finetune/caption_bn/tiny.yaml``), ending with its metric table and
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
+import sys
 import tarfile
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+
+from bimac.config import parse_cli, run_main
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]  # the demo reads the repository's configs/
@@ -112,36 +115,38 @@ def preview_grid(shard: Path, png: Path, n: int = 12, cols: int = 4) -> Path:
     return png
 
 
+@dataclass
+class DemoConfig:
+    """What ``make demo`` / ``make demo-bn`` run (``--key value`` or ``key=value``)."""
+
+    out: str = "runs/demo"  # the demo's folder: shards, runs, preview, evaluation
+    bengali: bool = False  # the PAL Bengali captioner demo (triplet shards)
+    size: int = 64  # image side of the world
+    seed: int = 0
+    # training steps; null: 200 pretraining, 600 PAL fine-tuning; 0: data stage only
+    steps: int | None = None
+    nproc: int = 2  # pretraining processes
+
+
+PROG = "python -m cli.demo"
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m cli.demo", description=__doc__)
-    p.add_argument("--out", default="runs/demo", type=Path)
-    p.add_argument(
-        "--bengali", action="store_true", help="the PAL Bengali captioner demo (triplet shards)"
-    )
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="training steps (default: 200 pretraining, 600 PAL fine-tuning; 0: data stage only)",
-    )
-    p.add_argument("--nproc", type=int, default=2, help="pretraining processes")
-    a = p.parse_args(argv)
+    a = parse_cli(DemoConfig, PROG, __doc__, argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    a.out = a.out.resolve()  # the pretraining processes run from the repository root
-    a.out.mkdir(parents=True, exist_ok=True)
-    patterns = build_world(a.out, a.size, a.seed, a.bengali)
-    check_world(a.out, patterns, triplets=a.bengali)
-    png = preview_grid(a.out / "shards" / "train" / "00000.tar", a.out / "preview.png")
-    log.info("data stage done: shards in %s, preview %s", a.out / "shards", png)
+    out = Path(a.out).resolve()  # the pretraining processes run from the repository root
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = build_world(out, a.size, a.seed, a.bengali)
+    check_world(out, patterns, triplets=a.bengali)
+    png = preview_grid(out / "shards" / "train" / "00000.tar", out / "preview.png")
+    log.info("data stage done: shards in %s, preview %s", out / "shards", png)
     if a.steps == 0:
         return
     if a.bengali:
-        finetune_bengali(a.out, patterns, a.steps or 600)
+        finetune_bengali(out, patterns, a.steps or 600)
         return
-    export = pretrain(a.out, patterns["train"], a.steps or 200, a.nproc)
-    evaluate(export, a.out / "eval.json")
+    export = pretrain(out, patterns["train"], a.steps or 200, a.nproc)
+    evaluate(export, out / "eval.json")
 
 
 def pretrain(out: Path, train_pattern: str, steps: int, nproc: int) -> Path:
@@ -193,4 +198,4 @@ def evaluate(export: Path, out_json: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main, PROG))
