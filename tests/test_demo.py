@@ -1,0 +1,60 @@
+"""``make demo``'s pipeline run whole (``python -m cli.demo``: world, 200 steps of tiny on 2
+ranks, evaluation) and its table checked against tests/golden/demo_table.json, the run the
+README's demo table and pointing-game figures come from.
+
+Tolerances: the pretraining is exact on the same machine (fp32, one thread per rank), but the
+evaluation's matrix products use the default thread count, so a ranking may flip on another
+CPU: 1.5 points on every percentage, 0.02 on the pointing game and the final L_MCL. Regenerate
+the golden only on purpose, after an intended change of the numerics:
+``BIMAC_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_demo.py`` (then update README's table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "demo_table.json"
+
+
+def demo_numbers(out: Path) -> dict[str, float]:
+    """The demo's table (eval.json rows) plus the pretraining figures the README quotes."""
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    numbers = {f"{r['task']}/{r['metric']}": r["value"] for r in rows}
+    log = [json.loads(x) for x in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    pointing = [r["metrics"]["pointing_game"] for r in log]
+    summary = json.loads((out / "pretrain" / "summary.json").read_text())
+    numbers["pretrain/pointing_game_first10"] = statistics.mean(pointing[:10])
+    numbers["pretrain/pointing_game_last10"] = statistics.mean(pointing[-10:])
+    numbers["pretrain/final_mcl"] = summary["final_losses"]["mcl"]
+    return numbers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_demo_reproduces_its_golden_table(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "cli.demo", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=1700)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "### Embedded-world evaluation" in proc.stdout  # the table the user sees
+    got = demo_numbers(out)
+    if os.environ.get("BIMAC_UPDATE_GOLDEN"):
+        rounded = {k: round(v, 4) for k, v in got.items()}
+        GOLDEN.write_text(json.dumps(rounded, indent=1, sort_keys=True) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        tolerance = 0.02 if key.startswith("pretrain/") else 1.5
+        assert got[key] == pytest.approx(value, abs=tolerance), key
+    # the learning the README describes: grounding improves, retrieval is far above chance
+    assert got["pretrain/pointing_game_last10"] > got["pretrain/pointing_game_first10"] + 0.05
+    assert got["retrieval/i2t_R@1"] > 10 * 0.5
