@@ -80,12 +80,14 @@ def test_exported_towers_embed_like_bimac(tmp_path, overrides, world_tokenizer):
             torch.testing.assert_close(
                 net.encode_text(ids, normalize=True), ours_txt, atol=1e-5, rtol=0
             )
-    # open_clip's own val transform gives BiMAC's input pixels (square image: no rounding)
+    # open_clip's own val transform (PIL bicubic) gives BiMAC's input pixels (the shared decoder's
+    # antialiased bicubic in torch) to one grey level: rounding, on under 1 % of the values
     buf = io.BytesIO()
     Image.fromarray(np.asarray(images[0].permute(1, 2, 0))).resize((96, 96)).save(buf, "PNG")
     ours = model.normalize(torch.from_numpy(image_chw(buf.getvalue(), 64).copy())[None])
     theirs = preprocess(Image.open(io.BytesIO(buf.getvalue())))[None]
-    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    levels = ((theirs - ours) * std * 255).abs()  # back to 0..255 units
+    assert levels.max() <= 1 + 1e-4 and (levels > 0.5).float().mean() < 0.01  # measured 0.2 %
 
 
 def test_import_puts_open_clip_weights_into_bimac(tmp_path, world_tokenizer):

@@ -15,7 +15,7 @@ import pytest
 from finetune_fixtures import SMALL, random_export, world_image, world_shards
 from PIL import Image
 
-from bimac.tools.images import ORIENTATION, UnreadableImage, open_upright, pixels, upright_bytes
+from bimac.tools.images import ORIENTATION, UnreadableImage, checked_bytes, open_upright, pixels
 
 REPO = Path(__file__).resolve().parents[1]
 BIMAC = str(Path(sys.executable).with_name("bimac"))  # the console script a user runs
@@ -89,14 +89,16 @@ def test_open_upright_reasons_and_exif(files, tmp_path):
     rotated = exif_rotated_jpeg(upright, tmp_path / "phone.jpg")
     assert Image.open(rotated).size == (90, 120)  # stored portrait
     assert open_upright(rotated).size == (120, 90)
-    # the model sees the upright picture: the same pixels as the original up to JPEG error
-    seen = pixels([upright_bytes(rotated)], 32).float()
+    # the model sees the upright picture (the shared decoder applies EXIF): the original's pixels
+    # up to JPEG error, unlike the stored pixels without their orientation
+    seen = pixels([checked_bytes(rotated)], 32).float()
     original = pixels([Path(files["good"][0]).read_bytes()], 32).float()
-    sideways = pixels([rotated.read_bytes()], 32).float()  # what reading the raw bytes gives
+    stored = io.BytesIO()
+    Image.open(rotated).convert("RGB").save(stored, format="PNG")  # the EXIF tag dropped
+    sideways = pixels([stored.getvalue()], 32).float()
     assert (seen - original).abs().mean() < 2.0  # measured 0.68
     assert (sideways - original).abs().mean() > 10.0  # measured 35.5
-    # an upright file is passed on unchanged, not re-encoded
-    assert upright_bytes(files["good"][1]) == Path(files["good"][1]).read_bytes()
+    assert checked_bytes(files["good"][1]) == Path(files["good"][1]).read_bytes()
 
 
 @pytest.mark.slow

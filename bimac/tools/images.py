@@ -58,16 +58,12 @@ def open_upright(path: str | Path) -> Image.Image:
         raise UnreadableImage(f"truncated or corrupt image ({exn})") from None
 
 
-def upright_bytes(path: str | Path) -> bytes:
-    """The file's bytes once they decode; a PNG of the upright image when EXIF rotates it."""
+def checked_bytes(path: str | Path) -> bytes:
+    """The file's bytes once they decode (:class:`UnreadableImage` otherwise); the shared decoder
+    (:mod:`bimac.data.decode`) applies their EXIF orientation."""
     data = Path(path).read_bytes()
-    image = open_upright(io.BytesIO(data))
-    with Image.open(io.BytesIO(data)) as raw:
-        if raw.getexif().get(ORIENTATION, 1) == 1:
-            return data
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    open_upright(io.BytesIO(data))
+    return data
 
 
 def pixels(images: list[bytes], size: int) -> torch.Tensor:
@@ -91,7 +87,7 @@ class ImageBatch:
         print(f"{self.command}: skipped {path}: {why}", file=sys.stderr, flush=True)
 
     def read(
-        self, paths: list[str | Path], read: Callable[[str | Path], Any] = upright_bytes
+        self, paths: list[str | Path], read: Callable[[str | Path], Any] = checked_bytes
     ) -> list[tuple[str, Any]]:
         """``(path, read(path))`` of every readable file, in order; the others are skipped."""
         out = []
