@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from finetune_fixtures import SMALL, random_export, world_image, world_shards
-from PIL import Image
+from PIL import ExifTags, Image
 
-from bimac.tools.images import ORIENTATION, UnreadableImage, checked_bytes, open_upright, pixels
+from bimac.tools.images import UnreadableImage, checked_bytes, open_upright, pixels
 
 REPO = Path(__file__).resolve().parents[1]
 BIMAC = str(Path(sys.executable).with_name("bimac"))  # the console script a user runs
@@ -72,7 +72,7 @@ def exif_rotated_jpeg(upright: Image.Image, path: Path) -> Path:
     orientation 6 ("turn 90° clockwise to display")."""
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # anticlockwise
     exif = Image.Exif()
-    exif[ORIENTATION] = 6
+    exif[ExifTags.Base.Orientation] = 6
     stored.save(path, format="JPEG", quality=98, exif=exif.tobytes())
     return path
 

@@ -28,7 +28,6 @@ BATCH_CONVENTION = textwrap.fill(
     "least one image was processed, 1 when none could be read.",
     width=88,
 )
-ORIENTATION = 0x0112  # EXIF tag: 1 = upright, 2..8 = flipped and/or rotated
 
 
 class UnreadableImage(Exception):
