@@ -51,6 +51,9 @@ class TrainConfig:
     watchdog_s: float = 600.0
 
     log_every: int = 10
+    # write sample_ids.jsonl: the sample keys of every global step in global order (which data a
+    # step saw; compare runs on different world sizes or after a resume)
+    log_sample_ids: bool = False
     progress_bar: bool = True
     wandb: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "bimac"

@@ -63,9 +63,13 @@ class RunLogger:
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        self._keep_steps_up_to(start_step)
+        self._keep_steps_up_to(start_step, "metrics.jsonl")
         # line-buffered: a step's line is on disk before the checkpoint that covers it is saved
         self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - finish()
+        self.ids_jsonl = None
+        if cfg.log_sample_ids:
+            self._keep_steps_up_to(start_step, "sample_ids.jsonl")
+            self.ids_jsonl = open(self.out / "sample_ids.jsonl", "a", buffering=1)  # noqa: SIM115
         if cfg.progress_bar:
             self.pbar = tqdm(total=total_steps, initial=start_step, desc=self.run_name, unit="step")
         if cfg.wandb != "disabled":
@@ -84,18 +88,17 @@ class RunLogger:
                 },
             )
 
-    def _keep_steps_up_to(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (the checkpoint resumed from), which a killed run
-        logged before its next save: the resumed run logs them again, so each step appears once."""
-        path = self.out / "metrics.jsonl"
+    def _keep_steps_up_to(self, step: int, name: str) -> None:
+        """Drop lines of ``name`` of steps after ``step`` (the checkpoint resumed from), which a
+        killed run logged before its next save: the resumed run logs them again, so each step
+        appears once."""
+        path = self.out / name
         if not path.is_file():
             return
         lines = path.read_text().splitlines(keepends=True)
         kept = [ln for ln in lines if _step_of(ln) <= step]
         if len(kept) != len(lines):
-            logger.info(
-                "metrics.jsonl: dropped %d lines after step %d", len(lines) - len(kept), step
-            )
+            logger.info("%s: dropped %d lines after step %d", name, len(lines) - len(kept), step)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(kept))
             tmp.replace(path)
@@ -122,12 +125,19 @@ class RunLogger:
             flat.update({f"skipped/{k}": v for k, v in record["skipped"].items()})
             self.wandb_run.log(flat, step=step)
 
+    def log_sample_ids(self, step: int, ids: list[str]) -> None:
+        """``sample_ids.jsonl``: the samples global step ``step`` consumed, in global order."""
+        if self.ids_jsonl is not None:
+            self.ids_jsonl.write(json.dumps({"step": step, "ids": ids}) + "\n")
+
     def finish(self, summary: dict[str, Any]) -> None:
         if not self.active:
             return
         if self.pbar is not None:
             self.pbar.close()
         self.jsonl.close()
+        if self.ids_jsonl is not None:
+            self.ids_jsonl.close()
         summary = {
             **summary,
             "run_name": self.run_name,
