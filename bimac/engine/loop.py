@@ -333,7 +333,8 @@ class _Trainer:
                 f"train.max_steps gives {self.total_steps}: resume with the same length, or start "
                 "fresh with train.resume=none or a new train.output_dir"
             )
-        # after a conversion, `saved` holds the data cursor of the other world size: RunState maps it
+        # after a conversion `saved` holds the data cursor of the other world size: mapping it
+        # is RunState's job (issue 14, item 2: one cursor valid for any world size)
         self.state = RunState.restore(saved, self.rank)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(self.state.task_state)
