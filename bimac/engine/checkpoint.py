@@ -4,37 +4,53 @@ Layout under ``<output_dir>/checkpoints``::
 
     step00000040/            one DeepSpeed tag (model, optimizer shards, client_state on rank 0)
         rng/rank{r}.pt       per-rank RNG states (client_state is written by rank 0 only)
+    step00000040_universal/  that tag converted by DeepSpeed's ``ds_to_universal``, written when a
+                             run with another number of ranks resumes from it (kept as long as
+                             its source is kept; ``.partial`` while being written)
     latest                   the tag of the newest *complete* checkpoint
 
 DeepSpeed writes ``latest`` itself while saving; we pass ``save_latest=False`` and replace
 ``latest`` atomically after every rank has finished, so a save killed midway leaves the previous
-checkpoint as ``latest``.
+checkpoint as ``latest``. Conversion never touches ``latest``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from bimac.config import ConfigError, UserError
+from bimac.config import UserError
 
 logger = logging.getLogger(__name__)
 
 TAG_RE = re.compile(r"^step\d{8}$")
+UNIVERSAL_SUFFIX = "_universal"
+PARTIAL_SUFFIX = ".partial"
+# one optimizer-state file per data-parallel rank under every ZeRO stage (``bf16_`` for bf16)
+OPTIM_SHARD_GLOB = "*zero_pp_rank_*_mp_rank_*_optim_states.pt"
 
 
 class CheckpointSaveError(UserError, RuntimeError):
     """A checkpoint could not be written (disk full, quota, I/O error); ``latest`` is unchanged."""
+
+
+class CheckpointConversionError(UserError, RuntimeError):
+    """A checkpoint of another world size could not be read or converted to a universal one."""
 
 
 def tag_for_step(step: int) -> str:
@@ -102,9 +118,8 @@ def save_checkpoint(
         # save. This rank exits; the launcher (or the watchdog) stops the others.
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
         free_mib = shutil.disk_usage(ckpt_root).free / 2**20
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointSaveError(
-            f"rank {rank} could not write checkpoint {ckpt_root / tag}: {first_line} "
+            f"rank {rank} could not write checkpoint {ckpt_root / tag}: {_first_line(err)} "
             f"({free_mib:.0f} MiB free there); the partial checkpoint was removed and `latest` "
             f"still names {latest_tag(ckpt_root) or 'no checkpoint'}, which is intact. Free space "
             f"under {ckpt_root} (or lower train.keep_last) and restart: the run resumes from it"
@@ -119,7 +134,8 @@ def save_checkpoint(
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last`` (never ``latest``)."""
+    """Delete complete checkpoints older than the newest ``keep_last`` (never ``latest``), and
+    universal conversions whose source checkpoint is no longer here."""
     latest = latest_tag(ckpt_root)
     if latest is None or keep_last <= 0:
         return
@@ -127,42 +143,171 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
     older = [t for t in tags if t <= latest]
     for tag in older[:-keep_last]:
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+    for p in ckpt_root.glob(f"step*{UNIVERSAL_SUFFIX}"):
+        if not (ckpt_root / p.name.removesuffix(UNIVERSAL_SUFFIX)).is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def remove_incomplete(ckpt_root: Path) -> None:
-    """Delete checkpoint directories newer than ``latest``: saves that a kill or a failure cut
-    short (their files would otherwise fill the disk, and ``prune`` never looks past ``latest``)."""
+    """Delete checkpoint directories newer than ``latest`` and unfinished universal conversions:
+    saves that a kill or a failure cut short (their files would otherwise fill the disk, and
+    ``prune`` never looks past ``latest``)."""
     if not Path(ckpt_root).is_dir():
         return
     latest = latest_tag(ckpt_root) or ""
     for p in sorted(Path(ckpt_root).iterdir()):
-        if p.is_dir() and TAG_RE.match(p.name) and p.name > latest:
-            logger.warning("removing incomplete checkpoint %s (newer than `latest`)", p)
+        newer = TAG_RE.match(p.name) and p.name > latest
+        if p.is_dir() and (newer or p.name.endswith(UNIVERSAL_SUFFIX + PARTIAL_SUFFIX)):
+            logger.warning("removing incomplete checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, tag_dir: Path) -> dict[str, Any]:
-    """Load model/optimizer/scheduler from ``tag_dir`` and this rank's RNG; returns client_state."""
-    tag_dir = Path(tag_dir)
-    written_by = len(list((tag_dir / "rng").glob("rank*.pt")))  # one RNG file per rank
-    if written_by != dist.get_world_size():
-        raise ConfigError(
-            f"checkpoint {tag_dir} was written by {written_by} ranks and this run has "
-            f"{dist.get_world_size()}: exact resume needs the same number of ranks; launch "
-            f"{written_by}, or start afresh with train.resume=none or another train.output_dir"
+def saved_world_size(tag_dir: Path) -> int:
+    """The number of ranks that wrote ``tag_dir``, from DeepSpeed's files alone (read before the
+    engine is built: loading another world size's checkpoint is decided in its config)."""
+    shards = list(Path(tag_dir).glob(OPTIM_SHARD_GLOB))
+    if not shards:
+        raise CheckpointConversionError(
+            f"checkpoint {tag_dir} holds no DeepSpeed optimizer shards ({OPTIM_SHARD_GLOB}): it "
+            "is not a checkpoint this engine wrote, or it is incomplete; point train.resume at a "
+            "checkpoints/stepNNNNNNNN directory of a run, or start afresh with train.resume=none"
         )
-    rng_file = tag_dir / "rng" / f"rank{dist.get_rank()}.pt"
+    return len(shards)
+
+
+@contextlib.contextmanager
+def _zero_dim_params_as_vectors() -> Iterator[None]:
+    """``ds_to_universal`` (DeepSpeed 0.19, pinned in pyproject.toml) reshapes each merged
+    ZeRO-1/2 fragment to its saved shape and then ``torch.cat``s the tensor-parallel slices, which
+    raises on 0-dim parameters (open_clip's ``logit_scale``). While it runs, the shapes it reads
+    from the checkpoint give 0-dim parameters shape (1,): the universal files hold 1-element
+    vectors, which DeepSpeed's universal loader copies into the 0-dim parameter element by
+    element. The model's own parameter shapes are untouched (ZeRO-3 takes another path)."""
+    from deepspeed.checkpoint import ds_to_universal as converter
+
+    original = converter._group_per_tp_shapes
+
+    def group_per_tp_shapes(*args: Any) -> dict[str, list[Any]]:
+        return {
+            name: [shape if len(shape) else torch.Size([1]) for shape in per_tp]
+            for name, per_tp in original(*args).items()
+        }
+
+    converter._group_per_tp_shapes = group_per_tp_shapes
+    try:
+        yield
+    finally:
+        converter._group_per_tp_shapes = original
+
+
+def convert_universal(tag_dir: Path, out_dir: Path) -> bool:
+    """Convert ``tag_dir`` with DeepSpeed's ``ds_to_universal`` into ``out_dir`` (one process);
+    False when ``out_dir`` already holds a complete conversion of the same source. Written under
+    ``out_dir.partial`` and renamed at the end: ``out_dir`` exists only when complete."""
+    from deepspeed.checkpoint import ds_to_universal as converter
+
+    tag_dir, out_dir = Path(tag_dir).resolve(), Path(out_dir)
+    marker = out_dir / "converted_from"
+    if marker.is_file() and marker.read_text() == str(tag_dir):
+        return False
+    staging = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    # one process: worker pools would fork this process and its initialised process group;
+    # inject_missing_state: our ZeRO-1/2 saves carry no `universal_checkpoint_info` of their own
+    args = argparse.Namespace(
+        input_folder=str(tag_dir), output_folder=str(staging / out_dir.name),
+        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+        inject_missing_state=True,
+    )  # fmt: skip
+    # quiet: the converter prints each stage and draws progress bars (stderr stays for errors)
+    try:
+        with (
+            _zero_dim_params_as_vectors(),
+            mock.patch.object(converter, "tqdm", SimpleNamespace(tqdm=iter)),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
+            converter.main(args)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / out_dir.name / marker.name).write_text(str(tag_dir))
+    os.replace(staging / out_dir.name, out_dir)
+    shutil.rmtree(staging)  # also DeepSpeed's `latest_universal`: our `latest` is what counts
+    return True
+
+
+def convert_to_universal(tag_dir: Path, ckpt_root: Path, world_size: int) -> Path:
+    """Collective: rank 0 converts ``tag_dir`` (written by another number of ranks) into
+    ``<ckpt_root>/<tag>_universal`` once, the other ranks wait; returns that directory. A failure
+    is the same one-line :class:`CheckpointConversionError` on every rank."""
+    tag_dir = Path(tag_dir)
+    out_dir = Path(ckpt_root) / f"{tag_dir.name}{UNIVERSAL_SUFFIX}"
+    saved = saved_world_size(tag_dir)
+    failure: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            converted = convert_universal(tag_dir, out_dir)
+            logger.info(
+                "%s checkpoint %s written by %d ranks as a universal checkpoint %s for %d ranks",
+                "converted" if converted else "reusing the conversion of", tag_dir, saved,
+                out_dir, world_size,
+            )  # fmt: skip
+        except Exception as err:
+            failure = [_first_line(err)]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise CheckpointConversionError(
+            f"checkpoint {tag_dir} was written by {saved} ranks and this run has {world_size}; "
+            f"DeepSpeed's ds_to_universal could not convert it: {failure[0]}. Resume it on "
+            f"{saved} ranks, or start afresh with train.resume=none or another train.output_dir"
+        )
+    return out_dir
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_checkpoint(
+    engine: Any, tag_dir: Path, universal_dir: Path | None = None
+) -> dict[str, Any]:
+    """Load model/optimizer/scheduler from ``tag_dir`` and this rank's RNG; returns client_state.
+
+    With ``universal_dir`` (``tag_dir`` converted for another world size; the engine was built
+    with ``checkpoint.load_universal``) the state comes from there and no RNG state is restored:
+    the per-rank RNG files of another world size map to no rank of this one, and the loop reseeds
+    every micro-batch from (seed, step, rank, micro-batch) anyway, so the state each rank keeps
+    from its seeded start is as good as any.
+    """
+    tag_dir = Path(tag_dir)
+    source = Path(universal_dir) if universal_dir is not None else tag_dir
     path, client_state = engine.load_checkpoint(
-        str(tag_dir.parent),
-        tag=tag_dir.name,
+        str(source.parent),
+        tag=source.name,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if path is None:
-        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {tag_dir}")
-    set_rng_state(torch.load(rng_file, weights_only=True))
-    logger.info("resumed from %s (step %s)", tag_dir, client_state.get("step"))
+        raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {source}")
+    if universal_dir is None:
+        rng_file = tag_dir / "rng" / f"rank{dist.get_rank()}.pt"
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    else:
+        _unshare_step_counts(engine)
+    logger.info("resumed from %s (step %s)", source, client_state.get("step"))
     return client_state
+
+
+def _unshare_step_counts(engine: Any) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_
+    stage3``) hands every sub-group's optimizer state the same ``step`` tensor, and torch's Adam
+    increments it in place once per sub-group: Adam's step count (its bias correction) would
+    advance by the number of sub-groups per step (measured: 3 -> 5 -> 7). Give each its own."""
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def export_model(engine: Any, out_dir: Path, experiment_config: Any, task: Any) -> Path:

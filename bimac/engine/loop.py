@@ -14,6 +14,10 @@ Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO
 skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
 skip by reason, logs it, and stops after ``max_consecutive_nonfinite`` skips in a row.
 
+Another world size: a checkpoint written by another number of ranks is converted once with
+DeepSpeed's universal checkpoint (``ds_to_universal``, into ``checkpoints/<tag>_universal``) and
+loaded with ``checkpoint.load_universal``: weights, optimizer moments, step and schedule continue.
+
 Exact resume: the run state (:class:`RunState`) is in every checkpoint, the loader resumes at
 its cursor and keys per-sample draws by the sample, and each micro-batch's random draws come from
 generators seeded by (seed, step, rank, micro-batch). Only one run may hold ``output_dir``
@@ -86,9 +90,12 @@ class TrainResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def build_deepspeed_config(cfg: TrainConfig, accumulation: int) -> dict[str, Any]:
+def build_deepspeed_config(
+    cfg: TrainConfig, accumulation: int, load_universal: bool = False
+) -> dict[str, Any]:
     """DeepSpeed config: ``configs/deepspeed/zero{stage}.json`` (or ``cfg.deepspeed_config``)
-    for the ZeRO knobs, with batch sizes, precision and clipping from ``cfg``."""
+    for the ZeRO knobs, with batch sizes, precision and clipping from ``cfg``; ``load_universal``
+    when the checkpoint to resume is a universal one (DeepSpeed reads it at ``initialize``)."""
     path = Path(cfg.deepspeed_config or f"configs/deepspeed/zero{cfg.zero_stage}.json")
     if not path.is_absolute() and not path.exists():
         path = REPO_ROOT / path
@@ -100,8 +107,10 @@ def build_deepspeed_config(cfg: TrainConfig, accumulation: int) -> dict[str, Any
         raise ValueError(
             f"train.zero_stage={cfg.zero_stage} but {path} sets stage {zero['stage']}: make them agree"
         )
+    checkpoint = {**base.get("checkpoint", {}), "load_universal": load_universal}
     return {
         **base,
+        "checkpoint": checkpoint,
         "train_batch_size": cfg.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
@@ -250,7 +259,9 @@ def _run_directory_lock(out: Path, rank: int) -> Iterator[None]:
         lock.release()
 
 
-def _build_engine(task: Task, cfg: TrainConfig, accumulation: int, total_steps: int) -> Any:
+def _build_engine(
+    task: Task, cfg: TrainConfig, accumulation: int, total_steps: int, load_universal: bool
+) -> Any:
     import deepspeed
 
     seed_everything(cfg.seed)  # identical initial weights on every rank
@@ -269,7 +280,7 @@ def _build_engine(task: Task, cfg: TrainConfig, accumulation: int, total_steps: 
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=build_deepspeed_config(cfg, accumulation),
+            config=build_deepspeed_config(cfg, accumulation, load_universal),
         )
     return engine, scheduler
 
@@ -289,16 +300,30 @@ class _Trainer:
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.last_saved: Path | None = None
+        self.resume_dir: Path | None = None
+        self.universal_dir: Path | None = None  # resume_dir converted for this world size
 
-    def resume(self) -> None:
-        """Restore the run state, weights, optimizer and schedule from the checkpoint to resume."""
+    def plan_resume(self) -> None:
+        """Before the engine is built (its config says whether it loads a universal checkpoint):
+        find the checkpoint to resume and, when another number of ranks wrote it, convert it."""
         if self.rank == 0:
             ckpt.remove_incomplete(self.ckpt_root)
         dist.barrier()
-        resume_dir = _resolve_resume(self.cfg, self.ckpt_root)
+        self.resume_dir = _resolve_resume(self.cfg, self.ckpt_root)
+        if self.resume_dir is None or ckpt.saved_world_size(self.resume_dir) == self.world:
+            return
+        where = f"converting checkpoint {self.resume_dir} to a universal checkpoint on rank 0"
+        with self.watchdog.waiting(where):
+            self.universal_dir = ckpt.convert_to_universal(
+                self.resume_dir, self.ckpt_root, self.world
+            )
+
+    def resume(self) -> None:
+        """Restore the run state, weights, optimizer and schedule from the checkpoint to resume."""
+        resume_dir = self.resume_dir
         if resume_dir is None:
             return
-        saved = ckpt.load_checkpoint(self.engine, resume_dir)  # refuses another world size
+        saved = ckpt.load_checkpoint(self.engine, resume_dir, self.universal_dir)
         if saved["config_hash"] != self.chash:
             logger.warning("config changed since %s was saved (hash differs)", resume_dir)
         saved_total = getattr(self.scheduler, "total_steps", None)  # one-cycle keeps its length
@@ -308,6 +333,8 @@ class _Trainer:
                 f"train.max_steps gives {self.total_steps}: resume with the same length, or start "
                 "fresh with train.resume=none or a new train.output_dir"
             )
+        # after a conversion `saved` holds the data cursor of the other world size: mapping it
+        # is RunState's job (issue 14, item 2: one cursor valid for any world size)
         self.state = RunState.restore(saved, self.rank)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(self.state.task_state)
@@ -509,7 +536,10 @@ def train(task: Task, cfg: TrainConfig, experiment_config: Any = None) -> TrainR
     rank, world = init_distributed()
     t = _Trainer(task, cfg, experiment_config, rank, world)
     with _run_directory_lock(t.out, rank), Watchdog(cfg.watchdog_s, rank) as t.watchdog:
-        t.engine, t.scheduler = _build_engine(task, cfg, t.accumulation, t.total_steps)
+        t.plan_resume()
+        t.engine, t.scheduler = _build_engine(
+            task, cfg, t.accumulation, t.total_steps, load_universal=t.universal_dir is not None
+        )
         t.resume()
         t.run_log = RunLogger(cfg, experiment_config, rank, t.total_steps, t.state.step, t.chash)
         status = t.run()
