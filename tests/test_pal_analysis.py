@@ -71,6 +71,7 @@ def _gap_by_hand(model, batches, cfg) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow
 def test_projection_compares_the_initial_model_with_the_trained_one(tmp_path):
     cfg = load_config(CaptionBnConfig, CONFIG)
     seed_everything(cfg.train.seed)  # what bimac.engine.train does before task.build_model()
