@@ -30,7 +30,7 @@ from PIL import Image
 from bimac.config import ConfigError, parse_cli, run_main
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import SPLITS, class_names, make_sample
-from bimac.data.writer import write_shards
+from bimac.data.writer import TAR_MTIME, write_shards
 
 FORMATS = ("shards", "clip_benchmark", "sugarcrepe", "winoground", "valse", "spec")
 # the probe's kinds as each benchmark's sub-task names
@@ -70,7 +70,9 @@ def build_clip_benchmark(
     out = Path(out)
     (out / "test").mkdir(parents=True, exist_ok=True)
     classification = split.startswith("cls_")
-    writer = wds.ShardWriter(str(out / "test" / "%d.tar"), maxcount=shard_size, verbose=0)
+    writer = wds.ShardWriter(
+        str(out / "test" / "%d.tar"), maxcount=shard_size, verbose=0, mtime=TAR_MTIME
+    )
     try:
         for i in range(n):
             s = make_sample(seed, split, i, size)

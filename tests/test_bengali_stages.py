@@ -2,7 +2,8 @@
 
 translate (tiny MarianMT) -> verify (tiny BERT sentence-transformer) -> merge -> synthesise (tiny
 Kandinsky 2.1 prior + decoder) -> pack, each through its ``main`` and the real loading code; then
-kill-and-rerun of translate and synthesise, regeneration from a sidecar, and the world source.
+regeneration from a sidecar, and the world source. (Each stage killed with SIGKILL and rerun:
+``tests/test_shards_sigkill.py``.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from bengali_fixtures import coco_json, corpus, tiny_kandinsky, tiny_labse, tiny_marian
 from PIL import Image
 
-from bimac.config import parse_cli
 from shards.bengali import pack, synthesise, translate, verify
 from shards.bengali.resumable import read_csv
 
@@ -254,63 +254,6 @@ def test_pack_writes_triplets_and_counts_undecodable_images(run, caplog):
     with caplog.at_level(logging.INFO):
         again = pack.main(run["pack_args"])
     assert again["already_finished"] == again["shards"] and "nothing to do" in caplog.text
-
-
-def test_translate_killed_midway_then_rerun_matches_an_uninterrupted_run(
-    run, models, captions, tmp_path
-):
-    cfg = translate.TranslateConfig(
-        captions=captions,
-        out=tmp_path,
-        model=str(models["marian"]),
-        batch_size=3,
-        num_shards=2,
-        max_new_tokens=12,
-    )
-    translator = translate.MarianTranslator(cfg)
-    rows = translate.load_coco_captions(captions)
-    calls = []
-
-    def killed_on_second_batch(texts):
-        calls.append(texts)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return translator(texts)
-
-    with pytest.raises(KeyboardInterrupt):
-        translate.translate_shard(rows, killed_on_second_batch, translator.n_tokens, cfg, 0)
-    assert not (tmp_path / "shard_00000.csv").exists()
-    translate.translate_shard(rows, translator, translator.n_tokens, cfg, 0)
-    expected = (run["root"] / "tr" / "shard_00000.csv").read_bytes()
-    assert (tmp_path / "shard_00000.csv").read_bytes() == expected
-
-
-def test_synthesise_killed_midway_then_rerun_matches_an_uninterrupted_run(run, models, tmp_path):
-    args = _synth_args(models, run["root"] / "ver" / "accepted.csv", tmp_path)
-    cfg = parse_cli(synthesise.SynthesiseConfig, synthesise.PROG, "", args)
-    synth = synthesise.KandinskySynthesiser(cfg)
-    rows = read_csv(cfg.accepted)
-    generate, calls = synth.generate, []
-
-    def killed_on_second_image(prompt, settings):
-        calls.append(prompt)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return generate(prompt, settings)
-
-    synth.generate = killed_on_second_image
-    with pytest.raises(KeyboardInterrupt):
-        synthesise.synthesise_shard(rows, synth, 1)
-    assert len(list((tmp_path / "images").glob("*.json"))) == 1
-    synth.generate = generate
-    synthesise.synthesise_shard(rows, synth, 1)
-    reference = run["root"] / "syn"
-    assert (tmp_path / "shard_00001.csv").read_bytes() == (
-        reference / "shard_00001.csv"
-    ).read_bytes()
-    for r in read_csv(tmp_path / "shard_00001.csv"):
-        for f in (r["image"], r["sidecar"]):
-            assert (tmp_path / f).read_bytes() == (reference / f).read_bytes()
 
 
 def test_pack_from_world_needs_no_model(tmp_path, caplog):

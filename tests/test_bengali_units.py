@@ -11,6 +11,7 @@ from bengali_fixtures import byte_clip_tokenizer
 from PIL import Image
 
 from bimac.config import load_config, parse_cli
+from bimac.data.writer import partial_path
 from shards.bengali import verify
 from shards.bengali.pack import PackConfig
 from shards.bengali.resumable import ShardRun, read_csv, shard_bounds
@@ -216,7 +217,7 @@ def test_shard_run_killed_midway_resumes_to_the_same_output(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         killed.run(_numbers(11), 3, _check, dies_on_third_batch)
     assert not killed.finished and not killed.csv_path.exists()
-    (killed.parts_dir / ".0000002.json.tmp999").write_text('{"rows": [')  # a torn temp file
+    partial_path(killed.part_path(2)).write_text('{"rows": [')  # a torn temporary file
     calls.clear()
     summary = killed.run(_numbers(11), 3, _check, process)
     assert calls == [[6, 7, 8], [9, 10]]  # only the batches that were not saved

@@ -2,8 +2,9 @@
 BENCHMARKS.md or RESULTS.md names as the proof of a claim must exist.
 
 A reference is written ``tests/FILE.py::test_name`` (``::other_test`` right after it reuses
-FILE); a benchmark target names ``benchmarks/NAME.py`` and, where it has one, its JSON key as
-``benchmarks/NAME.py:key`` (the key must appear in that benchmark's source).
+FILE; a bare ``test_x.py`` is refused, so every citation reads the same); a benchmark target
+names ``benchmarks/NAME.py`` and, where it has one, its JSON key as ``benchmarks/NAME.py:key``
+(the key must appear in that benchmark's source).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "RELIABILITY.md", "BENCHMARKS.md", "RESULTS.md")
 TEST_REF = re.compile(r"(?:(tests/test_\w+\.py)|(?<![\w/])(test_\w+\.py))?::(test_\w+)")
+BARE_FILE = re.compile(r"(?<![\w/.])test_\w+\.py")
 BENCH_REF = re.compile(r"benchmarks/(\w+\.(?:py|sh))(?::([\w.@/{},-]+))?")
 
 
@@ -62,6 +64,12 @@ def test_reference_parser_reads_full_bare_and_continued_names():
         ("tests/test_a.py", "test_y"),
         ("tests/test_b.py", "test_z"),
     ]
+
+
+@pytest.mark.parametrize("doc", DOCUMENTS)
+def test_documents_cite_test_files_by_their_path(doc):
+    text = (REPO / doc).read_text()
+    assert BARE_FILE.findall(text) == [], f"{doc}: write tests/test_x.py, not test_x.py"
 
 
 def test_the_documents_name_tests():

@@ -3,25 +3,23 @@
 Generic strictness (unknown key, wrong type, bad literal) is shown on a toy dataclass in
 ``tests/test_config.py::test_bad_config_names_the_key``; the global-batch message in
 ``tests/test_engine_units.py::test_accumulation_is_derived_from_the_global_batch``. Here: the
-real experiment configs, model names, spaCy pipelines and a SLURM allocation.
+real experiment configs, model names and spaCy pipelines (a SLURM allocation that does not divide
+the global batch is launched through srun in
+``tests/test_slurm_launch.py::test_slurm_allocation_that_does_not_divide_the_global_batch_is_one_line``).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from bimac.config import ConfigError
 from bimac.data import TokenizerConfig, build_tokenizer
-from bimac.engine import derive_accumulation
-from bimac.engine.distributed import export_env
 from bimac.tasks.pretrain import load_pretrain_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/pretrain/tiny.yaml"
-PAPER = REPO / "configs/pretrain/paper.yaml"
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -81,23 +79,3 @@ def test_missing_pretrained_model_name():
     with pytest.raises(ConfigError) as err:
         BiMAC(BiMACConfig(pretrained="no_such_tag_s13b"))
     assert "pretrained: 'no_such_tag_s13b' is neither a file nor an open_clip tag" in _one_line(err)
-
-
-def test_slurm_allocation_that_does_not_divide_the_global_batch(monkeypatch):
-    """paper.yaml is sized for 2 nodes x 8 GPUs; 3 nodes x 8 tasks cannot make batch 1024."""
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SUBMITIT_EXECUTOR", "MASTER_ADDR"):
-        monkeypatch.setenv(var, "")  # so that undo also removes what export_env() sets
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "24", "SLURM_LOCALID": "0",
-             "SLURM_JOB_NODELIST": "gpu[01-03]", "SLURM_JOB_ID": "7"}  # fmt: skip
-    for k, v in slurm.items():
-        monkeypatch.setenv(k, v)
-    export_env()  # what train() runs first, before any model is built
-    world = int(os.environ["WORLD_SIZE"])
-    train = load_pretrain_config(PAPER).train
-    with pytest.raises(ValueError) as err:
-        derive_accumulation(train.global_batch_size, train.micro_batch_size, world)
-    msg = _one_line(err)
-    assert "train.global_batch_size=1024 is not a multiple of" in msg
-    assert "world_size=24" in msg and "change one of them" in msg

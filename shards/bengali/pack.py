@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -127,9 +126,7 @@ def pack(
             totals.update(json.loads(stats_path.read_text())["status_dict"])
             continue
         status: Counter[str] = Counter()
-        started = time.time()
-
-        tmp = out / f".tmp_{k:05d}_{os.getpid()}"
+        tmp = out / f".tmp_{k:05d}"  # no PID: a rerun after a kill clears the same folder
         shutil.rmtree(tmp, ignore_errors=True)
         group = items[k * shard_size : (k + 1) * shard_size]
         tars = write_shards(
@@ -138,11 +135,10 @@ def pack(
         if tars:
             os.replace(tars[0], out / f"{k:05d}.tar")
         shutil.rmtree(tmp, ignore_errors=True)
-        end = time.time()
+        # counts only (no wall-clock times): a rerun writes the same bytes
         atomic_write_json(stats_path, {
             "count": sum(status.values()), "successes": status["success"],
-            "failed_to_download": 0, "failed_to_resize": 0, "duration": end - started,
-            "start_time": started, "end_time": end, "status_dict": dict(status),
+            "failed_to_download": 0, "failed_to_resize": 0, "status_dict": dict(status),
         })  # fmt: skip
         totals.update(status)
         log.info("pack shard %05d: %s", k, dict(status))

@@ -27,6 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from bimac.config import ConfigError, path_hint
+from bimac.data.writer import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that ``path`` is either absent or complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -222,14 +218,14 @@ class ShardRun:
             "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
             "failed_batches": failed,
             "batches": n_batches,
-            "seconds_last_run": round(seconds, 3),
         }
         atomic_write_json(self.summary_path, summary)
         shutil.rmtree(self.parts_dir, ignore_errors=True)
         log.info(
-            "%s %s done: %d in, %d kept, rejected %s, %d failed batches",
+            "%s %s done in %.1f s: %d in, %d kept, rejected %s, %d failed batches",
             self.stage,
             shard_name(self.index),
+            seconds,
             n_items,
             len(rows),
             summary["rejected"] or "none",
