@@ -74,11 +74,14 @@ class FinetuneBase:
             return BiMAC.from_pretrained(self.cfg.init)
         return BiMAC(self.model_config)
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int, samples_seen: int) -> Any:
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
+    ) -> Any:
         """The shard loader of ``cfg.data`` (a stage with other data overrides this)."""
         return make_loader(
             self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
-            samples_seen=samples_seen, counter=self.counter,
+            global_batch_size=self.cfg.train.global_batch_size, cursor=cursor,
+            counter=self.counter,
         )  # fmt: skip
 
     def skipped_counts(self) -> dict[str, int]:
