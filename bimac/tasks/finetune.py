@@ -77,9 +77,11 @@ class FinetuneBase:
     def build_train_loader(
         self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
     ) -> Any:
-        """The shard loader of ``cfg.data`` (a stage with other data overrides this)."""
+        """The shard loader of ``cfg.data`` in micro-batches of ``train.micro_batch_size`` (a
+        stage with other data overrides this)."""
+        data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.train.micro_batch_size)
         return make_loader(
-            self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+            data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
             global_batch_size=self.cfg.train.global_batch_size, cursor=cursor,
             counter=self.counter,
         )  # fmt: skip
