@@ -739,7 +739,9 @@ class Loader:
     def drop_rest(self, chunks: list[dict] = (), unused: list[dict] = ()) -> None:
         """End the epoch here: read what is left of this rank's streams and count every sample
         not trained on (``chunks`` and micro-batches ``unused`` already handed out included) as
-        ``epoch_tail``. The loop calls it when any rank's streams ran out."""
+        ``epoch_tail``. The loop calls it when any rank's streams ran out. Reading the rest costs
+        the streams' imbalance (under a chunk each with equal shards; more when a broken shard
+        cut one stream short), while the other ranks wait at their next collective."""
         n = sum(c["size"] for c in chunks) + sum(len(b["sample_id"]) for b in unused)
         n += sum(c["size"] for c in self._pending.values())
         n += sum(c["size"] for c in self._chunks)
