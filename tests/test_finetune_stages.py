@@ -173,6 +173,7 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
     on 4 fixed batches: the mean CIDEr-D of seeded samples on those batches goes up (measured
     0.465 -> 0.667 on the dev machine)."""
     from bimac.data import DataConfig, TokenizerConfig
+    from bimac.engine import TrainConfig
     from bimac.generation import CocaAdapter, GenerationConfig, generate
     from bimac.tasks.caption import CaptionConfig, CaptionTask, SCSTConfig
 
@@ -188,6 +189,7 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
             random_caption=False,
         ),
         scst=SCSTConfig(samples=8, max_new_tokens=12, baseline="leave_one_out"),
+        train=TrainConfig(global_batch_size=8, micro_batch_size=8),  # the loader's batches
     )
     torch.manual_seed(0)
     xe, scst = CaptionTask(cfg, "xe"), CaptionTask(cfg, "scst")
