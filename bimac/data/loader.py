@@ -95,7 +95,7 @@ class DataConfig:
     caption_lang: Literal["en", "bn"] = "en"  # pairs: which caption becomes `text`
     random_caption: bool = True  # world shards: draw one of the 5 captions per sample
     image_size: int = 64  # the image tower's input side
-    batch_size: int = 32  # per rank: the engine's micro-batch
+    batch_size: int = 32  # per rank
     num_workers: int = 0  # per rank; lowered to a divisor of the rank's stream count
     # Virtual streams (module docstring): stream s owns shards sorted(urls)[s::streams] for the
     # whole run. Must be a multiple of every world size the run will use, divide the global batch
