@@ -106,7 +106,10 @@ def loader_check(folder: Path, workers: int, device: str, decode_on: str) -> dic
         loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
     n = 0
     t = time.perf_counter()
-    for batch in loader.loader:  # decode_batch below is what Loader.__iter__ does on a GPU
+    for chunk in loader.loader:  # decode_batch below is what Loader.__iter__ does on a GPU
+        batch = chunk["batch"]  # a one-pass reader's chunk is one batch; its end chunk is empty
+        if batch is None:
+            continue
         if decode_on == "cuda":
             batch = decode_batch(batch, cfg.image_size, device)
         image = batch["image"].to(device, non_blocking=True)

@@ -209,7 +209,9 @@ def _batches(folder, decode_on: str, workers: int) -> list[dict]:
         decode_on=decode_on,
     )  # fmt: skip
     loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
-    return list(loader.loader)  # the DataLoader's batches, before the main process decodes
+    # the workers' chunks (a one-pass reader: one stream, chunks of batch_size, an empty end
+    # chunk), before the main process decodes
+    return [chunk["batch"] for chunk in loader.loader if chunk["batch"] is not None]
 
 
 def test_decode_on_cuda_plumbing_on_cpu(photo_shards, monkeypatch):

@@ -119,62 +119,67 @@ def test_empty_url_match_is_a_clear_error(tmp_path, tok):
         make_loader(_cfg(str(tmp_path / "{00000..00003}.tar")), tok, rank=0, world_size=1)
 
 
-def test_exact_mode_two_ranks_two_workers_every_sample_once(tmp_path, tok):
-    urls = _world(tmp_path, n=70, shard_size=10)  # 7 shards: uneven over 4 workers
+def _steps(cfg, tok, ranks: int, global_batch: int, epoch=0, cursor=None, stop_after=None):
+    """Global steps as the training loop sees them (the ranks' micro-batches in rank order, up to
+    the last step every rank has) and the ranks' merged cursor."""
+    acc = global_batch // ranks // cfg.batch_size
+    per_rank, cursor_out = [], {}
+    for rank in range(ranks):
+        loader = make_loader(cfg, tok, rank=rank, world_size=ranks, epoch=epoch,
+                             global_batch_size=global_batch, cursor=cursor)  # fmt: skip
+        batches = []
+        for b in loader:
+            batches.append(b["sample_id"])
+            if stop_after is not None and len(batches) == stop_after * acc:
+                break
+        per_rank.append(batches)
+        cursor_out |= loader.state_dict()
+    n = min(len(b) for b in per_rank) // acc
+    steps = [[i for r in per_rank for mb in r[k * acc : (k + 1) * acc] for i in mb] for k in range(n)]  # fmt: skip
+    return steps, cursor_out
+
+
+def test_streams_cross_shard_boundaries_and_see_each_sample_at_most_once(tmp_path, tok):
+    # 7 shards of 10 over 4 streams (0, 4 | 1, 5 | 2, 6 | 3): stream 3 has 10 samples, so with
+    # chunk 2 (global batch 8) the epoch is 5 steps; 2 ranks with 2 workers each
+    urls = _world(tmp_path, n=70, shard_size=10)
     expected = {f"{tmp_path}/{i // 10:05d}.tar#{i:09d}" for i in range(70)}
+    cfg = _cfg(urls, shuffle_buffer=20, num_workers=2, streams=4, batch_size=2)
     orders = []
     for epoch in (0, 1):
-        ids = []
-        for rank in (0, 1):
-            cfg = _cfg(urls, shuffle_buffer=20, num_workers=2)
-            ids += _ids(make_loader(cfg, tok, rank=rank, world_size=2, epoch=epoch))
-        assert len(ids) == 70 and set(ids) == expected
-        orders.append(ids)
+        steps, _ = _steps(cfg, tok, 2, 8, epoch=epoch)
+        ids = [i for s in steps for i in s]
+        assert len(steps) == 5 and len(set(ids)) == len(ids) == 40 and set(ids) <= expected
+        # the chunk of stream s (positions 2s, 2s + 1 of each step) comes from its own shards
+        for step in steps:
+            for k, i in enumerate(step):
+                assert int(i.split("#")[0][-9:-4]) % 4 == k // 2
+        orders.append(steps)
     assert orders[0] != orders[1]  # seeded shuffling differs per epoch
-    again = []
-    for rank in (0, 1):
-        again += _ids(
-            make_loader(
-                _cfg(urls, shuffle_buffer=20, num_workers=2), tok, rank=rank, world_size=2, epoch=1
-            )
-        )
-    assert again == orders[1]  # ... and is reproducible
+    assert _steps(cfg, tok, 2, 8, epoch=1)[0] == orders[1]  # ... and is reproducible
 
 
-def test_resampled_mode_yields_epoch_length_per_rank(tmp_path, tok):
+def test_resampled_mode_reads_epoch_samples_over_all_streams(tmp_path, tok):
     urls = _world(tmp_path, n=20, shard_size=5)
-    cfg = _cfg(urls, resampled=True, epoch_samples=37, num_workers=2, batch_size=8)
-    per_rank = [_ids(make_loader(cfg, tok, rank=r, world_size=2)) for r in (0, 1)]
-    assert [len(x) for x in per_rank] == [37, 37]
+    cfg = _cfg(urls, resampled=True, epoch_samples=40, num_workers=2, batch_size=4, streams=2)
+    per_rank = [_ids(make_loader(cfg, tok, rank=r, world_size=2, global_batch_size=8)) for r in (0, 1)]  # fmt: skip
+    assert [len(x) for x in per_rank] == [20, 20]  # 40 raw samples, 20 per stream, no bad ones
     assert per_rank[0] != per_rank[1]
 
 
-def _batches(loader) -> list[list[str]]:
-    return [b["sample_id"] for b in loader]
-
-
 @pytest.mark.parametrize("resampled", [False, True])
-def test_resume_at_every_batch_boundary_continues_the_same_stream(tmp_path, tok, resampled):
-    # 5 shards of 12 over 2 workers (uneven: one worker finishes first), batch 5 (partial batches)
+def test_resume_at_every_step_continues_the_same_order(tmp_path, tok, resampled):
+    # 5 shards of 12 over 2 streams (36 | 24 samples), chunk 5: 4 steps (resampled: 18 raw
+    # samples per stream, 3 steps); 2 workers, a shuffle buffer smaller than a shard
     urls = _world(tmp_path, n=60, shard_size=12)
-    cfg = _cfg(
-        urls, shuffle_buffer=10, num_workers=2, batch_size=5, resampled=resampled, epoch_samples=37
-    )
-    full = _batches(make_loader(cfg, tok, rank=0, world_size=1, epoch=3))
-    flat = [i for b in full for i in b]
-    assert len(flat) == (37 if resampled else 60)
-    assert sorted(len(b) for b in full)[0] < 5  # partial batches occur
-    bounds = [sum(len(b) for b in full[:k]) for k in range(1, len(full))]
-    for seen in (
-        bounds[0],
-        bounds[len(bounds) // 2],
-        bounds[-2],
-        bounds[-1],
-    ):  # late: one worker done
-        resumed = _batches(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=seen))
-        assert [i for r in resumed for i in r] == flat[seen:], seen
-    with pytest.raises(ValueError, match="batch boundary|multiple"):
-        list(make_loader(cfg, tok, rank=0, world_size=1, epoch=3, samples_seen=3))
+    cfg = _cfg(urls, shuffle_buffer=10, num_workers=2, batch_size=5, streams=2,
+               resampled=resampled, epoch_samples=37)  # fmt: skip
+    full, _ = _steps(cfg, tok, 1, 10, epoch=3)
+    assert len(full) == (3 if resampled else 4)
+    for k in range(1, len(full)):
+        head, cursor = _steps(cfg, tok, 1, 10, epoch=3, stop_after=k)
+        assert head == full[:k]
+        assert _steps(cfg, tok, 1, 10, epoch=3, cursor=cursor)[0] == full[k:], k
 
 
 def _tar(path, members: list[tuple[str, bytes]]):

@@ -40,13 +40,15 @@ class ToyModel(nn.Module):
 class ToyTask:
     """Two weighted loss terms (``mse``, ``l1``) and one metric; dropout exercises the RNG."""
 
-    def __init__(self, micro: int, nan_calls: tuple[int, ...] = (), preempt_call: int = -1):
+    def __init__(
+        self, micro: int, nan_calls: tuple[int, ...] = (), preempt_call: int = -1, global_batch=8
+    ):
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(N_SAMPLES, DIM, generator=gen)
         self.y = self.x @ torch.randn(DIM, generator=gen) + 0.1 * torch.randn(
             N_SAMPLES, generator=gen
         )
-        self.micro = micro
+        self.micro, self.global_batch = micro, global_batch
         self.nan_calls, self.preempt_call = nan_calls, preempt_call
         self.calls = 0
         self.seen: list[int] = []
@@ -54,12 +56,16 @@ class ToyTask:
     def build_model(self) -> nn.Module:
         return ToyModel()
 
-    def build_train_loader(self, rank, world_size, epoch, samples_seen):
+    def build_train_loader(self, rank, world_size, epoch, cursor):
+        from bimac.data import IndexLoader
+
         order = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(100 + epoch))
-        mine = order[rank::world_size][samples_seen:]
-        for i in range(0, len(mine), self.micro):
-            idx = mine[i : i + self.micro]
-            yield {"x": self.x[idx], "y": self.y[idx], "idx": idx}
+        return IndexLoader(order.tolist(), self.batch, self.global_batch,
+                           self.micro, rank, world_size, cursor)  # fmt: skip
+
+    def batch(self, idx: list[int]) -> dict:
+        idx = torch.tensor(idx)
+        return {"x": self.x[idx], "y": self.y[idx], "idx": idx}
 
     def losses(self, model, batch):
         self.calls += 1
@@ -162,7 +168,7 @@ def scenario_killed_save(out: Path) -> dict:
     """Save at step 2 completes; the save at step 4 dies midway (os._exit inside torch.save)."""
     from bimac.engine import train
 
-    task = ToyTask(micro=2)
+    task = ToyTask(micro=2, global_batch=4)
     original_save = torch.save
 
     def dying_save(obj, f, *a, **k):
@@ -258,7 +264,8 @@ def scenario_resume_after_kill(out: Path) -> dict:
     from bimac.engine import train
 
     r = train(
-        ToyTask(micro=2), _cfg(out / "k", global_batch_size=4, save_every_steps=2, max_steps=6)
+        ToyTask(micro=2, global_batch=4),
+        _cfg(out / "k", global_batch_size=4, save_every_steps=2, max_steps=6),
     )
     return {"first_step": r.history[0]["step"], "status": r.status}
 

@@ -34,7 +34,7 @@ def world_overrides(root: Path) -> list[str]:
     if not (root / "tokenizer.json").exists():
         build(root, "train", n=128, shard_size=64)
     return [f"data.train_shards={root}/{{00000..00001}}.tar", f"tokenizer.path={root}/tokenizer.json",
-            "data.num_workers=0", "train.wandb=disabled", "train.progress_bar=false"]  # fmt: skip
+            "data.streams=2", "data.num_workers=0", "train.wandb=disabled", "train.progress_bar=false"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

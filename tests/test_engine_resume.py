@@ -32,8 +32,8 @@ STEPS, SAVE_EVERY, KILL_AFTER = 20, 5, "step00000010"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> list[str]:
-    # 128 samples in 2 shards: each rank reads one shard, one of its 2 workers has none, and an
-    # epoch is 4 steps, so the 20 steps cross 4 epoch boundaries and resume mid-epoch
+    # 128 samples in 2 shards, 2 streams: each rank serves one stream (its 2 workers lowered to
+    # 1), an epoch is 8 steps of 16, so the 20 steps cross 2 epoch boundaries and resume mid-epoch
     overrides = world_overrides(tmp_path_factory.mktemp("world"))
     return [o for o in overrides if o != "data.num_workers=0"]  # the shipped 2 workers
 
@@ -291,7 +291,7 @@ def _finetune_args(stage: str, world: tuple[Path, Path], out: Path) -> list[str]
             *(f"model.{o}" for o in SMALL)]  # fmt: skip
     if stage == "classification":
         return [*args, "data.train=world:cls_shape:64:1", "data.test=world:cls_shape:8"]
-    args += [f"data.train_shards={tar}", "data.num_workers=2"]
+    args += [f"data.train_shards={tar}", "data.streams=1", "data.num_workers=2"]
     if stage == "retrieval":
         return [*args, "eval.data=world:retrieval:8"]
     return [*args, "scst.max_steps=4", "scst.samples=2", "scst.max_new_tokens=6",

@@ -35,6 +35,7 @@ def _overrides(world, out):
         *COMMON,
         f"tokenizer.path={tok}",
         f"data.train_shards={tar}",
+        "data.streams=1",  # one shard
         "data.num_workers=0",
         f"train.output_dir={out}",
         *(f"model.{o}" for o in SMALL),
@@ -172,6 +173,7 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
     on 4 fixed batches: the mean CIDEr-D of seeded samples on those batches goes up (measured
     0.465 -> 0.667 on the dev machine)."""
     from bimac.data import DataConfig, TokenizerConfig
+    from bimac.engine import TrainConfig
     from bimac.generation import CocaAdapter, GenerationConfig, generate
     from bimac.tasks.caption import CaptionConfig, CaptionTask, SCSTConfig
 
@@ -187,11 +189,12 @@ def test_scst_raises_mean_cider_reward_of_sampled_captions(world):
             random_caption=False,
         ),
         scst=SCSTConfig(samples=8, max_new_tokens=12, baseline="leave_one_out"),
+        train=TrainConfig(global_batch_size=8, micro_batch_size=8),  # the loader's batches
     )
     torch.manual_seed(0)
     xe, scst = CaptionTask(cfg, "xe"), CaptionTask(cfg, "scst")
     model = xe.build_model()
-    batches = list(xe.build_train_loader(0, 1, 0, 0))
+    batches = list(xe.build_train_loader(0, 1, 0, None))
     assert len(batches) == 4
 
     def mean_reward() -> float:

@@ -77,7 +77,7 @@ def test_pretraining_with_a_noun_pipeline_that_finds_nothing_says_so(tmp_path):
     world = world_overrides(tmp_path / "world")  # for its tokenizer
     shard = real_caption_shard(tmp_path / "real")
     argv = [sys.executable, "-m", "pretrain", "--config", str(REPO / "configs/pretrain/tiny.yaml"),
-            *world, f"data.train_shards={shard}", "data.noun_source=spacy",
+            *world, f"data.train_shards={shard}", "data.streams=1", "data.noun_source=spacy",
             "data.spacy_pipeline=world", "objectives.rf=false",
             f"train.max_steps={NO_SIGNAL_BATCHES}", f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}

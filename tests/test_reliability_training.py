@@ -11,6 +11,7 @@ skipped/counted/stopping, exact resume, SIGUSR1 preemption, a save killed midway
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
@@ -53,14 +54,25 @@ class RecordingTask(ToyTask):
         return terms, metrics
 
 
-class UnevenTask(RecordingTask):
-    """Rank 1's shards end early: it has 14 samples (7 micro-batches), rank 0 has 48."""
+class FirstBatches:
+    """A loader that ends after ``n`` micro-batches (its cursor is the wrapped loader's)."""
 
-    def build_train_loader(self, rank, world_size, epoch, samples_seen):
-        for i, b in enumerate(super().build_train_loader(rank, world_size, epoch, samples_seen)):
-            if rank == 1 and i >= 7:
-                return
-            yield b
+    def __init__(self, loader, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        return itertools.islice(self.loader, self.n)
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+
+class UnevenTask(RecordingTask):
+    """Rank 1's data ends early: it has 14 samples (7 micro-batches), rank 0 has 48."""
+
+    def build_train_loader(self, rank, world_size, epoch, cursor):
+        loader = super().build_train_loader(rank, world_size, epoch, cursor)
+        return FirstBatches(loader, 7) if rank == 1 else loader
 
 
 def scenario_dies(out: Path) -> dict:
@@ -192,7 +204,7 @@ class ShardImageTask:
         from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer
 
         self.data = DataConfig(train_shards=f"{world}/{{00000..00001}}.tar", batch_size=32,
-                               num_workers=2, shuffle_buffer=100)  # fmt: skip
+                               num_workers=2, shuffle_buffer=100, streams=2)  # fmt: skip
         tok_cfg = TokenizerConfig(kind="world", path=str(world / "tokenizer.json"))
         self.tokenizer, self.counter = build_tokenizer(tok_cfg), SkipCounter()
         self.stall_rank, self.epochs_started = stall_rank, 0
@@ -200,14 +212,15 @@ class ShardImageTask:
     def build_model(self):
         return torch.nn.Linear(3, 1)
 
-    def build_train_loader(self, rank, world_size, epoch, samples_seen):
+    def build_train_loader(self, rank, world_size, epoch, cursor):
         from bimac.data import make_loader
 
         self.epochs_started += 1
         if rank == self.stall_rank and epoch == 2:
             return _never_delivers()
         return make_loader(self.data, self.tokenizer, rank=rank, world_size=world_size,
-                           epoch=epoch, samples_seen=samples_seen, counter=self.counter)  # fmt: skip
+                           epoch=epoch, global_batch_size=64, cursor=cursor,
+                           counter=self.counter)  # fmt: skip
 
     def losses(self, model, batch):
         x = batch["image"].float().mean(dim=(2, 3)) / 255
@@ -336,8 +349,11 @@ def test_killed_rank_stops_the_job_and_restart_resumes_exactly(runs):
         # steps 1-4 are in the checkpoint (2 micro-batches a step); step 5+ is redone
         assert len(before) >= 9
         stream = [i for mb in before[:8] + after for i in mb]
-        order = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(100))
-        assert stream == order[rank::2][: 8 * 2 * 2].tolist()  # 8 steps x 2 micro x 2 samples
+        order = torch.randperm(N_SAMPLES, generator=torch.Generator().manual_seed(100)).tolist()
+        # global step k is order[8k : 8k + 8]; rank r serves its half (2 micro-batches of 2)
+        assert stream == [
+            i for k in range(8) for i in order[8 * k + 4 * rank : 8 * k + 4 * rank + 4]
+        ]
 
 
 @pytest.mark.slow
@@ -388,16 +404,29 @@ def test_signal_during_save_finishes_the_save_then_preempts(runs):
     }  # fmt: skip
 
 
+def _good_samples(out: Path, shard: int) -> int:
+    """Good samples of one faulty shard, read once (reference: the one-pass reader)."""
+    from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+
+    tok = build_tokenizer(TokenizerConfig(kind="world", path=str(out / "tok" / "tokenizer.json")))
+    cfg = DataConfig(train_shards=str(out / "shards" / f"{shard:05d}.tar"), batch_size=1)
+    return sum(len(b["sample_id"]) for b in make_loader(cfg, tok, rank=0, world_size=1))
+
+
 @pytest.mark.slow
 def test_training_over_faulty_shards_counts_every_skip(runs):
     out, expected = runs["out"] / "faulty", runs["expected"]
     assert runs["res"]["faulty"]["status"] == "completed"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["data_skipped"] == dict(expected)  # both ranks' loaders, summed
-    # each rank's last batch is partial (93-95 good samples): dropped on both, counted
-    good = 200 - sum(expected.values())
-    assert summary["step"] == good // 16 == 11
-    assert summary["skipped"] == {"partial_batch_samples": good - 16 * 11}
+    # 4 shards of 50, 4 streams (one shard each), chunk 4 of the global 16: the epoch has as many
+    # steps as the stream with the fewest good samples fills; the rest is its tail
+    good = [_good_samples(runs["out"], i) for i in range(4)]
+    assert sum(good) == 200 - sum(expected.values())
+    steps = min(good) // 4
+    assert summary["step"] == steps and steps >= 11
+    tail = sum(good) - 16 * steps
+    assert summary["data_skipped"] == dict(expected) | {"epoch_tail": tail}  # both ranks, summed
+    assert summary["skipped"] == {}  # every micro-batch is full
     logged = [
         json.loads(line)["skipped"] for line in (out / "metrics.jsonl").read_text().splitlines()
     ]

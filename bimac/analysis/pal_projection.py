@@ -166,7 +166,6 @@ def main(argv: list[str] | None = None) -> dict:
         rank=0,
         world_size=1,
         epoch=0,
-        samples_seen=0,
         num_workers=0,
     )
     batches, seen = [], 0

@@ -1,11 +1,36 @@
 """WebDataset pipelines for pairs and triplets (img2dataset layout), as the trainer reads them.
 
-One ``ShardDataset`` does: shard list (exact: seeded per-epoch shuffle, split by rank then by
-DataLoader worker; resampled: seeded sampling with replacement, a fixed number of samples per
-rank) -> webdataset's tar reading -> seeded sample shuffle -> skip ``samples_seen`` (resume) ->
-decode + checks (each bad sample skipped and counted by reason, no sleeping handler) -> uint8
-resize/centre-crop -> batches (tokenised, noun token spans, boxes). Batches are built in the
-workers; ``make_loader`` wraps the dataset in a ``DataLoader(batch_size=None)``.
+A global sample order, independent of the world size and of the DataLoader workers (MosaicML
+Streaming's "canonical nodes"):
+
+- **Streams.** ``data.streams`` = S virtual streams. Stream s owns the shards
+  ``sorted(urls)[s::S]`` for the whole run and reads them one after another in an order shuffled
+  by (seed, epoch, s), through its own shuffle buffer seeded by (seed, epoch, s). A stream just
+  continues into its next shard: shard boundaries do not show in the order. Resampled mode: each
+  stream draws shards from the whole set with replacement, seeded by (seed, epoch, s), and reads
+  ``epoch_samples // S`` raw samples per epoch.
+- **Global steps.** Global step k of an epoch takes ``chunk = global_batch / S`` consecutive good
+  samples from every stream; the global batch is the streams' chunks in stream order. Rank r of W
+  serves streams ``[r*S/W, (r+1)*S/W)``: its slice is its streams' chunks in stream order, cut
+  into micro-batches of ``batch_size``. Which samples form step k, and their order, depend only on
+  the seed, the epoch and the global batch; per-sample draws are keyed by (seed, epoch, sample
+  key) (``ShardDataset.sample_rng``).
+- **Bad samples** are skipped and counted by reason; the stream that met one reads one more raw
+  sample, no other stream or rank shifts.
+- **Epoch end.** When any stream cannot fill its next chunk the epoch ends on every rank (the
+  loop all-reduces it); the good samples left in the other streams are dropped and counted as
+  ``epoch_tail`` (``Loader.drop_rest``).
+- **Workers.** A rank's streams are divided among its workers (stream j of the rank -> worker
+  j % workers); ``num_workers`` is lowered to a divisor of the rank's stream count so that every
+  worker serves as many streams (the DataLoader asks its workers in strict turn). A worker reads,
+  decodes and collates whole chunks; the main process (``Loader``) joins each step's chunks.
+- **Resume.** A stream's cursor is the count of raw (post-shuffle-buffer) samples it consumed,
+  good and bad, through the last global step handed out in full; replaying the stream (tar
+  reading and shuffling, no decoding) and skipping that many is exact. ``Loader.state_dict()``
+  gives a rank's streams; the run merges every rank's into the checkpoint, so any world size
+  dividing S resumes it.
+
+A one-pass reader (evaluation, tools: no global batch) is one stream on one rank.
 
 Skip counts live in shared memory, so the main process sees what every worker skipped:
 ``loader.skipped()`` -> ``{reason: count}``.
@@ -17,17 +42,16 @@ import dataclasses
 import functools
 import glob
 import hashlib
-import io
+import itertools
 import json
 import logging
-import math
 import multiprocessing as mp
 import os
 import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,6 +80,7 @@ REASONS = (
     "bad_json",
     "missing_syn_image",  # triplets: no KEY.syn.jpg, or unreadable
     "missing_bn_caption",  # triplets: no / empty / non-UTF-8 KEY.bn.txt
+    "epoch_tail",  # good samples after an epoch's last full global step (a stream ran out)
 )
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")  # shard member / file suffixes, first wins
 
@@ -71,15 +96,19 @@ class DataConfig:
     random_caption: bool = True  # world shards: draw one of the 5 captions per sample
     image_size: int = 64  # the image tower's input side
     batch_size: int = 32  # per rank
-    num_workers: int = 0
-    resampled: bool = False  # True: sample shards with replacement, epoch_samples per rank
-    epoch_samples: int = 0  # per rank, resampled mode
+    num_workers: int = 0  # per rank; lowered to a divisor of the rank's stream count
+    # Virtual streams (module docstring): stream s owns shards sorted(urls)[s::streams] for the
+    # whole run. Must be a multiple of every world size the run will use, divide the global batch
+    # (train.global_batch_size), and in exact mode be at most the number of shards.
+    streams: int = 1
+    resampled: bool = False  # True: each stream samples shards with replacement
+    epoch_samples: int = 0  # resampled mode: raw samples read per epoch, over all streams
     shuffle_buffer: int = 1000  # 0 disables sample shuffling
     seed: int = 0
     max_nouns: int = 8
     noun_source: Literal["json", "spacy", "none"] = "json"  # spacy: extract from the caption
     spacy_pipeline: str = "en_core_web_sm"
-    drop_last: bool = False  # exact mode keeps the final partial batch of each worker
+    drop_last: bool = False  # one-pass readers: drop the final short batch (training always does)
     # cuda: workers ship JPEG bytes and the main process decodes each batch on the GPU (nvjpeg)
     decode_on: Literal["cpu", "cuda"] = "cpu"
     # pairs: add `references`, every caption of the image (world JSON `captions_en`/`captions_bn`,
@@ -120,9 +149,9 @@ class SkipCounter:
         self._counts = worker_context().Array("q", len(REASONS))
         self._warned: set[str] = set()
 
-    def add(self, reason: str, detail: str = "") -> None:
+    def add(self, reason: str, detail: str = "", count: int = 1) -> None:
         with self._counts.get_lock():
-            self._counts[REASONS.index(reason)] += 1
+            self._counts[REASONS.index(reason)] += count
         level = logging.WARNING if reason not in self._warned else logging.DEBUG
         self._warned.add(reason)
         log.log(level, "skipped sample (%s): %s", reason, detail)
@@ -277,7 +306,9 @@ def _text(sample: dict, key: str) -> str | None:
 
 
 class ShardDataset(IterableDataset):
-    """The training pipeline over a shard set; yields batch dicts (docs/contracts.md, "Batch")."""
+    """The training pipeline over a shard set, as virtual streams (module docstring); yields one
+    stream's chunk at a time: ``{"stream", "chunk", "raw_end", "size", "batch"}``, where ``batch``
+    is a collated batch dict (docs/contracts.md, "Batch") of ``size`` samples (None when 0)."""
 
     def __init__(
         self,
@@ -288,18 +319,19 @@ class ShardDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         epoch: int = 0,
-        samples_seen: int = 0,
+        global_batch_size: int | None = None,
+        cursor: dict[int, int] | None = None,
         tokenizer_bn: Tokenizer | None = None,
         counter: SkipCounter | None = None,
     ) -> None:
         self.cfg = cfg
-        self.urls = expand_shards(urls if urls is not None else cfg.train_shards)
+        self.urls = sorted(expand_shards(urls if urls is not None else cfg.train_shards))
         if rank is None:
             dist = torch.distributed
             on = dist.is_available() and dist.is_initialized()
             rank, world_size = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
         self.rank, self.world_size = rank, world_size or 1
-        self.epoch, self.samples_seen = epoch, samples_seen
+        self.epoch = epoch
         self.tokenizer = tokenizer
         self.tokenizer_bn = tokenizer_bn or tokenizer
         self.counter = counter or SkipCounter()
@@ -309,95 +341,102 @@ class ShardDataset(IterableDataset):
         if cfg.decode_on == "cuda" and not torch.cuda.is_available():
             raise ConfigError("data.decode_on=cuda: no CUDA device here; use data.decode_on=cpu")
         if cfg.resampled and cfg.epoch_samples <= 0:
-            raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per rank)")
-        if not cfg.resampled and len(self.urls) < self.world_size:
-            raise ValueError(
-                f"exact mode: {len(self.urls)} shards for {self.world_size} ranks; use more "
-                "shards or resampled mode"
-            )
+            raise ValueError("resampled mode needs data.epoch_samples > 0 (samples per epoch)")
+        # a one-pass reader (evaluation, tools) is one stream on one rank, batches of batch_size
+        self.training = global_batch_size is not None
+        if not self.training and self.world_size != 1:
+            raise ValueError("a loader for several ranks needs make_loader(global_batch_size=...)")
+        self.streams = cfg.streams if self.training else 1
+        self.global_batch = global_batch_size if self.training else cfg.batch_size
+        self._check_layout()
+        self.chunk = self.global_batch // self.streams
+        per_rank = self.streams // self.world_size
+        self.my_streams = list(range(self.rank * per_rank, (self.rank + 1) * per_rank))
+        self.start = self._start_positions(cursor or {})
         self._nouns = None  # spaCy extractor, built lazily in the worker
 
+    def _check_layout(self) -> None:
+        s, w, g, b = self.streams, self.world_size, self.global_batch, self.cfg.batch_size
+        if s < 1 or s % w:
+            raise ConfigError(
+                f"data.streams={s} is not a multiple of the world size {w}: set data.streams to a "
+                "multiple of every number of ranks the run will use (e.g. 8 for 1, 2, 4 or 8)"
+            )
+        if g % s or (g // w) % b:
+            raise ConfigError(
+                f"data.streams={s} and data.batch_size={b} on {w} ranks do not divide the global "
+                f"batch {g} (train.global_batch_size): choose data.streams dividing it"
+            )
+        if not self.cfg.resampled and len(self.urls) < s:
+            raise ConfigError(
+                f"data.streams={s} but data.train_shards has {len(self.urls)} shards: each stream "
+                f"owns whole shards; set data.streams to at most {len(self.urls)} or use more shards"
+            )
+
+    def _start_positions(self, cursor: dict[int, int]) -> dict[int, int]:
+        """Each of this rank's streams' raw position from the run's merged cursor (0: fresh)."""
+        if cursor and sorted(cursor) != list(range(self.streams)):
+            raise ConfigError(
+                f"the checkpoint's data cursor has {len(cursor)} streams but data.streams="
+                f"{self.streams}: resume with the data.streams it was written with, or start fresh "
+                "with train.resume=none"
+            )
+        return {s: int(cursor.get(s, 0)) for s in self.my_streams}
+
     # -- sample stream ---------------------------------------------------------------------------
-    def _seed(self, *parts: int) -> int:
+    def _seed(self, *parts: object) -> int:
         return stable_seed(self.cfg.seed, self.epoch, *parts)
 
-    def worker_quota(self, worker: int, num_workers: int) -> int:
-        """Resampled mode: samples this worker yields, so the rank's workers sum to epoch_samples."""
-        n = self.cfg.epoch_samples
-        return n // num_workers + (worker < n % num_workers)
+    def stream_urls(self, stream: int) -> list[str]:
+        """Exact mode: the shards ``stream`` owns (``sorted(urls)[stream::streams]``, the same
+        for the whole run), in this epoch's order (seeded by seed, epoch, stream)."""
+        urls = self.urls[stream :: self.streams]
+        random.Random(self._seed(stream, "shards")).shuffle(urls)
+        return urls
 
-    def _shard_urls(self, worker: int, num_workers: int) -> list[str]:
-        """Exact mode: this worker's shards (seeded per-epoch order, split by rank then worker)."""
-        urls = list(self.urls)
-        random.Random(self._seed(0)).shuffle(urls)  # same order on every rank, new each epoch
-        return urls[self.rank :: self.world_size][worker::num_workers]
-
-    def _shards(self, worker: int, num_workers: int) -> Iterator[dict]:
-        if self.cfg.resampled:
-            rng = random.Random(self._seed(self.rank, worker, 1))
+    def _shards(self, stream: int) -> Iterator[str]:
+        if self.cfg.resampled:  # with replacement from the whole set, seeded by the stream
+            rng = random.Random(self._seed(stream, "shards"))
             while True:
-                yield {"url": rng.choice(self.urls)}
-        mine = self._shard_urls(worker, num_workers)
-        if not mine:
-            log.warning("rank %d worker %d has no shard (too few shards)", self.rank, worker)
-        for url in mine:
-            yield {"url": url}
+                yield rng.choice(self.urls)
+        yield from self.stream_urls(stream)
 
-    def _worker_sizes(self, num_workers: int) -> list[int] | None:
-        """Samples each worker yields this epoch: known in resampled mode; in exact mode read from
-        the shards' ``*_stats.json`` (img2dataset's ``successes``) when every shard has one."""
-        if self.cfg.resampled:
-            return [self.worker_quota(w, num_workers) for w in range(num_workers)]
-        sizes = []
-        for w in range(num_workers):
-            total = 0
-            for url in self._shard_urls(w, num_workers):
-                stats = Path(url.removesuffix(".tar") + "_stats.json")
-                if not url.endswith(".tar") or not stats.is_file():
-                    return None
-                total += json.loads(stats.read_text())["successes"]
-            sizes.append(total)
-        return sizes
-
-    def resume_plan(self, num_workers: int) -> tuple[list[int], int]:
-        """After ``samples_seen`` samples of this epoch: samples each worker had produced and the
-        worker whose batch came next, replaying the DataLoader's round-robin over its workers."""
-        bs, seen, w = self.cfg.batch_size, self.samples_seen, 0
-        done = [0] * num_workers
-        if seen == 0:
-            return done, 0
-        sizes = self._worker_sizes(num_workers)
-        if sizes is None:  # sizes unknown: valid while every worker still yields full batches
-            if seen % bs:
-                raise ValueError(f"samples_seen={seen} is not a multiple of batch size {bs}")
-            k = seen // bs
-            done = [(k // num_workers + (v < k % num_workers)) * bs for v in range(num_workers)]
-            return done, k % num_workers
-        left = [n - n % bs for n in sizes] if self.cfg.drop_last else sizes
-        count = 0
-        while count < seen:
-            if all(d >= n for d, n in zip(done, left)):
-                raise ValueError(f"samples_seen={seen} is beyond this epoch ({sum(left)} samples)")
-            n = max(0, min(bs, left[w] - done[w]))
-            done[w] += n
-            count += n
-            w = (w + 1) % num_workers
-        if count != seen:
-            raise ValueError(f"samples_seen={seen} does not fall on a batch boundary")
-        return done, w
-
-    def raw_samples(self, worker: int = 0, num_workers: int = 1, skip: int = 0) -> Iterator[dict]:
-        """Undecoded samples of this rank/worker for this epoch, shuffled, first ``skip`` dropped.
-
-        Resume skips raw samples: a bad sample in the skipped prefix shifts the resume point by one.
-        """
-        stream = shard_samples((s["url"] for s in self._shards(worker, num_workers)), self.counter)
+    def raw_samples(self, stream: int | None = None) -> Iterator[dict]:
+        """Undecoded samples of ``stream`` in this epoch's order: its shards one after another,
+        then its own shuffle buffer (seeded by seed, epoch, stream). ``None``: every stream in
+        turn (tools reading an exact-mode shard set once). A resumed stream replays this and
+        skips its cursor: tar reading and shuffling only, no decoding."""
+        if stream is None:
+            return itertools.chain.from_iterable(map(self.raw_samples, range(self.streams)))
+        samples = shard_samples(self._shards(stream), self.counter)
         if self.cfg.shuffle_buffer > 0:
-            rng = random.Random(self._seed(self.rank, worker, 2))
-            stream = wds.filters.shuffle(self.cfg.shuffle_buffer, 100, rng=rng)(stream)
-        for i, sample in enumerate(stream):
-            if i >= skip:
-                yield sample
+            rng = random.Random(self._seed(stream, "buffer"))
+            samples = wds.filters.shuffle(self.cfg.shuffle_buffer, 100, rng=rng)(samples)
+        return samples
+
+    def stream_chunks(self, stream: int) -> Iterator[dict]:
+        """``stream``'s chunks of ``self.chunk`` good samples from its start position on, then one
+        short chunk (possibly empty) that marks its end. ``raw_end``: raw samples (good and bad)
+        the stream has consumed through the chunk's last sample; resampled mode reads
+        ``epoch_samples // streams`` raw samples per epoch."""
+        start = self.start[stream]
+        stop = self.cfg.epoch_samples // self.streams if self.cfg.resampled else None
+        items: list[dict] = []
+        index, position = 0, start
+        for raw in itertools.islice(self.raw_samples(stream), start, stop):
+            position += 1
+            item = self.decode(raw)
+            if item is None:  # counted; only this stream reads one more raw sample
+                continue
+            items.append(item)
+            if len(items) == self.chunk:
+                yield self._chunk(stream, index, position, items)
+                items, index = [], index + 1
+        yield self._chunk(stream, index, position, items)
+
+    def _chunk(self, stream: int, index: int, raw_end: int, items: list[dict]) -> dict:
+        batch = self.collate(items) if items else None
+        return {"stream": stream, "chunk": index, "raw_end": raw_end, "size": len(items), "batch": batch}  # fmt: skip
 
     def sample_rng(self, sample: dict) -> random.Random:
         """The sample's own random draws (which caption, ...), keyed by seed, epoch and sample key:
@@ -533,28 +572,17 @@ class ShardDataset(IterableDataset):
         return [[next(flat) for _ in caps] for caps in captions]
 
     def __iter__(self) -> Iterator[dict]:
-        physical, num_workers = _worker()
-        done, next_worker = self.resume_plan(num_workers)
-        # A resumed DataLoader starts its round-robin at worker 0; the original would next have
-        # asked `next_worker`, so physical worker p plays the part of worker p + next_worker.
-        worker = (physical + next_worker) % num_workers
-        quota = self.worker_quota(worker, num_workers) if self.cfg.resampled else math.inf
-        quota -= done[worker]
-        items: list[dict] = []
-        produced = 0
-        for raw in self.raw_samples(worker, num_workers, done[worker]):
-            if produced >= quota:
-                break
-            item = self.decode(raw)
-            if item is None:
-                continue
-            items.append(item)
-            produced += 1
-            if len(items) == self.cfg.batch_size:
-                yield self.collate(items)
-                items = []
-        if items and not self.cfg.drop_last:
-            yield self.collate(items)
+        """This worker's streams (stream j of the rank -> worker j % num_workers) chunk by chunk:
+        chunk k of each of them in stream order, then chunk k + 1; a stream leaves after its
+        short end chunk."""
+        worker, num_workers = _worker()
+        live = [self.stream_chunks(s) for s in self.my_streams[worker::num_workers]]
+        while live:
+            for chunks in list(live):
+                chunk = next(chunks)
+                if chunk["size"] < self.chunk:
+                    live.remove(chunks)
+                yield chunk
 
 
 def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -604,30 +632,161 @@ def _exit_with(trainer_pid: int, worker_id: int) -> None:
     threading.Thread(target=watch, daemon=True, name="trainer-watch").start()
 
 
+_LOGGED: set[str] = set()  # messages logged once per process
+
+
+def _log_once(msg: str, *args: object) -> None:
+    text = msg % args
+    if text not in _LOGGED:
+        _LOGGED.add(text)
+        log.info(text)
+
+
+def loader_workers(streams: int, num_workers: int) -> int:
+    """The workers a rank runs: the largest divisor of its stream count up to ``num_workers``, so
+    every worker serves as many streams as every other. The DataLoader asks its workers in strict
+    turn; unequal workers would make the main process hold the chunks of the ones ahead."""
+    return max(
+        (d for d in range(1, streams + 1) if streams % d == 0 and d <= num_workers), default=0
+    )
+
+
+def _concat(batches: list[dict]) -> dict:
+    """Chunks -> one batch: tensors concatenated along the batch, lists joined."""
+    if len(batches) == 1:
+        return batches[0]
+    return {
+        k: torch.cat([b[k] for b in batches]) if isinstance(v, torch.Tensor)
+        else [x for b in batches for x in b[k]]
+        for k, v in batches[0].items()
+    }  # fmt: skip
+
+
+def _micro_batches(batch: dict, size: int) -> list[dict]:
+    n = len(batch["sample_id"])
+    if n <= size:
+        return [batch]
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
 class Loader:
-    """A DataLoader over a ``ShardDataset`` plus its skip counters (``skipped()``)."""
+    """One rank's training loader for one epoch: a DataLoader over a ``ShardDataset``'s chunks,
+    reassembled into this rank's slice of each global step (its streams' chunks in stream order)
+    and cut into micro-batches of ``cfg.batch_size``. ``state_dict()``: the rank's cursor;
+    ``skipped()``: skip counters summed over every worker."""
 
     def __init__(self, dataset: ShardDataset, num_workers: int) -> None:
         self.dataset = dataset
+        ds = dataset
+        workers = loader_workers(len(ds.my_streams), num_workers)
+        if workers != num_workers:
+            _log_once(
+                "data.num_workers=%d -> %d: each loader worker serves the same number of the "
+                "rank's %d streams", num_workers, workers, len(ds.my_streams),
+            )  # fmt: skip
+        if ds.training:
+            first, last = ds.my_streams[0], ds.my_streams[-1]
+            _log_once(
+                "data: %d streams, rank %d serves streams %d..%d, chunk %d samples per stream per "
+                "step", ds.streams, ds.rank, first, last, ds.chunk,
+            )  # fmt: skip
+        self.cursor = dict(ds.start)
         self.loader = DataLoader(
             dataset,
             batch_size=None,
-            num_workers=num_workers,
-            worker_init_fn=functools.partial(_exit_with, os.getpid()) if num_workers else None,
-            multiprocessing_context=worker_context() if num_workers else None,
+            num_workers=workers,
+            worker_init_fn=functools.partial(_exit_with, os.getpid()) if workers else None,
+            multiprocessing_context=worker_context() if workers else None,
             persistent_workers=False,
-            prefetch_factor=4 if num_workers else None,
+            prefetch_factor=4 if workers else None,
         )
+        self._chunks: Iterator[dict] = iter(())
+        self._pending: dict[tuple[int, int], dict] = {}
 
     def __iter__(self) -> Iterator[dict]:
+        ds, cfg = self.dataset, self.dataset.cfg
+        self._chunks, self._pending = iter(self.loader), {}
+        for step in itertools.count():
+            got = [self._take(stream, step) for stream in ds.my_streams]
+            if any(c["size"] < ds.chunk for c in got):
+                if not ds.training and not cfg.drop_last and got[0]["size"]:
+                    yield self._on_device(got[0]["batch"])  # a one-pass reader's final batch
+                    got = []
+                self.drop_rest(chunks=got)
+                return
+            micro = _micro_batches(_concat([c["batch"] for c in got]), cfg.batch_size)
+            for i, batch in enumerate(micro):
+                if i == len(micro) - 1:  # the step is handed out in full: the cursor moves
+                    self.cursor = {c["stream"]: c["raw_end"] for c in got}
+                yield self._on_device(batch)
+
+    def _take(self, stream: int, index: int) -> dict:
+        """Chunk ``index`` of ``stream``, holding the chunks of other streams read on the way."""
+        key = (stream, index)
+        while key not in self._pending:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                raise RuntimeError(
+                    f"the loader workers ended before chunk {index} of stream {stream}"
+                )
+            self._pending[(chunk["stream"], chunk["chunk"])] = chunk
+        return self._pending.pop(key)
+
+    def _on_device(self, batch: dict) -> dict:
         cfg = self.dataset.cfg
-        if cfg.decode_on == "cuda":
-            return (decode_batch(b, cfg.image_size, "cuda") for b in self.loader)
-        return iter(self.loader)
+        return decode_batch(batch, cfg.image_size, "cuda") if cfg.decode_on == "cuda" else batch
+
+    def drop_rest(self, chunks: list[dict] = (), unused: list[dict] = ()) -> None:
+        """End the epoch here: read what is left of this rank's streams and count every sample
+        not trained on (``chunks`` and micro-batches ``unused`` already handed out included) as
+        ``epoch_tail``. The loop calls it when any rank's streams ran out. Reading the rest costs
+        the streams' imbalance (under a chunk each with equal shards; more when a broken shard
+        cut one stream short), while the other ranks wait at their next collective."""
+        n = sum(c["size"] for c in chunks) + sum(len(b["sample_id"]) for b in unused)
+        n += sum(c["size"] for c in self._pending.values())
+        n += sum(c["size"] for c in self._chunks)
+        self._chunks, self._pending = iter(()), {}
+        if n:
+            self.dataset.counter.add(
+                "epoch_tail", f"{n} samples after the last full global step", n
+            )
+
+    def state_dict(self) -> dict[int, int]:
+        """``{stream: raw samples consumed}`` of this rank's streams after the last global step
+        handed out in full (the start positions before the first)."""
+        return dict(self.cursor)
 
     def skipped(self) -> dict[str, int]:
         """Samples skipped so far, by reason, summed over all workers."""
         return self.dataset.counter.as_dict()
+
+
+class IndexLoader:
+    """One rank's training batches for one epoch over an in-memory dataset in a given ``order``
+    of its indices: global step k is ``order[k*G:(k+1)*G]`` (the short tail is left out) and rank
+    r of W serves its contiguous G/W of it, in micro-batches ``make_batch(indices)`` of
+    ``micro`` indices, so step k holds the same items on any world size. The cursor
+    ``{0: items of the order consumed}`` counts the steps handed out in full."""
+
+    def __init__(
+        self, order: list[int], make_batch, global_batch: int, micro: int, rank: int, world: int,
+        cursor: dict[int, int] | None,
+    ) -> None:  # fmt: skip
+        self.order, self.make_batch = order, make_batch
+        self.global_batch, self.micro, self.rank, self.world = global_batch, micro, rank, world
+        self.start = self.cursor = (cursor or {}).get(0, 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        g, per_rank = self.global_batch, self.global_batch // self.world
+        for a in range(self.start, len(self.order) - g + 1, g):
+            mine = self.order[a + self.rank * per_rank : a + (self.rank + 1) * per_rank]
+            for i in range(0, per_rank, self.micro):
+                if i + self.micro >= per_rank:  # the step is handed out in full
+                    self.cursor = a + g
+                yield self.make_batch(mine[i : i + self.micro])
+
+    def state_dict(self) -> dict[int, int]:
+        return {0: self.cursor}
 
 
 def make_loader(
@@ -638,22 +797,25 @@ def make_loader(
     rank: int | None = None,
     world_size: int | None = None,
     epoch: int = 0,
-    samples_seen: int = 0,
+    global_batch_size: int | None = None,
+    cursor: dict[int, int] | None = None,
     num_workers: int | None = None,
     tokenizer_bn: Tokenizer | None = None,
     counter: SkipCounter | None = None,
 ) -> Loader:
-    """The training loader of one rank for one epoch (batches of ``cfg.batch_size``).
+    """The loader of one rank for one epoch (micro-batches of ``cfg.batch_size``).
 
+    Training: pass ``global_batch_size``; global step k is the same samples in the same order on
+    any world size dividing ``cfg.streams`` and with any ``num_workers`` (module docstring).
+    ``cursor`` (the run's merged ``{stream: raw position}``, every rank's ``state_dict()``)
+    resumes mid-epoch exactly, on any such world size. Without ``global_batch_size``: a one-pass
+    reader, one stream on one rank, ending with a short batch unless ``cfg.drop_last``.
     ``urls`` defaults to ``cfg.train_shards``; ``rank``/``world_size`` default to
-    torch.distributed's; ``samples_seen`` (this rank's samples already consumed this epoch, at a
-    batch boundary, same batch size and ``num_workers``) resumes mid-epoch exactly: the
-    DataLoader's round-robin over workers is replayed (``ShardDataset.resume_plan``). A bad sample
-    inside the skipped prefix shifts the resume point by one. Pass the same ``counter`` every
-    epoch to keep running totals.
+    torch.distributed's. Pass the same ``counter`` every epoch to keep running totals.
     """
     ds = ShardDataset(
         cfg, tokenizer, urls, rank=rank, world_size=world_size, epoch=epoch,
-        samples_seen=samples_seen, tokenizer_bn=tokenizer_bn, counter=counter,
+        global_batch_size=global_batch_size, cursor=cursor, tokenizer_bn=tokenizer_bn,
+        counter=counter,
     )  # fmt: skip
     return Loader(ds, cfg.num_workers if num_workers is None else num_workers)

@@ -6,9 +6,11 @@ loss terms, the loop sums them and calls ``engine.backward`` once per micro-batc
 negatives are those of the micro-batch: features are not cached across accumulation steps, so
 use accumulation 1 where the global contrastive batch matters.
 
-Uneven data: a rank whose loader runs out ends the epoch on every rank together (an all-reduce
-before each step), and micro-batches smaller than ``micro_batch_size`` (a loader worker's tail)
-are dropped and counted, so every step has the same shapes on every rank and the global batch.
+Data order: a task's loader gives each rank its slice of every global step (the shard loader's
+virtual streams, ``bimac.data.loader``), so step k trains on the same samples whatever the world
+size. A rank whose loader runs out ends the epoch on every rank together (an all-reduce before
+each step; the loader counts what is left as ``epoch_tail``), and micro-batches smaller than
+``micro_batch_size`` are dropped and counted, so every step has the same shapes on every rank.
 
 Non-finite values: a NaN/inf loss makes the gradients non-finite, and every ZeRO stage then
 skips the optimizer step (DeepSpeed's overflow check, agreed across ranks). The loop counts the
@@ -19,10 +21,10 @@ DeepSpeed's universal checkpoint (``ds_to_universal``, into ``checkpoints/<tag>_
 loaded with ``checkpoint.load_universal``: weights, optimizer moments, step and schedule continue.
 
 Exact resume: the run state (:class:`RunState`) is in every checkpoint, the loader resumes at
-its cursor and keys per-sample draws by the sample, and each micro-batch's random draws come from
-generators seeded by (seed, step, rank, micro-batch). Only one run may hold ``output_dir``
-(``run.lock``), and a wait on the loader or on other ranks longer than ``train.watchdog_s`` ends
-the run (:mod:`bimac.engine.watchdog`).
+its cursor (every rank's merged: another world size resumes it too) and keys per-sample draws by
+the sample, and each micro-batch's random draws come from generators seeded by (seed, step,
+rank, micro-batch). Only one run may hold ``output_dir`` (``run.lock``), and a wait on the loader
+or on other ranks longer than ``train.watchdog_s`` ends the run (:mod:`bimac.engine.watchdog`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +61,18 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+class TrainLoader(Protocol):
+    """One rank's training batches for one epoch (docs/contracts.md, "Task"). Optional:
+    ``drop_rest(unused=micro_batches)``, called when the epoch ends, to count what is left."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict[int, int]:
+        """The cursor after the last global step handed out in full: this rank's part of what
+        ``build_train_loader(..., cursor=)`` resumes from (every rank's parts merged)."""
+        ...
+
+
 class Task(Protocol):
     """What a task gives the engine (docs/contracts.md). Optional extras: ``export(model, dir)``,
     ``skipped_counts() -> dict[str, int]`` (the loader's skip counters by reason),
@@ -68,8 +82,8 @@ class Task(Protocol):
     def build_model(self) -> nn.Module: ...
 
     def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
-    ) -> Iterable[Any]: ...
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
+    ) -> TrainLoader: ...
 
     def losses(
         self, model: nn.Module, batch: Any
@@ -296,7 +310,7 @@ class _Trainer:
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.experiment_config = experiment_config
-        self.per_rank_cap = cfg.samples_per_epoch // world if cfg.samples_per_epoch else 0
+        self.steps_per_epoch_cap = cfg.samples_per_epoch // cfg.global_batch_size
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.last_saved: Path | None = None
@@ -333,29 +347,26 @@ class _Trainer:
                 f"train.max_steps gives {self.total_steps}: resume with the same length, or start "
                 "fresh with train.resume=none or a new train.output_dir"
             )
-        # after a conversion `saved` holds the data cursor of the other world size: mapping it
-        # is RunState's job (issue 14, item 2: one cursor valid for any world size)
-        self.state = RunState.restore(saved, self.rank)
+        self.state = RunState.restore(saved)
         if hasattr(self.task, "load_state_dict"):
             self.task.load_state_dict(self.state.task_state)
         self.last_saved = resume_dir
 
-    def draw_micro_batches(self, batches: Iterator[Any]) -> list[Any] | None:
-        """This rank's micro-batches for the next step, or None when any rank ran out (the epoch
-        ends on every rank together). Partial micro-batches (a loader worker's tail) are dropped
-        and counted: ranks would disagree on the batch shape (cross-rank gathers abort or hang)."""
+    def draw_micro_batches(self, loader: TrainLoader, batches: Iterator[Any]) -> list[Any] | None:
+        """This rank's micro-batches for the next step, or None when any rank ran out or the
+        epoch's step cap is reached (the epoch ends on every rank together; the loader counts
+        what is left). Partial micro-batches are dropped and counted: ranks would disagree on the
+        batch shape (cross-rank gathers abort or hang)."""
         cfg, st = self.cfg, self.state
         micro: list[Any] = []
         dropped = 0
+        capped = self.steps_per_epoch_cap and st.epoch_steps >= self.steps_per_epoch_cap
         with self.watchdog.waiting(f"waiting for the data loader before step {st.step + 1}"):
-            while len(micro) < self.accumulation and not (
-                self.per_rank_cap and st.samples_seen >= self.per_rank_cap
-            ):
+            while len(micro) < self.accumulation and not capped:
                 nxt = next(batches, None)
                 if nxt is None:
                     break
                 if batch_size(nxt) < cfg.micro_batch_size:
-                    st.samples_seen += batch_size(nxt)
                     dropped += batch_size(nxt)
                     continue
                 micro.append(nxt)
@@ -365,7 +376,13 @@ class _Trainer:
             dist.all_reduce(short_dropped)
         if short_dropped[1]:
             st.skipped["partial_batch_samples"] += int(short_dropped[1])
-        return None if short_dropped[0] else micro
+        if short_dropped[0]:
+            if hasattr(loader, "drop_rest") and not capped:  # a cap is no tail: read no further
+                loader.drop_rest(unused=micro)
+            return None
+        st.epoch_steps += 1
+        st.data_cursor = loader.state_dict()
+        return micro
 
     def forward_backward(self, micro: list[Any]) -> tuple[dict[str, float], list[dict]]:
         """Backward once per micro-batch on the weighted sum of its terms (DeepSpeed ZeRO-1/2
@@ -392,7 +409,6 @@ class _Trainer:
         any rank asked to be preempted."""
         cfg, st = self.cfg, self.state
         step_samples = sum(batch_size(mb) for mb in micro)
-        st.samples_seen += step_samples
         st.step += 1
         gathered: list[Any] = [None] * self.world
         local = (terms_sum, _mean_dicts(metrics_list), preempt, step_samples)
@@ -463,14 +479,13 @@ class _Trainer:
         with PreemptionFlag() as preempt:
             while st.step < self.total_steps and st.epoch < cfg.epochs:
                 with self.watchdog.waiting(f"building the data loader of epoch {st.epoch}"):
-                    batches = iter(
-                        self.task.build_train_loader(
-                            self.rank, self.world, st.epoch, st.samples_seen
-                        )
+                    loader = self.task.build_train_loader(
+                        self.rank, self.world, st.epoch, st.data_cursor or None
                     )
+                    batches = iter(loader)
                 first_step = st.step
                 while st.step < self.total_steps:
-                    micro = self.draw_micro_batches(batches)
+                    micro = self.draw_micro_batches(loader, batches)
                     if micro is None:
                         break
                     skipped_before = self.engine.skipped_steps
@@ -491,13 +506,13 @@ class _Trainer:
                         self.save()
                 else:
                     break  # max_steps reached inside the epoch
-                if st.step == first_step and st.samples_seen == 0:
+                if st.step == first_step and st.epoch_steps == 0:
                     raise RuntimeError(
                         f"epoch {st.epoch} gave no optimizer step: each rank needs "
                         f"{self.accumulation} micro-batches of {cfg.micro_batch_size}; the "
                         f"loader's skipped samples by reason: {_gather_skip_counts(self.task)}"
                     )
-                st.epoch, st.samples_seen = st.epoch + 1, 0
+                st.epoch, st.epoch_steps, st.data_cursor = st.epoch + 1, 0, {}
         return "completed"
 
     def summary(self, status: str, export_dir: Path | None) -> dict[str, Any]:

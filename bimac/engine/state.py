@@ -8,12 +8,17 @@ from typing import Any
 
 import torch.distributed as dist
 
+from bimac.config import UserError
+
 
 @dataclass
 class RunState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    samples_seen: int = 0  # this rank's samples drawn in this epoch: its loader's resume cursor
+    epoch_steps: int = 0  # global steps done in this epoch (train.samples_per_epoch caps them)
+    # the loader's cursor, {data stream: raw samples consumed this epoch}: this rank's streams
+    # after a step, every rank's merged in a checkpoint (any world size resumes from it)
+    data_cursor: dict[int, int] = field(default_factory=dict)
     total_samples: int = 0  # over every rank and epoch
     consecutive_nonfinite: int = 0
     skipped: Counter[str] = field(default_factory=Counter)  # skipped steps / samples by reason
@@ -21,13 +26,14 @@ class RunState:
 
     def client_state(self, world: int, config_hash: str) -> dict[str, Any]:
         """What a checkpoint stores (collective: DeepSpeed writes rank 0's copy only, so every
-        rank's cursor is gathered into it)."""
+        rank's data cursor is gathered and merged into it)."""
         cursors: list[Any] = [None] * world
-        dist.all_gather_object(cursors, self.samples_seen)
+        dist.all_gather_object(cursors, self.data_cursor)
         return {
             "step": self.step,
             "epoch": self.epoch,
-            "samples_seen": cursors,
+            "epoch_steps": self.epoch_steps,
+            "data_cursor": {s: pos for c in cursors for s, pos in c.items()},
             "world_size": world,
             "total_samples": self.total_samples,
             "config_hash": config_hash,
@@ -37,11 +43,19 @@ class RunState:
         }
 
     @classmethod
-    def restore(cls, client_state: dict[str, Any], rank: int) -> RunState:
+    def restore(cls, client_state: dict[str, Any]) -> RunState:
+        """The state of a checkpoint, the same on every rank (the merged data cursor)."""
+        if "data_cursor" not in client_state:
+            raise UserError(
+                "the checkpoint predates the world-size-independent data order (no data_cursor) "
+                "and cannot resume it exactly: start fresh with train.resume=none or a new "
+                "train.output_dir"
+            )
         return cls(
             step=client_state["step"],
             epoch=client_state["epoch"],
-            samples_seen=client_state["samples_seen"][rank],
+            epoch_steps=client_state["epoch_steps"],
+            data_cursor=dict(client_state["data_cursor"]),
             total_samples=client_state["total_samples"],
             consecutive_nonfinite=client_state["consecutive_nonfinite"],
             skipped=Counter(client_state["skipped"]),

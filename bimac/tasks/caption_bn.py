@@ -131,7 +131,7 @@ class CaptionBnTask:
         return self._loader_tokenizer
 
     def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
     ) -> Iterable[dict]:
         data = self.cfg.data
         if data.batch_size != self.cfg.train.micro_batch_size:
@@ -139,7 +139,8 @@ class CaptionBnTask:
         tok = self.loader_tokenizer()
         return make_loader(
             data, tok, rank=rank, world_size=world_size, epoch=epoch,
-            samples_seen=samples_seen, tokenizer_bn=tok, counter=self.counter,
+            global_batch_size=self.cfg.train.global_batch_size, cursor=cursor, tokenizer_bn=tok,
+            counter=self.counter,
         )  # fmt: skip
 
     def skipped_counts(self) -> dict[str, int]:
@@ -220,9 +221,7 @@ def evaluate_captions(
         raise ValueError("eval.shards (or data.val_shards) must name the held-out triplet shards")
     data = DataConfig(**{**cfg.data.__dict__, "batch_size": ev.batch_size, "shuffle_buffer": 0})
     tok = as_loader_tokenizer(model.tokenizer, cfg.model.max_length, cfg.model.target_lang)
-    loader = make_loader(
-        data, tok, urls, rank=0, world_size=1, epoch=0, samples_seen=0, num_workers=0
-    )
+    loader = make_loader(data, tok, urls, rank=0, world_size=1, epoch=0, num_workers=0)
     gen = GenerationConfig(
         strategy="beam",
         num_beams=ev.num_beams,

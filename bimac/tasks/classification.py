@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bimac.data.loader import IndexLoader
 from bimac.models.classifier import ImageClassifier
 from bimac.tasks.finetune import FinetuneBase, FinetuneConfig, freeze
 
@@ -126,18 +127,17 @@ class ClassificationTask(FinetuneBase):
         return ImageClassifier(bimac, len(self.classnames))
 
     def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
-    ) -> Iterator[dict[str, Any]]:
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
+    ) -> IndexLoader:
+        """A global order of the images (seeded by data.seed and the epoch), sliced by rank."""
         order = list(range(len(self.images)))
         random.Random(self.cfg.data.seed * 1000 + epoch).shuffle(order)
-        mine = order[rank::world_size][samples_seen:]
-        return image_batches(
-            self.images,
-            self.labels,
-            self.cfg.data.image_size,
-            self.cfg.train.micro_batch_size,
-            mine,
-        )
+        size, train = self.cfg.data.image_size, self.cfg.train
+
+        def batch(idx: list[int]) -> dict[str, Any]:
+            return next(image_batches(self.images, self.labels, size, len(idx), idx))
+
+        return IndexLoader(order, batch, train.global_batch_size, train.micro_batch_size, rank, world_size, cursor)  # fmt: skip
 
     def losses(
         self, model: nn.Module, batch: dict[str, Any]

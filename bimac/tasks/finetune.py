@@ -74,11 +74,16 @@ class FinetuneBase:
             return BiMAC.from_pretrained(self.cfg.init)
         return BiMAC(self.model_config)
 
-    def build_train_loader(self, rank: int, world_size: int, epoch: int, samples_seen: int) -> Any:
-        """The shard loader of ``cfg.data`` (a stage with other data overrides this)."""
+    def build_train_loader(
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
+    ) -> Any:
+        """The shard loader of ``cfg.data`` in micro-batches of ``train.micro_batch_size`` (a
+        stage with other data overrides this)."""
+        data = dataclasses.replace(self.cfg.data, batch_size=self.cfg.train.micro_batch_size)
         return make_loader(
-            self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
-            samples_seen=samples_seen, counter=self.counter,
+            data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
+            global_batch_size=self.cfg.train.global_batch_size, cursor=cursor,
+            counter=self.counter,
         )  # fmt: skip
 
     def skipped_counts(self) -> dict[str, int]:

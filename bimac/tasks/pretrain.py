@@ -84,8 +84,8 @@ class PretrainTask:
     training corpus as one list of reference-caption token-id lists per image, for CIDEr-D's
     document frequencies; when absent and RF is on it is read from the first
     ``rf_corpus_batches`` batches of the training loader (never from the current minibatch).
-    ``loader_factory(rank, world_size, epoch, samples_seen)``: builds the training loader (the
-    entry point passes ``bimac.data``'s builder bound to the data config).
+    ``loader_factory(rank, world_size, epoch, cursor)``: builds the training loader (the entry
+    point passes ``bimac.data``'s builder bound to the data config and the global batch).
     """
 
     def __init__(
@@ -129,11 +129,11 @@ class PretrainTask:
         return model
 
     def build_train_loader(
-        self, rank: int, world_size: int, epoch: int, samples_seen: int
+        self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None
     ) -> Iterable:
         if self.loader_factory is None:
             raise RuntimeError("PretrainTask needs loader_factory to build the training loader")
-        return self.loader_factory(rank, world_size, epoch, samples_seen)
+        return self.loader_factory(rank, world_size, epoch, cursor)
 
     def losses(
         self, model: nn.Module, batch: dict[str, Any]
@@ -296,7 +296,7 @@ class PretrainTask:
 
     def _corpus_from_loader(self) -> list[list[list[int]]]:
         corpus: list[list[list[int]]] = []
-        for i, batch in enumerate(self.build_train_loader(0, 1, 0, 0)):
+        for i, batch in enumerate(self.build_train_loader(0, 1, 0, None)):
             if i >= self.objectives.rf_corpus_batches:
                 break
             corpus += self._references(batch)
@@ -367,10 +367,11 @@ class BiMACPretrain(PretrainTask):
             cfg.model, cfg.objectives, loader_factory=self._loader, tokenizer=tokenizer
         )
 
-    def _loader(self, rank: int, world_size: int, epoch: int, samples_seen: int):
+    def _loader(self, rank: int, world_size: int, epoch: int, cursor: dict[int, int] | None):
         return make_loader(
             self.cfg.data, self.tokenizer, rank=rank, world_size=world_size, epoch=epoch,
-            samples_seen=samples_seen, counter=self.counter,
+            global_batch_size=self.cfg.train.global_batch_size, cursor=cursor,
+            counter=self.counter,
         )  # fmt: skip
 
     def skipped_counts(self) -> dict[str, int]:

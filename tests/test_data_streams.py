@@ -1,0 +1,151 @@
+"""The global sample order of the shard loader (virtual streams, bimac/data/loader.py): global
+step k holds the same samples in the same order on 1, 2 or 4 ranks and with any number of loader
+workers, every sample at most once per epoch, resume from the merged cursor on another world size,
+and a bad sample shifts only its own stream.
+
+Reference for every expectation: the layout written here by hand. 4 shards of 80, 80, 80 and 75
+samples, 4 streams (one shard each), global batch 32 -> chunk 8 per stream per step: 9 full
+steps (stream 3 holds 75 = 9 * 8 + 3), 288 samples, the 27 left over counted as ``epoch_tail``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bimac.config import ConfigError
+from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.tokenizer import save_world_tokenizer
+from bimac.data.world import make_sample
+from bimac.data.writer import write_shards
+
+GLOBAL, MICRO, STREAMS = 32, 8, 4
+SIZES = (80, 80, 80, 75)
+STEPS, TAIL = 9, 3 * (80 - 72) + (75 - 72)
+CORRUPT = 170  # sample 10 of shard 2 (stream 2)
+
+
+def _write(root, corrupt: int | None = None) -> str:
+    def samples():
+        for i in range(sum(SIZES)):
+            s = make_sample(0, "train", i, 32)
+            if i == corrupt:
+                s["jpg"] = b"not a jpeg"
+            yield s
+
+    paths = []
+    it = samples()
+    for shard, n in enumerate(SIZES):  # uneven shard sizes: one writer call per shard
+        out = root / f"part{shard}"
+        (path,) = write_shards((next(it) for _ in range(n)), out, shard_size=n)
+        paths.append(path.rename(root / f"{shard:05d}.tar"))
+    return str(root / "{00000..00003}.tar")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("streams")
+    clean, bad = root / "clean", root / "bad"
+    tok = save_world_tokenizer(root / "tokenizer.json")
+    tokenizer = build_tokenizer(TokenizerConfig(kind="world", path=str(tok), context_length=32))
+    return {"clean": _write(clean), "bad": _write(bad, CORRUPT), "tok": tokenizer}
+
+
+def _cfg(urls: str, **kw) -> DataConfig:
+    return DataConfig(train_shards=urls, image_size=32, batch_size=MICRO, streams=STREAMS,
+                      shuffle_buffer=20, seed=3, **kw)  # fmt: skip
+
+
+def _run(world, urls, ranks: int, workers: int, cursor=None, stop_after: int | None = None):
+    """What the training loop gets: global steps (sample ids in order: the ranks' micro-batches
+    concatenated in rank order) until any rank runs out, the loaders' merged cursor (after
+    ``stop_after`` steps), and the summed skip counts (a rank's micro-batches beyond the last
+    common step are handed back through ``drop_rest``, as the loop does)."""
+    acc = GLOBAL // ranks // MICRO
+    loaders, per_rank = [], []
+    for rank in range(ranks):
+        loader = make_loader(_cfg(urls), world["tok"], rank=rank, world_size=ranks, epoch=1,
+                             global_batch_size=GLOBAL, cursor=cursor, num_workers=workers)  # fmt: skip
+        batches = []
+        for b in loader:
+            assert len(b["sample_id"]) == MICRO and b["image"].shape == (MICRO, 3, 32, 32)
+            batches.append(b)
+            if stop_after is not None and len(batches) == stop_after * acc:
+                break
+        loaders.append(loader)
+        per_rank.append(batches)
+    steps = min(len(b) for b in per_rank) // acc
+    merged, skipped = {}, {}
+    for loader, batches in zip(loaders, per_rank):
+        if stop_after is None:
+            loader.drop_rest(unused=batches[steps * acc :])
+        merged |= loader.state_dict()
+        for k, v in loader.skipped().items():
+            skipped[k] = skipped.get(k, 0) + v
+    order = [
+        [i for r in per_rank for mb in r[k * acc : (k + 1) * acc] for i in mb["sample_id"]]
+        for k in range(steps)
+    ]
+    return order, merged, skipped
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    return _run(world, world["clean"], 1, 0)
+
+
+@pytest.mark.parametrize("ranks,workers", [(2, 1), (2, 2), (4, 0), (4, 1)])
+def test_each_global_step_holds_the_same_samples_on_any_world_size(world, reference, ranks, workers):  # fmt: skip
+    steps, _, skipped = reference
+    assert len(steps) == STEPS and all(len(s) == GLOBAL for s in steps)
+    seen = [i for s in steps for i in s]
+    assert len(seen) == len(set(seen)) == sum(SIZES) - TAIL
+    assert skipped == {"epoch_tail": TAIL}
+    # each step's chunk of stream s comes from shard s (stream s owns sorted(urls)[s::4])
+    for step in steps:
+        shards = [i.split("#")[0][-9:] for i in step]
+        assert shards == [f"{k // 8:05d}.tar" for k in range(GLOBAL)]
+    other, _, skipped = _run(world, world["clean"], ranks, workers)
+    assert other == steps
+    assert skipped == {"epoch_tail": TAIL}  # every rank's leftovers, summed
+
+
+@pytest.mark.parametrize("ranks,workers,resume_ranks,resume_workers", [(2, 2, 1, 0), (2, 2, 4, 1), (1, 0, 2, 1)])  # fmt: skip
+def test_resume_from_the_merged_cursor_on_another_world_size(world, reference, ranks, workers, resume_ranks, resume_workers):  # fmt: skip
+    steps = reference[0]
+    first, cursor, _ = _run(world, world["clean"], ranks, workers, stop_after=7)
+    assert first == steps[:7] and sorted(cursor) == [0, 1, 2, 3]
+    # raw samples consumed per stream: 7 chunks of 8 good samples, no bad ones in the clean shards
+    assert cursor == {s: 56 for s in range(STREAMS)}
+    rest, _, _ = _run(world, world["clean"], resume_ranks, resume_workers, cursor=cursor)
+    assert rest == steps[7:]
+
+
+def test_a_bad_sample_shifts_only_its_own_stream(world, reference):
+    steps = reference[0]
+    bad, cursor, skipped = _run(world, world["bad"], 1, 0, stop_after=7)
+    assert skipped == {"bad_image": 1}
+    corrupt_id = f"{world['bad'].rsplit('/', 1)[0]}/00002.tar#{CORRUPT:09d}"
+
+    def stream(order, s):
+        return [i.rsplit("/", 1)[1] for step in order for i in step[s * 8 : (s + 1) * 8]]
+
+    for s in (0, 1, 3):
+        assert stream(bad, s) == stream(steps[:7], s)
+    corrupt = corrupt_id.rsplit("/", 1)[1]
+    assert corrupt in stream(steps[:7], 2)  # the fixture's premise: it falls in steps 1-7
+    assert stream(bad, 2) == [i for i in stream(steps, 2) if i != corrupt][:56]
+    assert cursor == {0: 56, 1: 56, 2: 57, 3: 56}  # stream 2 read one more raw sample
+
+
+def test_layouts_that_cannot_keep_the_order_are_refused_in_one_line(world):
+    tok = world["tok"]
+    with pytest.raises(ConfigError, match="data.streams=4 is not a multiple of the world size 3"):
+        make_loader(_cfg(world["clean"]), tok, rank=0, world_size=3, global_batch_size=48)
+    with pytest.raises(ConfigError, match="do not divide the global batch 30"):
+        make_loader(_cfg(world["clean"]), tok, rank=0, world_size=1, global_batch_size=30)
+    with pytest.raises(ConfigError, match="has 1 shards: each stream owns whole shards"):
+        one = world["clean"].replace("{00000..00003}", "00000")
+        make_loader(_cfg(one), tok, rank=0, world_size=1, global_batch_size=GLOBAL)
+    with pytest.raises(ConfigError, match="cursor has 2 streams but data.streams=4"):
+        make_loader(_cfg(world["clean"]), tok, rank=0, world_size=1, global_batch_size=GLOBAL,
+                    cursor={0: 8, 1: 8})  # fmt: skip
