@@ -22,14 +22,22 @@ prefix (log-softmax of the raw logits, before temperature, top-k/top-p and penal
 teacher-forced forward gives; zero after the sequence's end. A forced first token gets its model
 log-probability too (with a leave-one-out SCST baseline its gradient term cancels exactly).
 
+Decoding runs without gradients. :func:`sequence_logprobs` gives the same log-probabilities with
+gradients (SCST) from one teacher-forced forward of the generated rows through the decoder's own
+modules: the decoding loop reads weights outside their modules' forward (cached K/V), which
+ZeRO-3's fetch hooks do not see, and a rank's number of decoding steps depends on its samples,
+while the teacher-forced forward makes the same module calls on every rank (see
+:func:`gathered_for_generation` for the decoding side under ZeRO-3).
+
 Usage::
 
     adapter = CocaAdapter(model.coca, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                           pad_token_id=tok.pad_id, tokenizer=tok)
     out = generate(adapter, images_or_memory, GenerationConfig(strategy="beam", num_beams=5))
-    # SCST: 5 samples per image, log-probabilities with gradients
+    # SCST: 5 samples per image, then their log-probabilities with gradients
     out = generate(adapter, memory, GenerationConfig(strategy="sample", num_return_sequences=5,
-                                                     with_grad=True, seed=step))
+                                                     seed=step))
+    logprobs = sequence_logprobs(adapter, memory, out.ids, out.lengths)
     # PAL: mBART-50 decoder over the bridge's patch tokens, bn_IN forced first
     adapter = MBartAdapter.from_model(mbart, forced_first_token_id=bn_in_id, tokenizer=tok)
     out = generate(adapter, bridge_tokens, GenerationConfig(strategy="beam", num_beams=4,
@@ -60,8 +68,8 @@ class GenerationConfig:
 
     ``max_new_tokens`` / ``min_new_tokens`` count generated tokens after the start token, the
     forced first token and EOS included. ``num_return_sequences``: samples per input (``sample``)
-    or best beams per input (``beam``). ``with_grad``: keep the autograd graph of ``logprobs``
-    (SCST); otherwise generation runs under ``torch.no_grad``.
+    or best beams per input (``beam``). Generation runs under ``torch.no_grad``; gradients of the
+    generated rows' log-probabilities come from :func:`sequence_logprobs`.
     """
 
     strategy: Literal["greedy", "sample", "beam"] = "greedy"
@@ -78,7 +86,6 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     use_cache: bool = True
     seed: int | None = None
-    with_grad: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -119,8 +126,10 @@ class DecoderAdapter:
     ``prepare`` (inputs -> state dict with one row per input, holding the ``"memory"`` tensor
     ``[B, ...]``), ``logits`` (state, prefix ``[N, L]`` starting with the start token -> float
     next-token logits ``[N, V]``; with ``use_cache`` only the tokens not yet cached are run, without
-    it the whole prefix) and ``reorder`` (state rows picked by an index: beam reordering, copying
-    one input's state to its beams/samples, dropping finished rows)."""
+    it the whole prefix through ``sequence_logits``), ``reorder`` (state rows picked by an index:
+    beam reordering, copying one input's state to its beams/samples, dropping finished rows) and
+    ``sequence_logits`` (memory rows ``[N, ...]``, prefix ``[N, L]`` -> logits ``[N, L, V]`` at
+    every position: the decoder's own teacher-forced forward, its modules called as modules)."""
 
     start_token_id: int
     eos_token_id: int
@@ -137,6 +146,9 @@ class DecoderAdapter:
         raise NotImplementedError
 
     def reorder(self, state: dict, index: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def sequence_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, ids: torch.Tensor, lengths: torch.Tensor) -> list[str] | None:
@@ -272,9 +284,8 @@ class CocaAdapter(DecoderAdapter):
 
     def logits(self, state: dict, prefix: torch.Tensor, use_cache: bool) -> torch.Tensor:
         if not use_cache:  # the model's own full forward over the whole prefix
-            _, tokens = self.text(prefix)
             memory = state["memory"].index_select(0, state["row_image"])
-            return self.decoder(memory, tokens)[:, -1]
+            return self.sequence_logits(memory, prefix)[:, -1]
         start = state["cached"]
         new = prefix[:, start:]
         cast = self.text.transformer.get_cast_dtype()
@@ -292,6 +303,10 @@ class CocaAdapter(DecoderAdapter):
         state["cached"] = prefix.shape[1]
         out = self.decoder.ln_final(x[:, -1])
         return out @ self.decoder.text_projection
+
+    def sequence_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        _, tokens = self.text(prefix)
+        return self.decoder(memory, tokens)
 
     @staticmethod
     def _finish_block(blk: nn.Module, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
@@ -417,11 +432,15 @@ class MBartAdapter(DecoderAdapter):
             out = self.decoder(
                 input_ids=new, encoder_hidden_states=state["memory"], cache=cache, use_cache=True
             )
-        else:
-            out = self.decoder(
-                input_ids=prefix, encoder_hidden_states=state["memory"], use_cache=False
-            )
-        logits = self.lm_head(out.last_hidden_state[:, -1])
+            return self._head(out.last_hidden_state[:, -1])
+        return self.sequence_logits(state["memory"], prefix)[:, -1]
+
+    def sequence_logits(self, memory: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        out = self.decoder(input_ids=prefix, encoder_hidden_states=memory, use_cache=False)
+        return self._head(out.last_hidden_state)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
         return logits if self.logits_bias is None else logits + self.logits_bias
 
 
@@ -624,7 +643,7 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
             f"max_new_tokens={cfg.max_new_tokens} plus the start token exceeds the decoder's "
             f"context of {adapter.max_positions} positions"
         )
-    with torch.set_grad_enabled(cfg.with_grad and torch.is_grad_enabled()):
+    with torch.no_grad():
         state = adapter.prepare(inputs)
         memory = state["memory"]
         batch, device = memory.shape[0], memory.device
@@ -637,6 +656,28 @@ def generate(adapter: DecoderAdapter, inputs: Any, cfg: GenerationConfig) -> Gen
     width = int(lengths.max())
     ids, logprobs = ids[:, :width], logprobs[:, :width]
     return GenerationOutput(ids, logprobs, lengths, adapter.decode(ids, lengths), seq_scores)
+
+
+def sequence_logprobs(
+    adapter: DecoderAdapter, memory: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """float32 log-probabilities ``[N, T]`` of generated rows ``ids [N, T]`` (``lengths [N]``
+    tokens each, EOS included; 0 after) given the inputs' ``memory [B, ...]`` (what the adapter's
+    ``prepare`` makes of the inputs; rows input-major, ``N / B`` per input): what
+    :func:`generate` returned as ``logprobs``, with gradients, from one teacher-forced forward.
+
+    One call of the decoder's modules whatever the rows' lengths: under ZeRO-3 every rank makes
+    the same sequence of module calls (no rank waits in a gather another rank never starts) and
+    DeepSpeed's hooks gather each module's weights once in forward and once in backward, where
+    sampling with gradients would run them once per generated token."""
+    rows = torch.arange(memory.shape[0], device=memory.device)
+    memory = memory.index_select(0, rows.repeat_interleave(ids.shape[0] // memory.shape[0]))
+    start = torch.full_like(ids[:, :1], adapter.start_token_id)
+    # the last token is never a prefix (EOS or the length limit): T positions predict T tokens
+    logits = adapter.sequence_logits(memory, torch.cat([start, ids[:, :-1]], 1))
+    logprobs = logits.float().log_softmax(-1).gather(2, ids[..., None]).squeeze(2)
+    after_end = torch.arange(ids.shape[1], device=ids.device)[None] >= lengths[:, None]
+    return logprobs.masked_fill(after_end, 0.0)
 
 
 @contextlib.contextmanager

@@ -191,10 +191,6 @@ CASES = {
         ["-m", "shards.cc15m", "--out", "{root}/cc", "--cc3m", "{root}/nope.tsv"],
         ["python -m shards.cc15m: error", "cc3m", "nope.tsv does not exist"],
     ),
-    "SCST under ZeRO-3": (
-        ["-m", "finetune.caption", "--config", CAPTION, "train.zero_stage=3"],
-        ["train.zero_stage=3", "scst.max_steps", "train.zero_stage=2"],
-    ),
     "bimac finetune with a bad key": (
         ["-m", "cli", "finetune", "caption", "--config", CAPTION, "train.lr=fast"],
         ["bimac finetune caption: error", "train.lr", "expected a number"],

@@ -27,6 +27,7 @@ from bimac.generation import (
     MBartAdapter,
     _warp,
     generate,
+    sequence_logprobs,
 )
 
 VOCAB = 64
@@ -370,15 +371,31 @@ def test_warpers_match_transformers(top_k, top_p, temperature):
     assert torch.equal(ours, ref)
 
 
-def test_logprobs_carry_gradients_only_when_asked(coca, images):
-    adapter = coca_adapter(coca)
-    cfg = dict(strategy="sample", num_return_sequences=2, max_new_tokens=8, seed=0)
-    out = generate(adapter, images, GenerationConfig(with_grad=True, **cfg))
-    out.logprobs.sum().backward()
-    grad = coca.text_decoder.resblocks[0].attn.in_proj_weight.grad
-    assert grad is not None and grad.abs().sum() > 0
-    coca.zero_grad(set_to_none=True)
-    assert not generate(adapter, images, GenerationConfig(**cfg)).logprobs.requires_grad
+@pytest.mark.parametrize("which", ["coca", "mbart"])
+def test_sequence_logprobs_are_the_decoding_logprobs_with_gradients(
+    which, coca, mbart, images, enc_states
+):
+    """SCST's gradient path: one teacher-forced forward of the generated rows gives what the
+    cached decoding returned (reference: generate's own logprobs, to 1e-5; 0 after each row's
+    end), with gradients into the decoder's weights and the memory; generate keeps no graph."""
+    if which == "coca":
+        adapter, memory = coca_adapter(coca), coca._encode_image(images)[1].detach()
+        weight = coca.text_decoder.resblocks[0].attn.in_proj_weight
+    else:
+        adapter, memory = MBartAdapter.from_model(mbart), enc_states.clone()
+        weight = mbart.model.decoder.layers[0].self_attn.q_proj.weight
+    memory.requires_grad_()
+    cfg = GenerationConfig(strategy="sample", num_return_sequences=3, max_new_tokens=12, seed=5)
+    out = generate(adapter, memory, cfg)
+    assert not out.logprobs.requires_grad
+    assert out.lengths.min() < out.lengths.max()  # rows that end at different steps
+    got = sequence_logprobs(adapter, memory, out.ids, out.lengths)
+    torch.testing.assert_close(got, out.logprobs, atol=1e-5, rtol=0)
+    got.sum().backward()
+    try:
+        assert memory.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+    finally:
+        (coca if which == "coca" else mbart).zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("which", ["coca", "mbart"])

@@ -19,7 +19,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from bimac.config import ConfigError
 from bimac.data import DataConfig
 from bimac.data.tokenizer import strip_special
 from bimac.losses import caption_loss, scst_loss
@@ -71,14 +70,6 @@ class CaptionConfig(FinetuneConfig):
     data: DataConfig = field(default_factory=DataConfig)
     scst: SCSTConfig = field(default_factory=SCSTConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.scst.max_steps and self.train.zero_stage == 3:
-            raise ConfigError(
-                "train.zero_stage=3 with scst.max_steps > 0: SCST samples captions with "
-                "gradients, which bimac does not run under ZeRO-3 yet; use train.zero_stage=2 "
-                "(or scst.max_steps=0 to train only the cross-entropy phase under ZeRO-3)"
-            )
 
 
 def reference_index(shards: str, tokenizer: Any, lang: str = "en") -> dict[str, list[list[int]]]:
@@ -178,17 +169,33 @@ class CaptionTask(FinetuneBase):
         return torch.as_tensor(self.scorer().score(cands, refs), dtype=torch.float32)
 
     def _scst(self, model: nn.Module, memory: torch.Tensor, batch: dict) -> tuple[dict, dict]:
-        from bimac.generation import GenerationConfig, generate
+        """Captions decoded without gradients (under ZeRO-3 with the model gathered once, see
+        :func:`gathered_for_generation`), then their log-probabilities with gradients from one
+        teacher-forced forward (:func:`sequence_logprobs`: the same module calls on every rank)."""
+        from bimac.generation import (
+            GenerationConfig,
+            gathered_for_generation,
+            generate,
+            sequence_logprobs,
+        )
 
         s = self.cfg.scst
-        adapter = unwrap(model).caption_adapter(self.tokenizer)
         max_new = min(s.max_new_tokens, self.model_config.context_length - 1)
         k = s.samples
-        gen = generate(adapter, memory, GenerationConfig(
-            strategy=s.strategy, max_new_tokens=max_new, num_return_sequences=k,
-            num_beams=k if s.strategy == "beam" else 1, temperature=s.temperature,
-            with_grad=True,
-        ))  # fmt: skip
+        with gathered_for_generation(model):
+            # built inside: the adapter reads the decoder's context from a parameter's shape
+            adapter = unwrap(model).caption_adapter(self.tokenizer)
+            gen = generate(adapter, memory.detach(), GenerationConfig(
+                strategy=s.strategy, max_new_tokens=max_new, num_return_sequences=k,
+                num_beams=k if s.strategy == "beam" else 1, temperature=s.temperature,
+            ))  # fmt: skip
+            if s.baseline == "greedy":
+                g = generate(
+                    adapter,
+                    memory.detach(),
+                    GenerationConfig(strategy="greedy", max_new_tokens=max_new),
+                )
+        logprobs = sequence_logprobs(adapter, memory, gen.ids, gen.lengths)
         refs = self.batch_references(batch["sample_id"])
         rewards = self.rewards(gen.ids, [r for r in refs for _ in range(k)])
         steps = torch.arange(gen.ids.shape[1], device=gen.ids.device)
@@ -196,18 +203,12 @@ class CaptionTask(FinetuneBase):
         metrics = {"scst_reward": float(rewards.mean())}
         greedy = None
         if s.baseline == "greedy":
-            with torch.no_grad():
-                g = generate(
-                    adapter,
-                    memory.detach(),
-                    GenerationConfig(strategy="greedy", max_new_tokens=max_new),
-                )
             greedy = self.rewards(g.ids, refs)
             metrics["greedy_reward"] = float(greedy.mean())
             greedy = greedy.repeat_interleave(k)
-        dev = gen.logprobs.device
+        dev = logprobs.device
         loss = scst_loss(
-            gen.logprobs,
+            logprobs,
             mask,
             rewards.to(dev),
             s.baseline,
