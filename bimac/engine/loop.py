@@ -448,6 +448,15 @@ class _Trainer:
             record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
         return record, any(g[2] for g in gathered)
 
+    def log_sample_ids(self, micro: list[Any]) -> None:
+        """``sample_ids.jsonl``: the step's sample keys in global order (rank-major, then
+        micro-batch), from batches that carry ``sample_id``."""
+        local = [i for mb in micro if isinstance(mb, dict) for i in mb.get("sample_id", [])]
+        gathered: list[Any] = [None] * self.world
+        with self.watchdog.waiting(f"the all_gather of step {self.state.step}'s sample ids"):
+            dist.all_gather_object(gathered, local)
+        self.run_log.log_sample_ids(self.state.step, [i for ids in gathered for i in ids])
+
     def check_divergence(self, record: dict[str, Any]) -> None:
         st = self.state
         if st.consecutive_nonfinite < self.cfg.max_consecutive_nonfinite:
@@ -498,6 +507,8 @@ class _Trainer:
                     self.history.append(record)
                     rate = (st.total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)
                     self.run_log.log_step(record, rate)
+                    if cfg.log_sample_ids:
+                        self.log_sample_ids(micro)
                     self.check_divergence(record)
                     if preempted:  # preemption on any rank: save and leave
                         self.save()
