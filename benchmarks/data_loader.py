@@ -13,7 +13,8 @@ world at 256 px, flat colours). For each set, on a sample of its JPEGs held in m
    noun spans, collate, hand-off from workers) runs one epoch with 0, 1 and 2 workers, with
    ``bimac.data.decode.decode_image`` and, side by side, with today's decode path before it
    (PIL draft + PIL bicubic, ``--no-baseline`` skips it);
-3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone.
+3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone,
+   and the tar members' grouping into samples against webdataset's ``group_by_keys``.
 
 CPU time = this process + every process under it (the fork server and its DataLoader
 workers), so other jobs on a shared machine distort it far less than wall time. ``--json PATH`` writes every figure.
@@ -27,6 +28,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import tarfile
 import time
@@ -38,11 +40,18 @@ import numpy as np
 import psutil
 import simplejpeg
 import torch
+import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
 from bimac.data.decode import _dct_factor, decode_image, resize_crop, resized_size
-from bimac.data.loader import ShardDataset
+from bimac.data.loader import (
+    ShardDataset,
+    SkipCounter,
+    group_members,
+    tar_members,
+    worker_context,
+)
 
 # Each DataLoader worker re-imports this module (the fork server runs ``__main__`` again), so
 # what only the decoder comparison and the set builder need is imported where they need it.
@@ -206,6 +215,27 @@ def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
     }
 
 
+def grouping_costs(folder: Path, repeats: int) -> dict[str, float]:
+    """CPU ms per sample of grouping the set's tar members (held in memory) into samples:
+    bimac's ``group_members`` against webdataset's ``group_by_keys``, which it replaces."""
+    members = []
+    for url in sorted(str(p) for p in folder.glob("*.tar")):
+        with open(url, "rb") as f:
+            members += [m | {"__url__": url} for m in tar_members(f)] + [{}]
+    out = {}
+    for name, group in (
+        ("bimac group_members", lambda: group_members(members, SkipCounter())),
+        ("webdataset group_by_keys", lambda: wds.tariterators.group_by_keys(members)),
+    ):
+        best = math.inf
+        for _ in range(repeats):
+            c = time.process_time()
+            n = sum(1 for _ in group())
+            best = min(best, time.process_time() - c)
+        out[name] = best * 1000 / n
+    return out
+
+
 def image_set(name: str, root: Path, n: int) -> Path:
     """The shard folder of ``name`` with ``n`` images, built unless already there."""
     out = root / f"{name}_{n}"
@@ -246,6 +276,7 @@ def bench_set(name: str, folder: Path, a) -> dict:
         "decoder": chosen,
         "decoders": decoders,
         "overhead_ms_per_image": stage_costs(cfg, tok),
+        "grouping_ms_per_sample": grouping_costs(folder, a.repeats),
     }
     runs = {"loader": decode_image}
     if a.baseline:
@@ -275,6 +306,7 @@ def print_tables(results: dict, a) -> None:
         print(f"\nceiling (chosen path, all images): {r['ceiling_images_per_cpu_s']:.0f}/CPU-s; "
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
+        print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
         print("\n| workers | loader images per CPU-s | ratio | today's path | speedup |")
         print("|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
@@ -304,6 +336,11 @@ def main() -> None:
         p.error(f"--sets: unknown {unknown}; choose from {list(SETS)}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # as in a DataLoader worker; CPU time counts every thread anyway
+    # The loader's fork server starts once per process (a fresh interpreter importing torch,
+    # ~2.5 CPU-s here): a trainer pays it once per run, not per epoch, so it is warmed first.
+    warm = worker_context().Process(target=int)
+    warm.start()
+    warm.join()
     results = {name: bench_set(name, image_set(name, Path(a.data), a.n), a) for name in names}
     load = os.getloadavg()
     meta = {
