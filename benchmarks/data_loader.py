@@ -13,10 +13,11 @@ world at 256 px, flat colours). For each set, on a sample of its JPEGs held in m
    noun spans, collate, hand-off from workers) runs one epoch with 0, 1 and 2 workers, with
    ``bimac.data.decode.decode_image`` and, side by side, with today's decode path before it
    (PIL draft + PIL bicubic, ``--no-baseline`` skips it);
-3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone.
+3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone,
+   and the tar members' grouping into samples against webdataset's ``group_by_keys``.
 
-CPU time = this process + its reaped children (the DataLoader workers), so other jobs on a shared
-machine distort it far less than wall time. ``--json PATH`` writes every figure.
+CPU time = this process + every process under it (the fork server and its DataLoader
+workers), so other jobs on a shared machine distort it far less than wall time. ``--json PATH`` writes every figure.
 ``.venv/bin/python benchmarks/data_loader.py [--n 3000] [--sets photo_1024] [--json out.json]``
 """
 
@@ -27,38 +28,54 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
-import resource
 import tarfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
+import psutil
 import simplejpeg
 import torch
-import torchvision
+import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data import loader as loader_module
 from bimac.data.decode import _dct_factor, decode_image, resize_crop, resized_size
-from bimac.data.loader import ShardDataset
-from shards import photos, world
+from bimac.data.loader import (
+    ShardDataset,
+    SkipCounter,
+    group_members,
+    tar_members,
+    worker_context,
+)
 
+# Each DataLoader worker re-imports this module (the fork server runs ``__main__`` again), so
+# what only the decoder comparison and the set builder need is imported where they need it.
 SETS = {"photo_500": (500, 375), "photo_1024": (1024, 768), "world_256": (256, 256)}
 Decoder = Callable[[bytes, int], np.ndarray]
 
 
 def _cpu() -> float:
-    """CPU seconds of this process and its finished children (the DataLoader workers)."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU seconds of this process and of every process under it, finished ones included.
+
+    The DataLoader workers are children of the loader's fork server, not of this process:
+    ``RUSAGE_CHILDREN`` would miss them until the server exits, so the server's own account of
+    its reaped children (``children_user``/``children_system``) is read with psutil. Between two
+    epochs no worker is alive, so nothing is counted twice.
+    """
+    me = psutil.Process()
+    total = 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def _pil_resize(img: Image.Image, w: int, h: int, size: int) -> np.ndarray:
@@ -78,6 +95,11 @@ def pil_draft(data: bytes, size: int) -> np.ndarray:
     w, h = img.size
     img.draft("RGB", (size, size))
     return _pil_resize(img.convert("RGB"), w, h, size)
+
+
+def today_decode(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``pil_draft`` as the loader's ``image_decoder``."""
+    return pil_draft(data, size), Image.open(io.BytesIO(data)).size
 
 
 def pil_draft_torch(data: bytes, size: int) -> np.ndarray:
@@ -111,6 +133,8 @@ def simplejpeg_full_torch(data: bytes, size: int) -> np.ndarray:
 
 
 def torchvision_torch(data: bytes, size: int) -> np.ndarray:
+    import torchvision.io
+
     chw = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     h, w = chw.shape[1:]
     return resize_crop(chw.permute(1, 2, 0).numpy(), w, h, size)
@@ -159,14 +183,12 @@ def compare_decoders(jpegs: list[bytes], size: int, repeats: int) -> dict[str, d
 
 def pipeline(cfg: DataConfig, tok, workers: int, decode) -> tuple[float, float, int]:
     """Images per wall second and per CPU second (all processes) over one epoch, start-up
-    included, decoding with ``decode`` (forked workers inherit the patch)."""
-    with mock.patch.object(loader_module, "_decode_image", decode):
-        t, c = time.perf_counter(), _cpu()
-        n = sum(
-            len(b["sample_id"])
-            for b in make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
-        )
-        return n / (time.perf_counter() - t), n / (_cpu() - c), n
+    included, decoding with ``decode`` (a module-level function: the workers unpickle it)."""
+    t, c = time.perf_counter(), _cpu()
+    loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
+    loader.dataset.image_decoder = decode
+    n = sum(len(b["sample_id"]) for b in loader)
+    return n / (time.perf_counter() - t), n / (_cpu() - c), n
 
 
 def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
@@ -177,10 +199,10 @@ def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
     raw = list(itertools.islice(ds.raw_samples(), n))
     tar = time.process_time() - c
     image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
-    with mock.patch.object(loader_module, "_decode_image", lambda d, s: (image, (640, 480))):
-        c = time.process_time()
-        items = [ds.decode(r) for r in raw]
-        checks = time.process_time() - c
+    ds.image_decoder = lambda data, size: (image, (640, 480))
+    c = time.process_time()
+    items = [ds.decode(r) for r in raw]
+    checks = time.process_time() - c
     c = time.process_time()
     for i in range(0, len(items), cfg.batch_size):
         ds.collate(items[i : i + cfg.batch_size])
@@ -193,11 +215,34 @@ def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
     }
 
 
+def grouping_costs(folder: Path, repeats: int) -> dict[str, float]:
+    """CPU ms per sample of grouping the set's tar members (held in memory) into samples:
+    bimac's ``group_members`` against webdataset's ``group_by_keys``, which it replaces."""
+    members = []
+    for url in sorted(str(p) for p in folder.glob("*.tar")):
+        with open(url, "rb") as f:
+            members += [m | {"__url__": url} for m in tar_members(f)] + [{}]
+    out = {}
+    for name, group in (
+        ("bimac group_members", lambda: group_members(members, SkipCounter())),
+        ("webdataset group_by_keys", lambda: wds.tariterators.group_by_keys(members)),
+    ):
+        best = math.inf
+        for _ in range(repeats):
+            c = time.process_time()
+            n = sum(1 for _ in group())
+            best = min(best, time.process_time() - c)
+        out[name] = best * 1000 / n
+    return out
+
+
 def image_set(name: str, root: Path, n: int) -> Path:
     """The shard folder of ``name`` with ``n`` images, built unless already there."""
     out = root / f"{name}_{n}"
     if (out / "tokenizer.json").is_file():
         return out
+    from shards import photos, world
+
     w, h = SETS[name]
     if name.startswith("world"):
         world.build(out, "train", n, w, seed=0, shard_size=500)
@@ -231,10 +276,11 @@ def bench_set(name: str, folder: Path, a) -> dict:
         "decoder": chosen,
         "decoders": decoders,
         "overhead_ms_per_image": stage_costs(cfg, tok),
+        "grouping_ms_per_sample": grouping_costs(folder, a.repeats),
     }
     runs = {"loader": decode_image}
     if a.baseline:
-        runs["today"] = lambda d, s: (pil_draft(d, s), Image.open(io.BytesIO(d)).size)
+        runs["today"] = today_decode
     for workers in (0, 1, 2):
         row = {}
         for label, decode in runs.items():
@@ -260,6 +306,7 @@ def print_tables(results: dict, a) -> None:
         print(f"\nceiling (chosen path, all images): {r['ceiling_images_per_cpu_s']:.0f}/CPU-s; "
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
+        print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
         print("\n| workers | loader images per CPU-s | ratio | today's path | speedup |")
         print("|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
@@ -289,6 +336,11 @@ def main() -> None:
         p.error(f"--sets: unknown {unknown}; choose from {list(SETS)}")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)  # as in a DataLoader worker; CPU time counts every thread anyway
+    # The loader's fork server starts once per process (a fresh interpreter importing torch,
+    # ~2.5 CPU-s here): a trainer pays it once per run, not per epoch, so it is warmed first.
+    warm = worker_context().Process(target=int)
+    warm.start()
+    warm.join()
     results = {name: bench_set(name, image_set(name, Path(a.data), a.n), a) for name in names}
     load = os.getloadavg()
     meta = {

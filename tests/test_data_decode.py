@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from bimac.data.decode import decode_image, resized_size
+from bimac.data.decode import _has_exif, decode_image, resized_size
 from shards.photos import photo_sample, source_photos
 
 SIZE = 224
@@ -97,6 +97,32 @@ def test_exif_orientation_is_applied(orientation):
     assert _psnr(image, _crop(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), 48)) >= 50
     if orientation != 1:  # the tag was honoured, not ignored
         assert _psnr(image, decode_image(_oriented(1), 48)[0]) < 20.0
+
+
+@pytest.mark.parametrize("icc_kb", [0, 100])
+@pytest.mark.parametrize("orientation", [None, 1, 6])
+def test_exif_is_found_where_pil_reads_it(orientation, icc_kb):
+    # reference: PIL's JPEG parser (`info["exif"]`); a 100 KB ICC profile puts the pixels, and
+    # perhaps the EXIF segment, past the first 64 KB
+    arr = np.zeros((64, 96, 3), np.uint8)
+    arr[:32, :48] = (255, 0, 0)
+    kw = {"icc_profile": bytes(range(256)) * (icc_kb * 4)} if icc_kb else {}
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[ImageOps.ExifTags.Base.Orientation] = orientation
+        kw["exif"] = exif.tobytes()
+    data = _encode(arr, quality=95, **kw)
+    assert _has_exif(data) == ("exif" in Image.open(io.BytesIO(data)).info)
+    assert _has_exif(data) == (orientation is not None)
+    image, (w, h) = decode_image(data, 48)
+    assert (w, h) == ((64, 96) if orientation == 6 else (96, 64))
+    assert _psnr(image, _crop(ImageOps.exif_transpose(Image.open(io.BytesIO(data))), 48)) >= 50
+
+
+def test_exif_search_falls_back_on_a_broken_segment_chain():
+    data = _oriented(6)
+    broken = data[:2] + b"\x00" + data[3:]  # the first segment no longer starts with 0xFF
+    assert _has_exif(broken) and not _has_exif(_encode(np.zeros((8, 8, 3), np.uint8)))
 
 
 def _gradient(w: int = 120, h: int = 90) -> np.ndarray:

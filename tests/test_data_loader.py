@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.loader import tar_members
+from bimac.data.loader import group_members, tar_members
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
@@ -332,6 +332,27 @@ def test_tar_members_equals_tarfile(tmp_path, fmt):
     with open(path, "rb") as f:
         got = [(m["fname"], m["data"]) for m in tar_members(f)]
     assert got == want and len(got) >= 4
+
+
+def test_group_members_equals_webdataset_group_by_keys():
+    # reference: webdataset's group_by_keys (the grouping the loader used before), whose
+    # duplicate-member errors go to a handler that counts them
+    names = [
+        "a.jpg", "a.TXT", "a.json", "b.jpg", "b.jpg", "b.txt",  # a duplicate member in b
+        "dir.x/c.jpg", "dir.x/c.tar.gz", "d/e/f.g.h", "noext", ".hidden", "d/.hidden", "x.",
+        "c.jpg",  # the same key after another: a new sample
+    ]  # fmt: skip
+    stream = [{"fname": n, "data": n.encode(), "__url__": "s0"} for n in names]
+    stream += [{}, {"fname": "c.txt", "data": b"c", "__url__": "s1"}, {}]  # shard boundaries
+    stream += [{"fname": "z.jpg", "data": b"z", "__url__": "s2"}]  # a stream without a marker
+    duplicates = []
+    want = list(
+        wds.tariterators.group_by_keys(iter(stream), handler=lambda e: duplicates.append(e) or True)
+    )
+    counter = SkipCounter()
+    got = list(group_members(iter(stream), counter))
+    assert got == want and len(got) == 9
+    assert counter.as_dict() == {"tar_format": 1} and len(duplicates) == 1
 
 
 def _dir_info(name: str) -> tarfile.TarInfo:

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 JPEG_SOI = b"\xff\xd8"
 EXIF_MARK = b"Exif\x00\x00"
-EXIF_SCAN = 65536  # EXIF must sit in an APP1 segment, which is at most 64 KiB, before the pixels
+APP1, SOS, EOI = 0xE1, 0xDA, 0xD9  # JPEG markers: EXIF's segment, start of scan, end of image
 FAST_COLOURSPACES = ("YCbCr", "Gray")  # simplejpeg's names; CMYK/YCCK go through PIL
 
 
@@ -46,7 +46,11 @@ def resize_crop(pixels: np.ndarray, w: int, h: int, size: int) -> np.ndarray:
     """
     nw, nh = resized_size(w, h, size)
     if pixels.shape[:2] != (nh, nw):
-        src = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)  # channels-last NCHW view
+        # A channels-last NCHW view. Unsqueeze before permuting: `permute(2, 0, 1).unsqueeze(0)`
+        # gives the batch dimension stride 3, torch then does not see channels-last and returns
+        # planar CHW, whose HWC crop costs a strided gather (~0.4 ms per 224 px image) to copy;
+        # channels-last in and out, the resize is also ~20 % faster.
+        src = torch.from_numpy(pixels).unsqueeze(0).permute(0, 3, 1, 2)
         out = torch.nn.functional.interpolate(
             src, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
         )
@@ -77,9 +81,32 @@ def _fast_jpeg_size(data: bytes) -> tuple[int, int] | None:
     _refuse_bomb(w, h)
     if colourspace not in FAST_COLOURSPACES:
         return None
-    if EXIF_MARK in data[:EXIF_SCAN] and _exif_orientation(data) != 1:
+    if _has_exif(data) and _exif_orientation(data) != 1:
         return None
     return w, h
+
+
+def _has_exif(data: bytes) -> bool:
+    """Whether a JPEG carries an APP1 ``Exif`` segment before its scan (where PIL reads EXIF).
+
+    Walks the segment headers (a handful per file, ~2 us) rather than searching the bytes for
+    the mark (~40 us on a 50 KB file). A segment chain that does not parse falls back to the
+    search.
+    """
+    i, end = 2, len(data) - 4
+    while i <= end:
+        if data[i] != 0xFF:
+            return EXIF_MARK in data
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker in (SOS, EOI):
+            return False
+        if marker == APP1 and data[i + 4 : i + 10] == EXIF_MARK:
+            return True
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return EXIF_MARK in data
 
 
 def _fast_jpeg(data: bytes, size: int, w: int, h: int) -> np.ndarray:
