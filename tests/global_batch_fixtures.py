@@ -106,7 +106,7 @@ def engine_step(objective_config: ObjectiveConfig, micro: list[dict]) -> tuple[d
         terms, metrics = task.losses(model, batch, context.micro[i])
         torch.stack(list(terms.values())).sum().backward()
         for k, v in {**terms, **metrics}.items():
-            terms_sum[k] = terms_sum.get(k, 0.0) + float(v)
+            terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return grads, terms_sum, context.metrics
 

@@ -11,7 +11,12 @@ order of the sums).
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +30,9 @@ from global_batch_fixtures import (
     rank_worker,
     rows,
 )
+from test_engine_pretrain import world_overrides
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # the step metrics that are global values, not sums (compared as they are)
@@ -65,7 +73,7 @@ def test_per_micro_batch_losses_differ_from_the_global_ones(reference):
     model = task.build_model()
     parts = [task.losses(model, rows(batch, 2 * i, 2 * i + 2))[0] for i in range(4)]
     for name in ("mcl", "cg", "grounding"):
-        per_micro = sum(float(p[name]) for p in parts) / 4
+        per_micro = sum(p[name].item() for p in parts) / 4
         assert abs(per_micro - reference[1][name]) > 1e-2, name
 
 
@@ -85,3 +93,41 @@ def test_two_ranks_two_micro_batches_give_the_global_batch(tmp_path, reference):
     terms = {k: parts[0][1][k] + parts[1][1][k] for k in parts[0][1]}
     assert parts[0][2] == parts[1][2]  # the step metrics: the same on both ranks
     _assert_matches_reference((grads, terms, parts[0][2]), reference)
+
+
+def _pretrain(out, world: list[str], *extra: str) -> list[dict]:
+    """``NPROC=1 bash slurm/pretrain.sh`` on the shipped tiny config (every objective, RF, the
+    learnable logit scale): 4 steps of global batch 16; the metrics.jsonl records."""
+    overrides = [*world, "train.global_batch_size=16", "train.max_steps=4", "train.warmup_steps=1",
+                 "train.save_every_steps=0", "train.export_at_end=false",
+                 f"train.output_dir={out}", *extra]  # fmt: skip
+    env = {**os.environ, "CONFIG": "configs/pretrain/tiny.yaml", "PYTHON": sys.executable,
+           "NPROC": "1", "OVERRIDES": " ".join(overrides), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    proc = subprocess.run(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_pretraining_with_accumulation_4_logs_the_steps_of_accumulation_1(tmp_path):
+    """One process, the same global batches (one rank, data.num_workers=0): micro-batches of 16
+    (accumulation 1, ZeRO-2) and of 4 (accumulation 4, the feature cache, under ZeRO-3) log the
+    same losses, metrics and gradient norm at every step, so the engine's backward scaling is
+    right (a wrong factor would change grad_norm, clipped at 1.0, and so the next steps).
+    Tolerance 1e-4 relative: fp32 on CPU, ZeRO-3's partitioned reductions round differently
+    (tests/test_engine_resume.py's ZeRO-3 vs ZeRO-2 bound); measured 2026-11-27: 1e-6."""
+    world = world_overrides(tmp_path / "world")
+    one = _pretrain(tmp_path / "acc1", world, "train.micro_batch_size=16", "train.zero_stage=2")
+    four = _pretrain(tmp_path / "acc4", world, "train.micro_batch_size=4", "train.zero_stage=3")
+    assert [r["step"] for r in one] == [r["step"] for r in four] == [1, 2, 3, 4]
+    for a, b in zip(one, four):
+        assert a["losses"].keys() == {"mcl", "cg", "grounding", "reconstruction"}
+        for k in a["losses"]:
+            assert b["losses"][k] == pytest.approx(a["losses"][k], rel=1e-4), (a["step"], k)
+        for k in (*STEP_METRICS, "loss_cg", "loss_reconstruction"):
+            assert b["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-4, abs=1e-9), k
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+        assert b["samples"] == a["samples"]

@@ -269,7 +269,7 @@ class PretrainTask:
                 f["image"], f["text"], scale, across_ranks=False, reduction="none"
             )
             per_row = per_row / per_row.shape[0]
-            return per_row, {"loss_mcl": float(per_row.sum())}
+            return per_row, {"loss_mcl": per_row.detach().sum().item()}
         per_noun, s_pos = grounding_terms(
             f["noun"], fixed["noun_mask"], f["matched"], fixed["positive"], s["scale"], s["bias"]
         )
@@ -278,7 +278,7 @@ class PretrainTask:
         with torch.no_grad():
             pos = (torch.sigmoid(s_pos) * fixed["positive"]).sum() / count
         return per_row, {
-            "loss_grounding": float(per_noun.sum() / count),
+            "loss_grounding": (per_noun.detach().sum() / count).item(),
             "grounding_pos": float(pos),
             "grounding_nouns": float(fixed["positive"].sum()),
         }
@@ -300,32 +300,44 @@ class PretrainTask:
         """
         o = self.objectives
         keep_graph = len(micro) == 1
-        outs = []
+        refresh_rewards = o.cg and o.rf and self._refresh_rewards()
+        # only what the global terms need is kept of each first-pass forward (not its logits)
+        cross: list[dict[str, _CrossInputs]] = []
+        rewards: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []  # caption tokens, rec. elements, pointing-game hits/nouns
+        kept = None
         for i, batch in enumerate(micro):
             self._count_signal(batch)
             seed_micro_batch(i)
             with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
-                outs.append(self._forward(model, batch))
+                out = self._forward(model, batch)
+            cross.append({k: v.detached() for k, v in self._cross_sample(out).items()})
+            tokens = int((out["labels"] != self.model_config.pad_id).sum()) if o.cg else 0
+            elements = out["target_pixels"].numel() if o.git else 0
+            counts.append(torch.tensor([tokens, elements, *self._pointing_game(out, batch)]))
+            if refresh_rewards:
+                rewards.append(self._rewards(model, out, batch).to(out["logits"].device))
+            kept = out if keep_graph else None
+        device = out["image_features"].device
         rank, world = _rank_world()
         sizes = [batch_rows(b) for b in micro]
         first = rank * sum(sizes)  # this rank's first row of the global batch
         shares = [
-            MicroBatchShare(out=outs[0] if keep_graph else None, first_of_step=rank == 0 and i == 0)
-            for i in range(len(micro))
+            MicroBatchShare(out=kept, first_of_step=rank == 0 and i == 0) for i in range(len(micro))
         ]
         metrics: dict[str, float] = {}
-        cross = [self._cross_sample(out) for out in outs]
         for name in cross[0]:
             parts = [c[name] for c in cross]
             f = {
-                k: _all_rows(torch.cat([p.features[k].detach() for p in parts])).requires_grad_()
+                k: _all_rows(torch.cat([p.features[k] for p in parts])).requires_grad_()
                 for k in parts[0].features
             }
-            s = {k: v.detach().requires_grad_() for k, v in parts[0].scalars.items()}
+            s = {k: v.clone().requires_grad_() for k, v in parts[0].scalars.items()}
             fixed = {k: _all_rows(torch.cat([p.fixed[k] for p in parts])) for k in parts[0].fixed}
             with torch.enable_grad():
                 per_row, term_metrics = self._global_cross_loss(name, f, s, fixed)
                 grads = torch.autograd.grad(per_row.sum(), [*f.values(), *s.values()])
+            per_row = per_row.detach()
             metrics.update(term_metrics)
             feature_grads = dict(zip(f, grads[: len(f)]))
             scalar_grads = dict(zip(s, grads[len(f) :]))
@@ -340,26 +352,19 @@ class PretrainTask:
                     },
                 )
                 row += n
-        counts = torch.zeros(4, dtype=torch.float64)  # caption tokens, rec. elements, PG hits/nouns
-        for out, batch in zip(outs, micro):
-            if o.cg:
-                counts[0] += int((out["labels"] != self.model_config.pad_id).sum())
-            if o.git:
-                counts[1] += out["target_pixels"].numel()
-            counts[2:] += torch.tensor(self._pointing_game(out, batch), dtype=torch.float64)
+        total = torch.stack(counts).sum(0).to(device, torch.float64)
         if world > 1:
-            dist.all_reduce(counts)
+            dist.all_reduce(total)
         for share in shares:
-            share.caption_tokens, share.reconstruction_elements = float(counts[0]), float(counts[1])
-        if counts[3]:
-            metrics["pointing_game"] = float(counts[2] / counts[3])
-        if o.cg and o.rf and self._refresh_rewards():
-            rewards = [self._rewards(model, out, batch) for out, batch in zip(outs, micro)]
+            share.caption_tokens, share.reconstruction_elements = float(total[0]), float(total[1])
+        if total[3]:
+            metrics["pointing_game"] = float(total[2] / total[3])
+        if refresh_rewards:
             everyone = _all_rows(torch.cat(rewards))
             metrics["rf_cider"] = float(everyone.mean())
             mean = everyone.clamp(min=0).mean()
-            for share, r, out in zip(shares, rewards, outs):
-                share.reward_weights = reward_weights(r, mean=mean).to(out["logits"].device)
+            for share, r in zip(shares, rewards):
+                share.reward_weights = reward_weights(r, mean=mean)
         return StepContext(shares, metrics)
 
     def _contributions(
@@ -508,6 +513,13 @@ class _CrossInputs:
     features: dict[str, torch.Tensor]  # per row, differentiable
     scalars: dict[str, torch.Tensor]  # shared by every row, differentiable
     fixed: dict[str, torch.Tensor]  # per row, not differentiated (masks)
+
+    def detached(self) -> _CrossInputs:
+        return _CrossInputs(
+            {k: v.detach() for k, v in self.features.items()},
+            {k: v.detach() for k, v in self.scalars.items()},
+            self.fixed,
+        )
 
 
 @dataclass
