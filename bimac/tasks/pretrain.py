@@ -426,7 +426,7 @@ class PretrainTask:
             )
         if o.rf and self._cg_calls and not self._reference_count:
             out["rf"] = (
-                f"no reference caption in {self._cg_calls} batches, so every reward weight is "
+                f"no reference caption in {self._cg_calls} steps, so every reward weight is "
                 "1; give captions in the shards (data.references: true) or objectives.rf: false"
             )
         return out
