@@ -2,9 +2,18 @@
 
 Per optimizer step each rank draws ``accumulation`` micro-batches, the task returns its weighted
 loss terms, the loop sums them and calls ``engine.backward`` once per micro-batch on that sum
-(DeepSpeed ZeRO-1/2 silently mis-accumulates when backward runs once per term). Contrastive
-negatives are those of the micro-batch: features are not cached across accumulation steps, so
-use accumulation 1 where the global contrastive batch matters.
+(DeepSpeed ZeRO-1/2 silently mis-accumulates when backward runs once per term).
+
+Global-batch losses: a task with ``step_context`` (pretraining) first runs over all of the step's
+micro-batches itself (a feature cache, GradCache: a forward without gradient, features gathered
+across ranks, the global loss and its gradient with respect to the features computed once), then
+each micro-batch is re-forwarded with gradient and ``losses(model, batch, context)`` returns its
+*contribution* to the global loss: contrastive negatives are the whole global batch
+(``micro_batch_size x accumulation x world_size``) and every term is normalised over it, so a
+step's loss and gradient do not depend on how the global batch is split into ranks and
+micro-batches. The loop undoes DeepSpeed's 1/accumulation and 1/world averaging for these tasks,
+sums the contributions over micro-batches and ranks, and logs the global terms. Other tasks keep
+per-micro-batch losses, averaged over micro-batches and ranks.
 
 Data order: a task's loader gives each rank its slice of every global step (the shard loader's
 virtual streams, ``bimac.data.loader``), so step k trains on the same samples whatever the world
@@ -76,8 +85,10 @@ class TrainLoader(Protocol):
 class Task(Protocol):
     """What a task gives the engine (docs/contracts.md). Optional extras: ``export(model, dir)``,
     ``skipped_counts() -> dict[str, int]`` (the loader's skip counters by reason),
-    ``summary() -> dict`` (merged into ``summary.json``) and ``state_dict()`` /
-    ``load_state_dict(d)`` (the task's own counters, saved in every checkpoint)."""
+    ``summary() -> dict`` (merged into ``summary.json``), ``state_dict()`` /
+    ``load_state_dict(d)`` (the task's own counters, saved in every checkpoint) and
+    ``step_context(model, micro_batches, seed_micro_batch) -> StepContext`` (global-batch losses:
+    then ``losses(model, batch, context.micro[i])`` returns micro-batch i's contributions)."""
 
     def build_model(self) -> nn.Module: ...
 
@@ -88,6 +99,19 @@ class Task(Protocol):
     def losses(
         self, model: nn.Module, batch: Any
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+
+@dataclass
+class StepContext:
+    """What a task's pass over all of a step's micro-batches leaves for their ``losses`` calls.
+
+    ``micro[i]``: the task's object for micro-batch i (e.g. its rows of the cached feature
+    gradients), passed to ``losses(model, batch, micro[i])``. ``metrics``: step-level metrics
+    that are already global (the same on every rank), logged as they are.
+    """
+
+    micro: list[Any]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class NonFiniteTrainingError(UserError, RuntimeError):
@@ -232,6 +256,11 @@ def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
 
 
+def _sum_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: sum(d[k] for d in dicts if k in d) for k in keys}
+
+
 def _resolve_resume(cfg: TrainConfig, ckpt_root: Path) -> Path | None:
     if cfg.resume == "none":
         return None
@@ -311,6 +340,7 @@ class _Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.experiment_config = experiment_config
         self.steps_per_epoch_cap = cfg.samples_per_epoch // cfg.global_batch_size
+        self.global_losses = hasattr(task, "step_context")
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.last_saved: Path | None = None
@@ -384,39 +414,61 @@ class _Trainer:
         st.data_cursor = loader.state_dict()
         return micro
 
-    def forward_backward(self, micro: list[Any]) -> tuple[dict[str, float], list[dict]]:
+    def forward_backward(self, micro: list[Any]) -> tuple[dict, dict, dict]:
         """Backward once per micro-batch on the weighted sum of its terms (DeepSpeed ZeRO-1/2
         mis-accumulates when backward runs once per term). Each micro-batch's random draws
         (dropout, masks, sampling) come from generators seeded by (seed, step, rank, micro-batch):
-        the same after a resume as in an uninterrupted run."""
-        engine, terms_sum, metrics_list = self.engine, {}, []
+        the same after a resume as in an uninterrupted run, and the same in a task's first pass
+        over the micro-batch (``step_context``) as in its re-forward. Returns this rank's loss
+        terms and metrics (sums of contributions to the global ones for a task with
+        ``step_context``, else means over the micro-batches) and the step-level global metrics."""
+        engine, terms_list, metrics_list = self.engine, [], []
         step = self.state.step + 1
-        for i, mb in enumerate(micro):
+        micro = [_to_device(mb, engine.device) for mb in micro]
+
+        def seed_micro_batch(i: int) -> None:
             seed_everything(stable_seed(self.cfg.seed, step, self.rank, i))
-            terms, metrics = self.task.losses(engine, _to_device(mb, engine.device))
+
+        context = None
+        if self.global_losses:
+            context = self.task.step_context(engine, micro, seed_micro_batch)
+        # contributions to a global sum: undo DeepSpeed's 1/accumulation (engine.backward) and
+        # its 1/world (the gradient all-reduce averages), so the step's gradient is the global one
+        backward_scale = self.world * len(micro) if context is not None else 1.0
+        for i, mb in enumerate(micro):
+            seed_micro_batch(i)
+            if context is None:
+                terms, metrics = self.task.losses(engine, mb)
+            else:
+                terms, metrics = self.task.losses(engine, mb, context.micro[i])
             loss = torch.stack([t.float() for t in terms.values()]).sum()
-            engine.backward(loss)
+            engine.backward(loss * backward_scale)
             engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-            for k, v in terms.items():
-                terms_sum[k] = terms_sum.get(k, 0.0) + v.detach().float().item() / len(micro)
+            terms_list.append({k: v.detach().float().item() for k, v in terms.items()})
             metrics_list.append(metrics)
-        return terms_sum, metrics_list
+        if context is None:
+            return _mean_dicts(terms_list), _mean_dicts(metrics_list), {}
+        return _sum_dicts(terms_list), _sum_dicts(metrics_list), context.metrics
 
     def account_step(
-        self, micro: list[Any], terms_sum: dict, metrics_list: list, applied: bool, preempt: bool
+        self, micro: list[Any], results: tuple[dict, dict, dict], applied: bool, preempt: bool
     ) -> tuple[dict[str, Any], bool]:
         """Gather every rank's losses, count samples and skips; the step's record, and whether
-        any rank asked to be preempted."""
+        any rank asked to be preempted. Global-batch losses: the ranks' contributions are summed
+        (the global terms, the same number on every rank); others: averaged over ranks."""
         cfg, st = self.cfg, self.state
         step_samples = sum(batch_size(mb) for mb in micro)
         st.step += 1
         gathered: list[Any] = [None] * self.world
-        local = (terms_sum, _mean_dicts(metrics_list), preempt, step_samples)
+        local = (*results, preempt, step_samples)
         with self.watchdog.waiting(f"the all_gather of step {st.step}'s results"):
             dist.all_gather_object(gathered, local)
-        st.total_samples += sum(g[3] for g in gathered)
-        terms_mean = _mean_dicts([g[0] for g in gathered])
-        bad_terms = [k for k, v in terms_mean.items() if not math.isfinite(v)]
+        st.total_samples += sum(g[4] for g in gathered)
+        combine = _sum_dicts if self.global_losses else _mean_dicts
+        terms_step = combine([g[0] for g in gathered])
+        # the step-level metrics are global already (the same on every rank): rank 0's
+        step_metrics = {**combine([g[1] for g in gathered]), **gathered[0][2]}
+        bad_terms = [k for k, v in terms_step.items() if not math.isfinite(v)]
         if not applied:
             if bad_terms:
                 reason = "nonfinite_loss"
@@ -424,7 +476,7 @@ class _Trainer:
                 reason = "fp16_overflow" if cfg.precision == "fp16" else "nonfinite_grad"
             st.skipped[reason] += 1
             st.consecutive_nonfinite += reason != "fp16_overflow"
-            logger.warning("step %d skipped (%s): loss terms %s", st.step, reason, terms_mean)
+            logger.warning("step %d skipped (%s): loss terms %s", st.step, reason, terms_step)
         else:
             st.consecutive_nonfinite = 0
             if bad_terms:  # the NaN never reached the gradients: applied, said loudly
@@ -434,9 +486,9 @@ class _Trainer:
         record = {
             "step": st.step,
             "epoch": st.epoch,
-            "loss": sum(terms_mean.values()),
-            "losses": terms_mean,
-            "metrics": _mean_dicts([g[1] for g in gathered]),
+            "loss": sum(terms_step.values()),
+            "losses": terms_step,
+            "metrics": step_metrics,
             "lr": float(self.engine.get_lr()[0]),
             "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
             "applied": applied,
@@ -446,7 +498,7 @@ class _Trainer:
         if st.step % cfg.log_every == 0:
             data_skips = _gather_skip_counts(self.task)
             record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
-        return record, any(g[2] for g in gathered)
+        return record, any(g[3] for g in gathered)
 
     def log_sample_ids(self, micro: list[Any]) -> None:
         """``sample_ids.jsonl``: the step's sample keys in global order (rank-major, then
@@ -499,10 +551,10 @@ class _Trainer:
                         break
                     skipped_before = self.engine.skipped_steps
                     with self.watchdog.waiting(f"forward/backward of step {st.step + 1}"):
-                        terms_sum, metrics_list = self.forward_backward(micro)
+                        results = self.forward_backward(micro)
                     applied = self.engine.skipped_steps == skipped_before
                     record, preempted = self.account_step(
-                        micro, terms_sum, metrics_list, applied, preempt.requested
+                        micro, results, applied, preempt.requested
                     )
                     self.history.append(record)
                     rate = (st.total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)

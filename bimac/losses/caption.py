@@ -13,6 +13,7 @@ def caption_loss(
     labels: torch.Tensor,
     pad_id: int,
     weights: torch.Tensor | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
 ) -> torch.Tensor:
     """L_CG, Eq. 6: teacher-forced token cross-entropy, optionally weighted by R(T_i, I_i).
 
@@ -20,7 +21,10 @@ def caption_loss(
     ``weights [B]`` (detached): one factor per caption, e.g. from :func:`reward_weights`. The sum
     is divided by the number of non-pad tokens (not by the weights), so with unit weights this is
     the usual mean token cross-entropy of CoCa (open_clip's ``CoCaLoss`` caption term).
+    ``reduction="sum"``: the weighted sum alone (divide by the non-pad tokens of a larger batch).
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     token_nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # [B, T]
@@ -29,18 +33,23 @@ def caption_loss(
         if weights.shape != labels.shape[:1]:
             raise ValueError(f"weights must be [B] = {labels.shape[0]}, got {tuple(weights.shape)}")
         mask = mask * weights.detach().to(mask.dtype).unsqueeze(1)
-    return (token_nll * mask).sum() / (labels != pad_id).sum().clamp(min=1)
+    total = (token_nll * mask).sum()
+    return total if reduction == "sum" else total / (labels != pad_id).sum().clamp(min=1)
 
 
-def reward_weights(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def reward_weights(
+    rewards: torch.Tensor, eps: float = 1e-6, mean: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """Per-caption weights R_i / mean(R) for Eq. 6, so the batch's mean weight is 1.
 
     Dividing by the batch mean keeps the CG loss on the same scale as unweighted CE whatever the
     absolute CIDEr-D level (which rises from ~0 to >1 during training); only the *relative*
     reward of each caption reweights it. A batch whose rewards are all ~0 gets unit weights.
+    ``mean``: the mean clamped reward of the larger batch these rows belong to (the global batch
+    under gradient accumulation); default: the mean of ``rewards``.
     """
     rewards = rewards.detach().float().clamp(min=0)
-    mean = rewards.mean()
+    mean = rewards.mean() if mean is None else torch.as_tensor(mean, dtype=torch.float32)
     if mean <= eps:
         return torch.ones_like(rewards)
     return rewards / mean

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from bimac.config import ConfigError, load_config
@@ -32,10 +33,13 @@ from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer
 from bimac.data.loader import check_spacy_pipeline, require_shards
 from bimac.data.tokenizer import strip_special
 from bimac.engine import TrainConfig
+from bimac.engine.loop import StepContext
 from bimac.losses import (
     caption_loss,
     contrastive_loss,
     grounding_loss,
+    grounding_terms,
+    matched_patches,
     pointing_game,
     reconstruction_loss,
     reward_weights,
@@ -60,7 +64,8 @@ class ObjectiveConfig:
     lambda_cg: float = 1.0
     lambda_git: float = 0.7
     temperature: float | None = 0.5  # fixed τ of Eqs. 3-4; null = learnable logit scale (CoCa)
-    rf_every: int = 1  # recompute rewards every k-th CG call; in between CG is unweighted
+    # recompute rewards every k-th CG call (in training: every k-th step); in between CG is unweighted
+    rf_every: int = 1
     rf_max_new_tokens: int = 32  # greedy caption length for the reward
     # without a reward corpus: training batches read for CIDEr-D's document frequencies
     rf_corpus_batches: int = 64
@@ -136,39 +141,32 @@ class PretrainTask:
         return self.loader_factory(rank, world_size, epoch, cursor)
 
     def losses(
-        self, model: nn.Module, batch: dict[str, Any]
+        self, model: nn.Module, batch: dict[str, Any], context: MicroBatchShare | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Weighted loss terms of Eq. 8 by name (``mcl``, ``cg``, ``grounding``, ``reconstruction``)
-        and float metrics (unweighted losses, pointing-game score, mean CIDEr-D reward)."""
+        and float metrics (unweighted losses, pointing-game score, mean CIDEr-D reward).
+
+        Without ``context``: the losses of ``batch`` as one piece. With it (the engine, after
+        :meth:`step_context`): this micro-batch's contributions to the step's global terms, whose
+        sums over micro-batches and ranks are the global losses and whose gradients sum to the
+        global gradient; metrics are contributions too (``loss_cg``, ``loss_reconstruction``).
+        """
+        if context is not None:
+            return self._contributions(model, batch, context)
         o = self.objectives
         self._count_signal(batch)
-        out = model(
-            batch["image"],
-            batch["text"],
-            batch.get("noun_spans"),
-            batch.get("noun_mask"),
-            caption=o.cg,
-            grounding=o.grounding,
-            reconstruction=o.git,
-            grounded_reconstruction=o.grounding,
-        )
-        # bf16 / fp16 weights: the losses (softmaxes, sigmoids, sums over the batch) run in float32
-        out = {
-            k: v.float()
-            if torch.is_tensor(v) and v.is_floating_point() and k != "decoder_memory"
-            else v
-            for k, v in out.items()
-        }
+        out = self._forward(model, batch)
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         if o.mcl:
-            scale = (
-                out["logit_scale"].clamp(max=100) if o.temperature is None else 1.0 / o.temperature
-            )
-            raw = contrastive_loss(out["image_features"], out["text_features"], scale)
+            raw = contrastive_loss(out["image_features"], out["text_features"], self._scale(out))
             terms["mcl"] = raw
         if o.cg:
-            weights = self._reward_weights(model, out, batch, metrics) if o.rf else None
+            weights = None
+            if o.rf and self._refresh_rewards():
+                rewards = self._rewards(model, out, batch)
+                metrics["rf_cider"] = float(rewards.mean())
+                weights = reward_weights(rewards).to(out["logits"].device)
             raw = caption_loss(out["logits"], out["labels"], self.model_config.pad_id, weights)
             terms["cg"] = o.lambda_cg * raw
             metrics["loss_cg"] = raw.item()
@@ -189,17 +187,219 @@ class PretrainTask:
             metrics["loss_reconstruction"] = raw.item()
         if "mcl" in terms:
             metrics["loss_mcl"] = terms["mcl"].item()
-        if "noun_emb" in out and "noun_boxes" in batch:
-            score, count = pointing_game(
-                out["noun_emb"],
-                out["patch_emb"],
-                batch["noun_boxes"],
-                batch["noun_has_box"],
-                out["noun_mask"],
-                self.model_config.grid,
+        hits_count = self._pointing_game(out, batch)
+        if hits_count[1]:
+            metrics["pointing_game"] = hits_count[0] / hits_count[1]
+        return terms, metrics
+
+    def _forward(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """One forward of every active objective, its floating outputs in float32."""
+        o = self.objectives
+        out = model(
+            batch["image"],
+            batch["text"],
+            batch.get("noun_spans"),
+            batch.get("noun_mask"),
+            caption=o.cg,
+            grounding=o.grounding,
+            reconstruction=o.git,
+            grounded_reconstruction=o.grounding,
+        )
+        # bf16 / fp16 weights: the losses (softmaxes, sigmoids, sums over the batch) run in float32
+        return {
+            k: v.float()
+            if torch.is_tensor(v) and v.is_floating_point() and k != "decoder_memory"
+            else v
+            for k, v in out.items()
+        }
+
+    def _scale(self, out: dict[str, Any]) -> torch.Tensor | float:
+        """1/τ of Eqs. 3-4: fixed, or CoCa's learnable ``exp(s)`` clamped at 100 as open_clip does."""
+        t = self.objectives.temperature
+        return out["logit_scale"].clamp(max=100) if t is None else 1.0 / t
+
+    def _pointing_game(self, out: dict[str, Any], batch: dict[str, Any]) -> tuple[int, int]:
+        """(hits, nouns with a box) of the pointing game, or (0, 0) without boxes."""
+        if "noun_emb" not in out or "noun_boxes" not in batch:
+            return 0, 0
+        score, count = pointing_game(
+            out["noun_emb"],
+            out["patch_emb"],
+            batch["noun_boxes"],
+            batch["noun_has_box"],
+            out["noun_mask"],
+            self.model_config.grid,
+        )
+        return (round(score * count) if count else 0), count
+
+    # -- global-batch losses under accumulation and data parallelism (GradCache) ---------------
+
+    def _cross_sample(self, out: dict[str, Any]) -> dict[str, _CrossInputs]:
+        """The inputs of the objectives that compare samples (contrastive, grounding's in-batch
+        negatives): per-row features, scalars (the same for every row) and fixed per-row inputs."""
+        o, inputs = self.objectives, {}
+        if o.mcl:
+            scalars = {"logit_scale": self._scale(out)} if o.temperature is None else {}
+            inputs["mcl"] = _CrossInputs(
+                {"image": out["image_features"], "text": out["text_features"]}, scalars, {}
             )
-            if count:
-                metrics["pointing_game"] = score
+        if o.grounding:
+            inputs["grounding"] = _CrossInputs(
+                {
+                    "noun": out["noun_emb"],
+                    "matched": matched_patches(out["patch_emb"], out["matches"]),
+                },
+                {"scale": out["grounding_logit_scale"], "bias": out["grounding_logit_bias"]},
+                {
+                    "noun_mask": out["noun_mask"],
+                    "positive": out["noun_mask"] & (out["matches"] >= 0),
+                },
+            )
+        return inputs
+
+    def _global_cross_loss(
+        self, name: str, f: dict[str, torch.Tensor], s: dict[str, torch.Tensor], fixed: dict
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Per-row weighted contributions ``[B_global]`` of a cross-sample term over the whole
+        global batch (their sum is the term), and its global metrics."""
+        o = self.objectives
+        if name == "mcl":
+            scale = s["logit_scale"] if "logit_scale" in s else 1.0 / o.temperature
+            per_row = contrastive_loss(
+                f["image"], f["text"], scale, across_ranks=False, reduction="none"
+            )
+            per_row = per_row / per_row.shape[0]
+            return per_row, {"loss_mcl": per_row.detach().sum().item()}
+        per_noun, s_pos = grounding_terms(
+            f["noun"], fixed["noun_mask"], f["matched"], fixed["positive"], s["scale"], s["bias"]
+        )
+        count = fixed["positive"].sum().clamp(min=1)
+        per_row = o.lambda_git * per_noun.sum(1) / count
+        with torch.no_grad():
+            pos = (torch.sigmoid(s_pos) * fixed["positive"]).sum() / count
+        return per_row, {
+            "loss_grounding": (per_noun.detach().sum() / count).item(),
+            "grounding_pos": float(pos),
+            "grounding_nouns": float(fixed["positive"].sum()),
+        }
+
+    def step_context(
+        self, model: nn.Module, micro: list[dict[str, Any]], seed_micro_batch: Any
+    ) -> StepContext:
+        """The first pass over a step's micro-batches (the engine's hook for global-batch losses).
+
+        Each micro-batch is forwarded once, seeded as its re-forward will be, without gradient
+        (with accumulation 1 the forward keeps its graph and is the only one). The cross-sample
+        features of every micro-batch and rank are gathered in rank order (the global batch:
+        rank-major, then micro-batch, then row), the contrastive and grounding losses of the
+        whole global batch and their gradients with respect to the features and scalars are
+        computed once, and every micro-batch gets its rows' gradients (the scalars' on one
+        micro-batch of rank 0 only). Caption tokens, reconstruction elements and RF's rewards are
+        counted over the global batch here too, so each micro-batch's terms are its share of the
+        global means.
+        """
+        o = self.objectives
+        keep_graph = len(micro) == 1
+        refresh_rewards = o.cg and o.rf and self._refresh_rewards()
+        # only what the global terms need is kept of each first-pass forward (not its logits)
+        cross: list[dict[str, _CrossInputs]] = []
+        rewards: list[torch.Tensor] = []
+        counts: list[torch.Tensor] = []  # caption tokens, rec. elements, pointing-game hits/nouns
+        kept = None
+        for i, batch in enumerate(micro):
+            self._count_signal(batch)
+            seed_micro_batch(i)
+            with torch.set_grad_enabled(keep_graph and torch.is_grad_enabled()):
+                out = self._forward(model, batch)
+            cross.append({k: v.detached() for k, v in self._cross_sample(out).items()})
+            tokens = int((out["labels"] != self.model_config.pad_id).sum()) if o.cg else 0
+            elements = out["target_pixels"].numel() if o.git else 0
+            counts.append(torch.tensor([tokens, elements, *self._pointing_game(out, batch)]))
+            if refresh_rewards:
+                rewards.append(self._rewards(model, out, batch).to(out["logits"].device))
+            kept = out if keep_graph else None
+        device = out["image_features"].device
+        rank, world = _rank_world()
+        sizes = [batch_rows(b) for b in micro]
+        first = rank * sum(sizes)  # this rank's first row of the global batch
+        shares = [
+            MicroBatchShare(out=kept, first_of_step=rank == 0 and i == 0) for i in range(len(micro))
+        ]
+        metrics: dict[str, float] = {}
+        for name in cross[0]:
+            parts = [c[name] for c in cross]
+            f = {
+                k: _all_rows(torch.cat([p.features[k] for p in parts])).requires_grad_()
+                for k in parts[0].features
+            }
+            s = {k: v.clone().requires_grad_() for k, v in parts[0].scalars.items()}
+            fixed = {k: _all_rows(torch.cat([p.fixed[k] for p in parts])) for k in parts[0].fixed}
+            with torch.enable_grad():
+                per_row, term_metrics = self._global_cross_loss(name, f, s, fixed)
+                grads = torch.autograd.grad(per_row.sum(), [*f.values(), *s.values()])
+            per_row = per_row.detach()
+            metrics.update(term_metrics)
+            feature_grads = dict(zip(f, grads[: len(f)]))
+            scalar_grads = dict(zip(s, grads[len(f) :]))
+            row = first
+            for share, n in zip(shares, sizes):
+                share.cross[name] = _CrossShare(
+                    float(per_row[row : row + n].sum()),
+                    {k: g[row : row + n] for k, g in feature_grads.items()},
+                    {
+                        k: g if share.first_of_step else torch.zeros_like(g)
+                        for k, g in scalar_grads.items()
+                    },
+                )
+                row += n
+        total = torch.stack(counts).sum(0).to(device, torch.float64)
+        if world > 1:
+            dist.all_reduce(total)
+        for share in shares:
+            share.caption_tokens, share.reconstruction_elements = float(total[0]), float(total[1])
+        if total[3]:
+            metrics["pointing_game"] = float(total[2] / total[3])
+        if refresh_rewards:
+            everyone = _all_rows(torch.cat(rewards))
+            metrics["rf_cider"] = float(everyone.mean())
+            mean = everyone.clamp(min=0).mean()
+            for share, r in zip(shares, rewards):
+                share.reward_weights = reward_weights(r, mean=mean)
+        return StepContext(shares, metrics)
+
+    def _contributions(
+        self, model: nn.Module, batch: dict[str, Any], share: MicroBatchShare
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One micro-batch's terms: each cross-sample term is the surrogate
+        ``Σ features · cached gradient`` (valued at this micro-batch's share of the global term),
+        the others their sums over this micro-batch divided by the global batch's counts."""
+        o = self.objectives
+        out = share.out if share.out is not None else self._forward(model, batch)
+        cross = self._cross_sample(out)
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        if o.mcl:
+            terms["mcl"] = share.cross["mcl"].surrogate(cross["mcl"])
+        if o.cg:
+            nll = caption_loss(
+                out["logits"],
+                out["labels"],
+                self.model_config.pad_id,
+                share.reward_weights,
+                reduction="sum",
+            )
+            raw = nll / max(share.caption_tokens, 1.0)
+            terms["cg"] = o.lambda_cg * raw
+            metrics["loss_cg"] = raw.item()
+        if o.grounding:
+            terms["grounding"] = share.cross["grounding"].surrogate(cross["grounding"])
+        if o.git:
+            error = reconstruction_loss(
+                out["reconstruction"], out["target_pixels"], o.rec_norm_pix, reduction="sum"
+            )
+            raw = error / share.reconstruction_elements
+            terms["reconstruction"] = o.lambda_git * raw
+            metrics["loss_reconstruction"] = raw.item()
         return terms, metrics
 
     # -- objectives without signal -------------------------------------------------------------
@@ -226,7 +426,7 @@ class PretrainTask:
             )
         if o.rf and self._cg_calls and not self._reference_count:
             out["rf"] = (
-                f"no reference caption in {self._cg_calls} batches, so every reward weight is "
+                f"no reference caption in {self._cg_calls} steps, so every reward weight is "
                 "1; give captions in the shards (data.references: true) or objectives.rf: false"
             )
         return out
@@ -237,13 +437,13 @@ class PretrainTask:
 
     # -- RF: CIDEr-D reward of the model's own greedy caption ----------------------------------
 
-    def _reward_weights(
-        self, model: nn.Module, out: dict, batch: dict, metrics: dict
-    ) -> torch.Tensor | None:
-        """R(T_i, I_i) / mean_batch(R) (see :func:`reward_weights`), or None on non-refresh steps."""
+    def _refresh_rewards(self) -> bool:
+        """Count a CG call (a step in training); True on the calls that recompute the rewards."""
         self._cg_calls += 1
-        if (self._cg_calls - 1) % self.objectives.rf_every:
-            return None
+        return (self._cg_calls - 1) % self.objectives.rf_every == 0
+
+    def _rewards(self, model: nn.Module, out: dict, batch: dict) -> torch.Tensor:
+        """R(T_i, I_i): the CIDEr-D of each image's greedy caption against its references."""
         from bimac.generation import GenerationConfig, gathered_for_generation, generate
 
         tok = self._require_tokenizer()
@@ -255,9 +455,7 @@ class PretrainTask:
         candidates = strip_special(gen.ids, tok.bos_id, tok.eos_id, self.model_config.pad_id)
         references = self._references(batch)
         self._reference_count += sum(1 for refs in references for ref in refs if ref)
-        rewards = torch.as_tensor(self._reward_scorer().score(candidates, references))
-        metrics["rf_cider"] = float(rewards.mean())
-        return reward_weights(rewards).to(out["logits"].device)
+        return torch.as_tensor(self._reward_scorer().score(candidates, references))
 
     def state_dict(self) -> dict[str, int]:
         """What a resumed run needs to refresh RF's rewards on the same calls (every ``rf_every``)."""
@@ -306,6 +504,73 @@ class PretrainTask:
             sum(map(len, corpus)),
         )
         return corpus
+
+
+@dataclass
+class _CrossInputs:
+    """A cross-sample objective's inputs from one forward (see ``PretrainTask._cross_sample``)."""
+
+    features: dict[str, torch.Tensor]  # per row, differentiable
+    scalars: dict[str, torch.Tensor]  # shared by every row, differentiable
+    fixed: dict[str, torch.Tensor]  # per row, not differentiated (masks)
+
+    def detached(self) -> _CrossInputs:
+        return _CrossInputs(
+            {k: v.detach() for k, v in self.features.items()},
+            {k: v.detach() for k, v in self.scalars.items()},
+            self.fixed,
+        )
+
+
+@dataclass
+class _CrossShare:
+    """One micro-batch's share of a cross-sample term computed over the global batch."""
+
+    value: float  # the term's sum over this micro-batch's rows
+    feature_grads: dict[str, torch.Tensor]  # d(global term)/d(features) of these rows
+    scalar_grads: dict[str, torch.Tensor]  # d(global term)/d(scalars): on one micro-batch only
+
+    def surrogate(self, inputs: _CrossInputs) -> torch.Tensor:
+        """``Σ features · cached gradient`` (its gradient is this share of the global one), shifted
+        so that its value is :attr:`value`."""
+        parts = [(inputs.features[k] * g).sum() for k, g in self.feature_grads.items()]
+        parts += [(inputs.scalars[k] * g).sum() for k, g in self.scalar_grads.items()]
+        surrogate = torch.stack(parts).sum()
+        return surrogate - surrogate.detach() + self.value
+
+
+@dataclass
+class MicroBatchShare:
+    """What :meth:`PretrainTask.step_context` leaves for one micro-batch's ``losses`` call."""
+
+    out: dict[str, Any] | None  # the forward kept with its graph (accumulation 1), else None
+    first_of_step: bool  # rank 0's first micro-batch: it carries the scalars' gradients
+    cross: dict[str, _CrossShare] = field(default_factory=dict)
+    caption_tokens: float = 0.0  # non-pad caption tokens of the global batch
+    reconstruction_elements: float = 0.0  # reconstructed pixel values of the global batch
+    reward_weights: torch.Tensor | None = None  # R_i / global mean R for these rows (RF)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of ``x`` (the same shape on every rank), concatenated in rank order;
+    no gradient (the feature cache differentiates the gathered copy itself)."""
+    _, world = _rank_world()
+    if world == 1:
+        return x
+    sendable = x.to(torch.uint8) if x.dtype == torch.bool else x  # gloo has no bool all_gather
+    parts = [torch.empty_like(sendable) for _ in range(world)]
+    dist.all_gather(parts, sendable.contiguous())
+    return torch.cat(parts).to(x.dtype)
+
+
+def batch_rows(batch: dict[str, Any]) -> int:
+    return int(batch["text"].shape[0])
 
 
 @dataclass
