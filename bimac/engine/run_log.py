@@ -60,13 +60,13 @@ class RunLogger:
         self.t0 = time.time()
         self.wandb_run = None
         self.pbar = None
+        self.ids_jsonl = None
         if not self.active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         self._keep_steps_up_to(start_step, "metrics.jsonl")
         # line-buffered: a step's line is on disk before the checkpoint that covers it is saved
         self.jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - finish()
-        self.ids_jsonl = None
         if cfg.log_sample_ids:
             self._keep_steps_up_to(start_step, "sample_ids.jsonl")
             self.ids_jsonl = open(self.out / "sample_ids.jsonl", "a", buffering=1)  # noqa: SIM115
