@@ -366,7 +366,7 @@ def test_scst_under_zero3_resumes_exactly_after_sigkill_and_matches_zero2(tmp_pa
         ds = [f"train.deepspeed_config={tmp_path / 'zero3.json'}"] if stage == 3 else []
         return [*_finetune_args("caption", shards, out), "train.global_batch_size=16",
                 "train.max_steps=2", "eval.enabled=false", f"train.zero_stage={stage}",
-                *ds]  # fmt: skip
+                "data.streams=2", *ds]  # fmt: skip
 
     runs = {name: tmp_path / name for name in ("zero2", "zero3", "killed")}
     rc, err = _finetune("caption", args(runs["zero2"], 2), nproc=2)
