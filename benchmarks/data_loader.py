@@ -181,23 +181,30 @@ def compare_decoders(jpegs: list[bytes], size: int, repeats: int) -> dict[str, d
     return out
 
 
-def pipeline(cfg: DataConfig, tok, workers: int, decode) -> tuple[float, float, int]:
-    """Images per wall second and per CPU second (all processes) over one epoch, start-up
-    included, decoding with ``decode`` (a module-level function: the workers unpickle it)."""
+def pipeline(cfg: DataConfig, tok, workers: int, decode) -> tuple[float, float, int, int]:
+    """Images per wall second and per CPU second (all processes) over one epoch of the training
+    loader (``cfg.streams`` streams, global batch ``streams * batch_size``), start-up included,
+    decoding with ``decode`` (a module-level function: the workers unpickle it). Images: those
+    handed out plus the epoch's tail, which the loader decodes too (``epoch_tail``). Last: the
+    DataLoader workers that ran (the Loader lowers ``workers`` to a divisor of the streams)."""
     t, c = time.perf_counter(), _cpu()
-    loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
+    loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers,
+                         global_batch_size=cfg.streams * cfg.batch_size)  # fmt: skip
     loader.dataset.image_decoder = decode
-    n = sum(len(b["sample_id"]) for b in loader)
-    return n / (time.perf_counter() - t), n / (_cpu() - c), n
+    n = sum(len(b["sample_id"]) for b in loader) + loader.skipped().get("epoch_tail", 0)
+    return n / (time.perf_counter() - t), n / (_cpu() - c), n, loader.loader.num_workers
 
 
 def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
-    """CPU ms per image of each loader stage besides decoding, at 0 workers, each run alone on
+    """CPU ms per image of each loader stage besides decoding, at 0 workers, each run alone: tar
+    reading, grouping and the streams' shuffle over the whole epoch (over its first ``n`` samples
+    alone the shuffle buffer's filling would count each sample read about twice), the rest on
     the first ``n`` samples."""
     ds = ShardDataset(cfg, tok, rank=0, world_size=1)
     c = time.process_time()
-    raw = list(itertools.islice(ds.raw_samples(), n))
+    total = sum(1 for _ in ds.raw_samples())
     tar = time.process_time() - c
+    raw = list(itertools.islice(ds.raw_samples(), n))
     image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
     ds.image_decoder = lambda data, size: (image, (640, 480))
     c = time.process_time()
@@ -209,7 +216,7 @@ def stage_costs(cfg: DataConfig, tok, n: int = 1000) -> dict[str, float]:
     collate = time.process_time() - c
     ms = 1000 / len(raw)
     return {
-        "tar_read_group_shuffle_ms": tar * ms,
+        "tar_read_group_shuffle_ms": tar * 1000 / total,
         "checks_json_captions_nouns_ms": checks * ms,
         "collate_tokenise_spans_stack_ms": collate * ms,
     }
@@ -244,10 +251,11 @@ def image_set(name: str, root: Path, n: int) -> Path:
     from shards import photos, world
 
     w, h = SETS[name]
+    shard_size = min(500, -(-n // 6))  # at least 6 shards: 1, 2, 3 or 6 streams
     if name.startswith("world"):
-        world.build(out, "train", n, w, seed=0, shard_size=500)
+        world.build(out, "train", n, w, seed=0, shard_size=shard_size)
     else:
-        photos.build(out, n, w, h, seed=0, shard_size=500)
+        photos.build(out, n, w, h, seed=0, shard_size=shard_size)
     return out
 
 
@@ -268,8 +276,9 @@ def bench_set(name: str, folder: Path, a) -> dict:
     ceiling = images_per_cpu_s(CANDIDATES[chosen], jpegs, a.size, a.repeats)
     tok = build_tokenizer(TokenizerConfig(path=str(folder / "tokenizer.json"), context_length=32))
     cfg = DataConfig(
-        train_shards=f"{folder}/*.tar", image_size=a.size, batch_size=64, shuffle_buffer=1000
-    )
+        train_shards=f"{folder}/*.tar", image_size=a.size, batch_size=a.batch,
+        shuffle_buffer=1000, streams=a.streams,
+    )  # fmt: skip
     result = {
         "images": len(jpegs),
         "ceiling_images_per_cpu_s": ceiling,
@@ -284,8 +293,9 @@ def bench_set(name: str, folder: Path, a) -> dict:
     for workers in (0, 1, 2):
         row = {}
         for label, decode in runs.items():
-            rate, cpu_rate, n = max(pipeline(cfg, tok, workers, decode) for _ in range(a.repeats))
+            rate, cpu_rate, n, used = max(pipeline(cfg, tok, workers, decode) for _ in range(a.repeats))  # fmt: skip
             assert n == len(jpegs), (n, len(jpegs))
+            row["workers_used"] = used
             key = "" if label == "loader" else "today_"
             row |= {f"{key}images_per_cpu_s": cpu_rate, f"{key}images_per_wall_s": rate}
         row["ratio"] = row["images_per_cpu_s"] / ceiling
@@ -307,13 +317,13 @@ def print_tables(results: dict, a) -> None:
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
         print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
-        print("\n| workers | loader images per CPU-s | ratio | today's path | speedup |")
+        print("\n| workers (used) | loader images per CPU-s | ratio | today's path | speedup |")
         print("|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
             row = r[w]
             today = row.get("today_images_per_cpu_s", float("nan"))
             print(
-                f"| {w} | {row['images_per_cpu_s']:.0f} | {row['ratio']:.2f} | {today:.0f} | "
+                f"| {w} ({row['workers_used']}) | {row['images_per_cpu_s']:.0f} | {row['ratio']:.2f} | {today:.0f} | "
                 f"{row.get('speedup_vs_today', float('nan')):.2f} |"
             )
 
@@ -324,6 +334,13 @@ def main() -> None:
     p.add_argument("--sets", default=",".join(SETS), help="comma-separated, of " + ",".join(SETS))
     p.add_argument("--size", type=int, default=224, help="tower input side")
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs")
+    p.add_argument("--batch", type=int, default=64, help="micro-batch = each stream's chunk")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=2,
+        help="data.streams: the loader runs min(workers, a divisor of it) workers",
+    )
     p.add_argument("--sample", type=int, default=200, help="images for the decoder comparison")
     p.add_argument("--psnr", type=float, default=40.0, help="quality bound of the chosen path")
     p.add_argument("--data", default="runs/bench/data_loader", help="where the sets are built")
@@ -349,7 +366,8 @@ def main() -> None:
         "load_average_1_5_15": [round(x, 2) for x in load],
         "psnr_bound_db": a.psnr,
         "size": a.size,
-        "batch_size": 64,
+        "batch_size": a.batch,
+        "streams": a.streams,
         "repeats": a.repeats,
     }
     print(f"\n{meta['date']}, {meta['cpus']} CPUs, load average {load[0]:.1f} / {load[1]:.1f}")

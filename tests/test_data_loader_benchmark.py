@@ -70,7 +70,7 @@ def test_photo_shards_bad_size_is_one_clear_error(tmp_path):
 def test_data_loader_benchmark_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(sys.executable, "benchmarks/data_loader.py", "--n", "96", "--sets",
-                "photo_500,world_256", "--repeats", "1", "--sample", "8", "--data",
+                "photo_500,world_256", "--repeats", "1", "--sample", "8", "--batch", "16", "--data",
                 str(tmp_path / "sets"), "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -95,6 +95,9 @@ def test_data_loader_benchmark_json(tmp_path):
         assert all(v > 0 for v in grouping.values())
         for workers in ("0", "1", "2"):
             row = r[workers]
+            # data.streams=2 (the default --streams): 2 DataLoader workers ran (with one
+            # stream, a one-pass reader, it would lower 2 workers to 1)
+            assert row["workers_used"] == int(workers)
             # the workers' CPU is counted: without it (fork-server workers are not this
             # process's children) the loader looked 35x faster than its own decoder
             assert row["ratio"] < 1.5

@@ -11,9 +11,11 @@ steps (stream 3 holds 75 = 9 * 8 + 3), 288 samples, the 27 left over counted as 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bimac.config import ConfigError
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+from bimac.data.loader import _micro_batches
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
@@ -149,3 +151,36 @@ def test_layouts_that_cannot_keep_the_order_are_refused_in_one_line(world):
     with pytest.raises(ConfigError, match="cursor has 2 streams but data.streams=4"):
         make_loader(_cfg(world["clean"]), tok, rank=0, world_size=1, global_batch_size=GLOBAL,
                     cursor={0: 8, 1: 8})  # fmt: skip
+
+
+def _chunk(first: int, n: int) -> dict:
+    """A collated chunk of ``n`` samples numbered from ``first``: channels-last uint8 images whose
+    pixels carry the sample number, token rows, a list."""
+    ids = torch.arange(first, first + n)
+    image = ids.to(torch.uint8).view(n, 1, 1, 1).expand(n, 4, 4, 3).contiguous()
+    return {
+        "image": image.permute(0, 3, 1, 2),
+        "text": ids.view(n, 1).repeat(1, 5),
+        "sample_id": [f"s{i}" for i in ids.tolist()],
+    }
+
+
+@pytest.mark.parametrize("sizes,micro", [([8, 8, 8, 8], 16), ([8, 8], 4), ([8, 8, 8], 6), ([5, 3, 0], 4), ([4], 8)])  # fmt: skip
+def test_micro_batches_cut_the_chunks_as_concatenating_them_would(sizes, micro):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    chunks = [_chunk(a, n) for a, n in zip(starts, sizes) if n]
+    got = _micro_batches(chunks, micro)
+    # reference: concatenate every chunk, then cut every `micro` samples (the loader's old path)
+    whole = {k: torch.cat([c[k] for c in chunks]) for k in ("image", "text")}
+    ids = [i for c in chunks for i in c["sample_id"]]
+    cuts = range(0, len(ids), micro)
+    assert [b["sample_id"] for b in got] == [ids[i : i + micro] for i in cuts]
+    for b, i in zip(got, cuts):
+        assert torch.equal(b["image"], whole["image"][i : i + micro])
+        assert torch.equal(b["text"], whole["text"][i : i + micro])
+        assert b["image"].is_contiguous(memory_format=torch.channels_last)
+    # a micro-batch inside one chunk is a view of it, not a copy
+    for b in got:
+        owners = [c for c in chunks if b["sample_id"][0] in c["sample_id"]]
+        if set(b["sample_id"]) <= set(owners[0]["sample_id"]):
+            assert b["image"].untyped_storage().data_ptr() == owners[0]["image"].untyped_storage().data_ptr()  # fmt: skip

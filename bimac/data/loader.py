@@ -697,7 +697,7 @@ def loader_workers(streams: int, num_workers: int) -> int:
 
 
 def _concat(batches: list[dict]) -> dict:
-    """Chunks -> one batch: tensors concatenated along the batch, lists joined."""
+    """Batches -> one batch: tensors concatenated along the batch, lists joined."""
     if len(batches) == 1:
         return batches[0]
     return {
@@ -707,11 +707,30 @@ def _concat(batches: list[dict]) -> dict:
     }  # fmt: skip
 
 
-def _micro_batches(batch: dict, size: int) -> list[dict]:
-    n = len(batch["sample_id"])
-    if n <= size:
-        return [batch]
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+def _slice(batch: dict, start: int, stop: int) -> dict:
+    if start == 0 and stop == len(batch["sample_id"]):
+        return batch
+    return {k: v[start:stop] for k, v in batch.items()}
+
+
+def _micro_batches(batches: list[dict], size: int) -> list[dict]:
+    """Consecutive batches -> micro-batches of ``size`` (the last may be short). A micro-batch
+    inside one batch is a view of it; only one that spans batches is copied: concatenating a
+    step's chunks and cutting the result again would copy every image once more (~150 KB each
+    at 224 px) in the main process."""
+    out, pieces, have = [], [], 0
+    for batch in batches:
+        n, start = len(batch["sample_id"]), 0
+        while start < n:
+            take = min(size - have, n - start)
+            pieces.append(_slice(batch, start, start + take))
+            start, have = start + take, have + take
+            if have == size:
+                out.append(_concat(pieces))
+                pieces, have = [], 0
+    if pieces:
+        out.append(_concat(pieces))
+    return out
 
 
 class Loader:
@@ -759,7 +778,7 @@ class Loader:
                     got = []
                 self.drop_rest(chunks=got)
                 return
-            micro = _micro_batches(_concat([c["batch"] for c in got]), cfg.batch_size)
+            micro = _micro_batches([c["batch"] for c in got], cfg.batch_size)
             for i, batch in enumerate(micro):
                 if i == len(micro) - 1:  # the step is handed out in full: the cursor moves
                     self.cursor = {c["stream"]: c["raw_end"] for c in got}
