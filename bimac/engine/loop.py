@@ -460,9 +460,17 @@ class _Trainer:
         step_samples = sum(batch_size(mb) for mb in micro)
         st.step += 1
         gathered: list[Any] = [None] * self.world
-        local = (*results, preempt, step_samples)
+        # train.log_sample_ids: the step's sample keys ride along (global order: rank-major, then
+        # micro-batch) for sample_ids.jsonl
+        ids = [
+            i for mb in micro if isinstance(mb, dict) and cfg.log_sample_ids
+            for i in mb.get("sample_id", [])
+        ]  # fmt: skip
+        local = (*results, preempt, step_samples, ids)
         with self.watchdog.waiting(f"the all_gather of step {st.step}'s results"):
             dist.all_gather_object(gathered, local)
+        if cfg.log_sample_ids:
+            self.run_log.log_sample_ids(st.step, [i for g in gathered for i in g[5]])
         st.total_samples += sum(g[4] for g in gathered)
         combine = _sum_dicts if self.global_losses else _mean_dicts
         terms_step = combine([g[0] for g in gathered])
@@ -499,15 +507,6 @@ class _Trainer:
             data_skips = _gather_skip_counts(self.task)
             record["skipped"].update({f"data/{k}": v for k, v in data_skips.items()})
         return record, any(g[3] for g in gathered)
-
-    def log_sample_ids(self, micro: list[Any]) -> None:
-        """``sample_ids.jsonl``: the step's sample keys in global order (rank-major, then
-        micro-batch), from batches that carry ``sample_id``."""
-        local = [i for mb in micro if isinstance(mb, dict) for i in mb.get("sample_id", [])]
-        gathered: list[Any] = [None] * self.world
-        with self.watchdog.waiting(f"the all_gather of step {self.state.step}'s sample ids"):
-            dist.all_gather_object(gathered, local)
-        self.run_log.log_sample_ids(self.state.step, [i for ids in gathered for i in ids])
 
     def check_divergence(self, record: dict[str, Any]) -> None:
         st = self.state
@@ -559,8 +558,6 @@ class _Trainer:
                     self.history.append(record)
                     rate = (st.total_samples - samples_at_start) / max(time.time() - t_start, 1e-9)
                     self.run_log.log_step(record, rate)
-                    if cfg.log_sample_ids:
-                        self.log_sample_ids(micro)
                     self.check_divergence(record)
                     if preempted:  # preemption on any rank: save and leave
                         self.save()
