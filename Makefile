@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo demo-bn test lint format bench clean
+.PHONY: setup demo demo-bn tables test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: setup
 
 demo-bn: setup
 	$(PY) -m cli.demo --out $(DEMO_DIR)-bn --bengali
+
+# the papers' ablation tables on the embedded world, 3 seeds a row: RESULTS.md and docs/results/
+tables: setup
+	$(PY) -m cli.tables --config configs/tables.yaml
 
 test: setup
 	$(PY) -m shards.cc15m --setup  # img2dataset's own venv, for the end-to-end shard-building test

@@ -43,14 +43,17 @@ BENGALI_SPLITS = {"train": 2000, "val": 200}
 BENGALI_FONT = "Hind Siliguri"
 
 
-def build_world(out: Path, size: int = 64, seed: int = 0, bengali: bool = False) -> dict[str, str]:
-    """Shards of every split under ``out/shards/<split>``; returns split -> URL pattern.
+def build_world(
+    out: Path, size: int = 64, seed: int = 0, bengali: bool = False, splits: dict | None = None
+) -> dict[str, str]:
+    """Shards of every split (``splits``: name -> samples; default the demo's) under
+    ``out/shards/<split>``; returns split -> URL pattern.
 
-    ``bengali``: only the PAL captioner's triplet splits (train and val, with synthetic companions).
+    ``bengali``: the PAL captioner's triplet splits (train and val, with synthetic companions).
     """
     from shards.world import build
 
-    splits = BENGALI_SPLITS if bengali else DEMO_SPLITS
+    splits = splits or (BENGALI_SPLITS if bengali else DEMO_SPLITS)
     patterns = {}
     for split, n in splits.items():
         tars = build(out / "shards" / split, split, n, size, seed, triplets=bengali, shard_size=500)

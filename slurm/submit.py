@@ -28,37 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
-import statistics
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import submitit
-import yaml
 
-from bimac.config import CliParser, ConfigError, load_config, run_main
+from bimac.config import CliParser, run_main
+from bimac.tools.grid import GRIDS, Cell, check_cells, collect, grid_cells, with_seeds
 
 REPO = Path(__file__).resolve().parents[1]
-ABLATIONS = REPO / "configs" / "pretrain" / "ablations"
-TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
-PAL_CONFIGS = REPO / "configs" / "finetune" / "caption_bn"
-# PAL Table 3 rows in the paper's order
-PAL_TABLE3 = ("ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot", "pal", "pal_infonce",
-              "pal_infonce_ot")  # fmt: skip
-GRIDS = ("table5", "table6", "pal_table3", "pal_table4")
-SEEDED_RUN = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
-SIGNIFICANCE = 0.05  # Welch's t-test level for collect's "*" marks
-
-
-@dataclass
-class Cell:
-    name: str
-    config: str
-    overrides: list[str] = field(default_factory=list)
-    entry: str = "pretrain"  # or "caption_bn" (the PAL captioner's fine-tuning)
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -76,62 +55,6 @@ class RunJob(submitit.helpers.Checkpointable):
         from pretrain import run_pretraining
 
         return run_pretraining(config, overrides).summary
-
-
-def _preset_cells(presets: list[Path], section: str, config: str, entry: str) -> list[Cell]:
-    """One cell per preset: its ``section`` applied to ``config`` as overrides."""
-    cells = []
-    for preset in presets:
-        values = (yaml.safe_load(preset.read_text()) or {}).get(section, {})
-        overrides = [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
-        cells.append(Cell(preset.stem, config, overrides, entry))
-    return cells
-
-
-def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> list[Cell]:
-    """The cells of a grid on top of ``config`` (a tiny or paper experiment YAML).
-
-    ``table5`` takes the ``objectives`` section of each preset in ``configs/pretrain/ablations/``
-    (not ``lambda_git_*``), ordered as in the paper (more objectives later; grounding after the
-    row without it); ``table6`` sweeps ``objectives.lambda_git``. ``pal_table3`` / ``pal_table4``
-    take the ``losses`` section of ``configs/finetune/caption_bn/{ablations,sensitivity}/*.yaml``
-    and run the PAL captioner (``config`` is then a caption_bn YAML).
-    """
-    if grid == "table6":
-        return [
-            Cell(f"lambda_git={v:g}", config, [f"objectives.lambda_git={v}"])
-            for v in (lambdas or TABLE6_LAMBDAS)
-        ]
-    if grid == "pal_table3":
-        presets = [PAL_CONFIGS / "ablations" / f"{name}.yaml" for name in PAL_TABLE3]
-        return _preset_cells(presets, "losses", config, "caption_bn")
-    if grid == "pal_table4":
-        presets = sorted((PAL_CONFIGS / "sensitivity").glob("*.yaml"))
-        return _preset_cells(presets, "losses", config, "caption_bn")
-    if grid != "table5":
-        raise ConfigError(f"unknown grid {grid!r}: one of {', '.join(GRIDS)}")
-    presets = [p for p in sorted(ABLATIONS.glob("*.yaml")) if not p.stem.startswith("lambda_git")]
-    if not presets:
-        raise ConfigError(f"no ablation presets in {ABLATIONS}")
-    cells = _preset_cells(presets, "objectives", config, "pretrain")
-
-    def order(cell: Cell) -> tuple[int, bool]:
-        on = [o for o in cell.overrides if o.endswith("=true")]
-        return len(on), "objectives.grounding=true" in on
-
-    return sorted(cells, key=order)
-
-
-def with_seeds(cells: list[Cell], seeds: int) -> list[Cell]:
-    """Each cell ``seeds`` times, ``train.seed=k`` and ``-seed<k>`` in the run name; one seed keeps
-    the cells (and the config's own seed) as they are."""
-    if seeds <= 1:
-        return cells
-    return [
-        Cell(f"{c.name}-seed{k}", c.config, [*c.overrides, f"train.seed={k}"], c.entry)
-        for c in cells
-        for k in range(seeds)
-    ]
 
 
 def make_executor(
@@ -171,116 +94,8 @@ def submit(cells: list[Cell], out: Path, executor: submitit.Executor) -> list[su
     jobs = []
     for cell in cells:
         executor.update_parameters(name=f"bimac-{cell.name}")
-        overrides = [
-            *cell.overrides,
-            f"train.output_dir={out / cell.name}",
-            f"train.run_name={cell.name}",
-        ]
-        jobs.append(executor.submit(RunJob(), cell.entry, cell.config, overrides))
+        jobs.append(executor.submit(RunJob(), cell.entry, cell.config, cell.run_overrides(out)))
     return jobs
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-
-def _differs(runs: list[float], base: list[float]) -> bool:
-    """Welch's t-test (unequal variances) of two cells' per-seed values at ``SIGNIFICANCE``;
-    without spread in either cell any difference counts."""
-    from scipy.stats import ttest_ind
-
-    if statistics.pvariance(runs) == 0 and statistics.pvariance(base) == 0:
-        return statistics.fmean(runs) != statistics.fmean(base)
-    return bool(ttest_ind(runs, base, equal_var=False).pvalue < SIGNIFICANCE)
-
-
-def _cell_value(values: list[Any], compared: bool, base: list[Any] | None) -> str:
-    """One run, or a bookkeeping column its seeds agree on: the value. Several seeds: ``mean ±
-    std`` (sample std), with ``*`` where ``base`` (the baseline cell's values) differs beyond the
-    spread."""
-    nums = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if len(values) == 1 or not nums or (not compared and len(set(map(str, values))) == 1):
-        return _fmt(values[0]) if len(set(map(str, values))) == 1 else "/".join(map(str, values))
-    text = f"{statistics.fmean(nums):.4f} ± {statistics.stdev(nums) if len(nums) > 1 else 0:.4f}"
-    base_nums = [v for v in base or [] if isinstance(v, (int, float)) and math.isfinite(v)]
-    if compared and len(nums) > 1 and len(base_nums) > 1 and _differs(nums, base_nums):
-        text += " *"
-    return text
-
-
-def _run_order(out: Path, names: list[str]) -> list[str]:
-    """``names`` in the grid's order (``grid.json``, written at submission), else sorted."""
-    manifest = out / "grid.json"
-    order = json.loads(manifest.read_text())["runs"] if manifest.is_file() else []
-    rank = {n: i for i, n in enumerate(order)}
-    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
-
-
-def collect(out: Path, baseline: str | None = None) -> str:
-    """Markdown table of every ``out/*/summary.json``, with the captioning scores of
-    ``eval_bn.json`` beside them for the PAL grids: one row per cell, its seeds' runs
-    (``<cell>-seed<k>``) aggregated as mean ± std and compared with the ``baseline`` cell."""
-    runs: dict[str, dict] = {}
-    for path in out.glob("*/summary.json"):
-        summary = json.loads(path.read_text())
-        scores = path.with_name("eval_bn.json")
-        if scores.is_file():
-            summary.setdefault("final_metrics", {}).update(json.loads(scores.read_text())["scores"])
-        runs[path.parent.name] = summary
-    if not runs:
-        raise ConfigError(f"--out: no */summary.json under {out}; give the --out of a grid")
-    groups: dict[str, list[dict]] = {}
-    for name in _run_order(out, list(runs)):
-        match = SEEDED_RUN.match(name)
-        groups.setdefault(match["cell"] if match else name, []).append(runs[name])
-    baseline = baseline or next(iter(groups))
-    if baseline not in groups:
-        raise ConfigError(f"--baseline {baseline!r} is not a cell under {out}: {', '.join(groups)}")
-    seeded = any(len(g) > 1 for g in groups.values())
-    summaries = [s for g in groups.values() for s in g]
-    losses = sorted({k for s in summaries for k in s.get("final_losses", {})})
-    metrics = sorted({k for s in summaries for k in s.get("final_metrics", {})})
-
-    def columns(s: dict) -> list[tuple[Any, bool]]:
-        """(value, compared with the baseline) per column of one run."""
-        cols = [(s.get("status"), False), (s.get("step"), False), (s.get("samples"), False)]
-        cols += [(s.get("final_loss"), True)]
-        cols += [(s.get("final_losses", {}).get(k), True) for k in losses]
-        cols += [(s.get("final_metrics", {}).get(k), True) for k in metrics]
-        return cols + [(sum(s.get("skipped", {}).values()), False), (s.get("wall_s"), False)]
-
-    head = ["cell", *(["seeds"] if seeded else []), "status", "steps", "samples", "loss"]
-    head += [*losses, *metrics, "skipped", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base_cols = [columns(s) for s in groups[baseline]]
-    for name, group in groups.items():
-        per_run = [columns(s) for s in group]
-        cells = [name, *([str(len(group))] if seeded else [])]
-        for j, (_, compared) in enumerate(per_run[0]):
-            base = [c[j][0] for c in base_cols] if name != baseline else None
-            cells.append(_cell_value([c[j][0] for c in per_run], compared, base))
-        lines.append("| " + " | ".join(cells) + " |")
-    if seeded:
-        lines.append(
-            f"\nmean ± sample standard deviation over the seeds; `*`: differs from `{baseline}` "
-            f"by Welch's t-test (SciPy `ttest_ind(equal_var=False)`) at p < {SIGNIFICANCE}."
-        )
-    table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(table)
-    return table
-
-
-def check_cells(cells: list[Cell]) -> None:
-    """Build every cell's config here, before any job is submitted: a bad key or file is one
-    error now rather than one failed job per cell."""
-    from bimac.tasks.caption_bn import CaptionBnConfig
-    from bimac.tasks.pretrain import load_pretrain_config
-
-    for cell in cells:
-        if cell.entry == "caption_bn":
-            load_config(CaptionBnConfig, cell.config, cell.overrides)
-        else:
-            load_pretrain_config(cell.config, cell.overrides)
 
 
 PROG = "python slurm/submit.py"

@@ -1,8 +1,8 @@
-"""slurm/submit.py: grid cells, the markdown table, and a 2-cell grid on submitit's local executor."""
+"""Grids (``bimac.tools.grid``): cells, the markdown table, and a 2-cell grid through
+``slurm/submit.py`` on submitit's local executor."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import statistics
@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from bimac.tools import grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,19 +24,8 @@ def world_shards(tmp_path_factory) -> list[str]:
     return world_overrides(tmp_path_factory.mktemp("world"))
 
 
-def _submit_module():
-    spec = importlib.util.spec_from_file_location(
-        "bimac_slurm_submit", REPO / "slurm" / "submit.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_table6_cells_are_the_paper_lambdas():
-    sub = _submit_module()
-    cells = sub.grid_cells("table6", "configs/pretrain/tiny.yaml")
+    cells = grid.grid_cells("table6", "configs/pretrain/tiny.yaml")
     assert [c.overrides for c in cells] == [
         [f"objectives.lambda_git={v}"] for v in (0.1, 0.4, 0.7, 1.0, 1.5)
     ]
@@ -42,8 +33,7 @@ def test_table6_cells_are_the_paper_lambdas():
 
 
 def test_table5_cells_follow_the_paper_rows():
-    sub = _submit_module()
-    cells = sub.grid_cells("table5", "configs/pretrain/paper.yaml")
+    cells = grid.grid_cells("table5", "configs/pretrain/paper.yaml")
     assert [c.name for c in cells] == ["mcl", "mcl_cg", "mcl_cg_rf", "mcl_cg_rf_git",
                                        "mcl_cg_git_grounding", "full"]  # fmt: skip
     assert all(c.config == "configs/pretrain/paper.yaml" for c in cells)
@@ -53,21 +43,19 @@ def test_table5_cells_follow_the_paper_rows():
 
 
 def test_pal_grids_run_the_captioner_with_each_rows_losses():
-    sub = _submit_module()
     config = "configs/finetune/caption_bn/tiny.yaml"
-    table3 = sub.grid_cells("pal_table3", config)
+    table3 = grid.grid_cells("pal_table3", config)
     assert [c.name for c in table3] == ["ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot",
                                         "pal", "pal_infonce", "pal_infonce_ot"]  # fmt: skip
     assert {c.entry for c in table3} == {"caption_bn"} and {c.config for c in table3} == {config}
     assert "losses.ce_syn=false" in table3[0].overrides  # real images only
-    table4 = sub.grid_cells("pal_table4", config)
+    table4 = grid.grid_cells("pal_table4", config)
     assert len(table4) == 4 and all(c.overrides for c in table4)
     with pytest.raises(ValueError, match="unknown grid"):
-        sub.grid_cells("table7", config)
+        grid.grid_cells("table7", config)
 
 
 def test_collect_makes_one_row_per_summary(tmp_path):
-    sub = _submit_module()
     for name, loss, pg in (("a", 1.5, 0.25), ("b", 2.0, None)):
         (tmp_path / name).mkdir()
         summary = {
@@ -81,7 +69,7 @@ def test_collect_makes_one_row_per_summary(tmp_path):
             "wall_s": 3.0,
         }
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
-    table = sub.collect(tmp_path).splitlines()
+    table = grid.collect(tmp_path).splitlines()
     assert (
         table[0]
         == "| cell | status | steps | samples | loss | mcl | pointing_game | skipped | wall s |"
@@ -102,7 +90,6 @@ def _write_summary(run_dir: Path, loss: float, pg: float) -> None:
 def test_collect_writes_mean_and_std_over_seeds_and_marks_only_beyond_the_spread(tmp_path):
     """Two seeds per cell: mean ± sample std by hand; ``*`` where Welch's t-test against the
     baseline (the first cell of grid.json, not the alphabetical first) gives p < 0.05."""
-    sub = _submit_module()
     # base: loss 1.0/1.2, pg 0.50/0.52; far: loss 3.0/3.01 (beyond), pg 0.40/0.64 (within)
     for cell, losses, pgs in (
         ("z_base", (1.0, 1.2), (0.5, 0.52)),
@@ -112,7 +99,7 @@ def test_collect_writes_mean_and_std_over_seeds_and_marks_only_beyond_the_spread
             _write_summary(tmp_path / f"{cell}-seed{seed}", loss, pg)
     (tmp_path / "grid.json").write_text(json.dumps({"runs": ["z_base-seed0", "z_base-seed1",
                                                              "a_far-seed0", "a_far-seed1"]}))  # fmt: skip
-    table = sub.collect(tmp_path).splitlines()
+    table = grid.collect(tmp_path).splitlines()
     assert table[0] == (
         "| cell | seeds | status | steps | samples | loss | mcl | pointing_game | skipped | wall s |"
     )
@@ -122,7 +109,7 @@ def test_collect_writes_mean_and_std_over_seeds_and_marks_only_beyond_the_spread
     assert table[3] == ("| a_far | 2 | completed | 4 | 64 | 3.0050 ± 0.0071 * | "
                         "3.0050 ± 0.0071 * | 0.5200 ± 0.1697 | 0 | 3.0000 |")  # fmt: skip
     assert "Welch's t-test" in table[-1] and "`z_base`" in table[-1]
-    other = sub.collect(tmp_path, baseline="a_far").splitlines()
+    other = grid.collect(tmp_path, baseline="a_far").splitlines()
     assert other[2].endswith(
         "| 1.1000 ± 0.1414 * | 1.1000 ± 0.1414 * | 0.5100 ± 0.0141 | 0 | 3.0000 |"
     )
