@@ -1,4 +1,4 @@
-"""Fine-tune and evaluate the PAL Bengali captioner.
+"""Fine-tune and evaluate the PAL Bengali captioner (or a Table 1 baseline: ``model.architecture``).
 
 ``python -m finetune.caption_bn --config configs/finetune/caption_bn/tiny.yaml [key=value ...]``
 trains with the shared engine (DeepSpeed, AMP, one-cycle AdamW, clipping, resume), exports the
@@ -17,7 +17,7 @@ from bimac import export_folder
 from bimac.config import config_parser, load_config, program, run_main
 from bimac.engine import train
 from bimac.engine.distributed import init_distributed
-from bimac.models.pal_captioner import PALCaptioner
+from bimac.models.baseline_captioners import load_captioner
 from bimac.tasks.caption_bn import CaptionBnConfig, CaptionBnTask, evaluate_captions, metrics_table
 from finetune.common import check_inputs, setup_logging
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         export_dir = result.export_dir
     if rank != 0 or not cfg.eval.enabled or export_dir is None:
         return {}
-    model = PALCaptioner.from_pretrained(export_dir)
+    model = load_captioner(export_dir)
     scores, rows = evaluate_captions(model, cfg)
     table = metrics_table(scores)
     (out / "eval_bn.md").write_text(table + "\n")

@@ -4,6 +4,7 @@
     python slurm/submit.py grid  --grid table5 --config configs/pretrain/paper.yaml --out runs/t5
     python slurm/submit.py grid  --grid table6 --lambdas 0.1 0.4 0.7 1.0 1.5 --out runs/t6
     python slurm/submit.py grid  --grid pal_table3 --config configs/finetune/caption_bn/paper.yaml
+    python slurm/submit.py grid  --grid pal_table1 --config configs/finetune/caption_bn/paper.yaml
     python slurm/submit.py grid  --grid table5 --seeds 3 --config configs/pretrain/tiny.yaml --out runs/t5
     python slurm/submit.py collect --out runs/t6 [--baseline CELL]
 
@@ -11,7 +12,9 @@
 their ``objectives`` sections applied to ``--config``);
 ``table6``: the λ_GIT sweep of Table 6 (``objectives.lambda_git``);
 ``pal_table3`` / ``pal_table4``: the PAL captioner's Table 3 ablations and Table 4 (λ, τ, ρ)
-sensitivity rows (``losses`` sections of ``configs/finetune/caption_bn/{ablations,sensitivity}``).
+sensitivity rows (``losses`` sections of ``configs/finetune/caption_bn/{ablations,sensitivity}``);
+``pal_table1``: PAL + InfoNCE + OT against the ViT + GPT-2 and CNN + LSTM baselines
+(``model.architecture``).
 Each cell writes
 ``<out>/<cell>/summary.json``; ``collect`` (also run after ``grid --wait``) turns them into one
 markdown table. ``--seeds N`` runs every cell N times with ``train.seed=0..N-1`` as

@@ -115,6 +115,10 @@ CASES = {
         ["-m", "finetune.caption_bn", "--config", CAPTION_BN, "--eval-only", "{root}/nothing"],
         ["--eval-only", "does not exist"],
     ),
+    "caption_bn unknown architecture": (
+        ["-m", "finetune.caption_bn", "--config", CAPTION_BN, "model.architecture=lstm"],
+        ["model.architecture", "'lstm' is not one of", "vit_gpt2", "cnn_lstm"],
+    ),
     "checkpoint is a DeepSpeed step": (
         ["-m", "cli", "caption", "{image}", "--checkpoint", "{root}/run/checkpoints/step00000010"],
         ["--checkpoint", "DeepSpeed", "{root}/run/export"],

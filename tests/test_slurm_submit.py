@@ -55,6 +55,20 @@ def test_pal_grids_run_the_captioner_with_each_rows_losses():
         grid.grid_cells("table7", config)
 
 
+def test_pal_table1_is_the_full_pal_row_and_the_two_baselines():
+    """PAL Table 1: PAL + InfoNCE + OT (Table 3's last preset, as PAL) and the ViT + GPT-2 and
+    CNN + LSTM captioners, each a caption_bn cell whose config loads (check_cells)."""
+    config = "configs/finetune/caption_bn/tiny.yaml"
+    cells = grid.grid_cells("pal_table1", config)
+    assert [c.name for c in cells] == ["pal_infonce_ot", "vit_gpt2", "cnn_lstm"]
+    assert {c.entry for c in cells} == {"caption_bn"} and {c.config for c in cells} == {config}
+    (pal_row,) = [c for c in grid.grid_cells("pal_table3", config) if c.name == "pal_infonce_ot"]
+    assert cells[0].overrides == [*pal_row.overrides, "model.architecture=pal"]
+    assert cells[1].overrides == ["model.architecture=vit_gpt2"]
+    assert cells[2].overrides == ["model.architecture=cnn_lstm"]
+    grid.check_cells(cells)
+
+
 def test_collect_makes_one_row_per_summary(tmp_path):
     for name, loss, pg in (("a", 1.5, 0.25), ("b", 2.0, None)):
         (tmp_path / name).mkdir()

@@ -121,6 +121,15 @@ def load_tokenizer(name: str, target_lang: str = "bn_IN") -> Any:
     return tok
 
 
+def never_generated_ids(tokenizer: Any) -> tuple[int, ...]:
+    """Ids a caption never contains after the forced code: language codes, <s>, <pad>, <mask>."""
+    from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
+
+    never = {tokenizer.convert_tokens_to_ids(c) for c in FAIRSEQ_LANGUAGE_CODES}
+    never |= {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id}
+    return tuple(sorted(i for i in never if i is not None))
+
+
 # ------------------------------------------------------------------------------- vision
 
 
@@ -136,6 +145,25 @@ def _tiny_maxvit(image_size: int) -> nn.Module:
         **_tf_cfg(),
     )
     return MaxxVit(cfg, img_size=image_size, num_classes=0)
+
+
+def check_images(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise TypeError(
+            f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
+        )
+
+
+def normalize_images(
+    images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` -> float, resized to ``size`` px, normalised by ``mean``/``std``
+    ``[1, 3, 1, 1]`` (on their device): the input of every captioner's vision encoder."""
+    check_images(images)
+    x = images.to(mean.device).float() / 255.0
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return (x - mean) / std
 
 
 class FrozenVision(nn.Module):
@@ -184,17 +212,10 @@ class FrozenVision(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise TypeError(
-                f"expected uint8 [B, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
-            )
-        images = images.to(self.mean.device)
         if self.bimac is not None:
-            return [self.bimac.image_towers(self.bimac.normalize(images))[2]]
-        x = images.float() / 255.0
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", antialias=True)
-        x = (x - self.mean) / self.std
+            check_images(images)
+            return [self.bimac.image_towers(self.bimac.normalize(images.to(self.mean.device)))[2]]
+        x = normalize_images(images, self.image_size, self.mean, self.std)
         maps = self.trunk.forward_intermediates(
             x, indices=self.stage_indices, intermediates_only=True
         )
@@ -374,13 +395,7 @@ class PALCaptioner(nn.Module):
         adapter = MBartAdapter.from_model(
             self.mbart, forced_first_token_id=self.lang_id, tokenizer=self.tokenizer
         )
-        # After the forced code, a caption never contains a language code, <s>, <pad> or <mask>.
-        from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
-
-        tok = self.tokenizer
-        never = {tok.convert_tokens_to_ids(c) for c in FAIRSEQ_LANGUAGE_CODES}
-        never |= {tok.bos_token_id, tok.pad_token_id, tok.mask_token_id}
-        adapter.suppressed_token_ids = tuple(sorted(i for i in never if i is not None))
+        adapter.suppressed_token_ids = never_generated_ids(self.tokenizer)
         return adapter
 
     @torch.no_grad()

@@ -7,7 +7,9 @@ the patch weights ``w`` (Eq. 8), which pool the bridge tokens of the real and th
 12-13: ``a = b = w``, "the same attention weights as masses"). A batch without ``image_syn`` gets
 CE only. The seven rows of Table 3 are presets of :class:`PALLossConfig`
 (``configs/finetune/caption_bn/ablation_*.yaml``); ``ce_syn`` adds CE on the synthetic images
-(averaged with the real CE, so the loss keeps its scale).
+(averaged with the real CE, so the loss keeps its scale). The Table 1 baselines
+(``model.architecture: vit_gpt2 | cnn_lstm``, :mod:`bimac.models.baseline_captioners`) train
+with CE on the real images only; ``losses`` other than CE do not apply to them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from bimac.losses import (
     pal_weights,
     sinkhorn_ot,
 )
-from bimac.models.pal_captioner import PALCaptioner, PALModelConfig, load_tokenizer
+from bimac.models.baseline_captioners import CaptionerConfig, build_captioner
+from bimac.models.pal_captioner import PALCaptioner, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +86,7 @@ class CaptionEvalConfig:
 class CaptionBnConfig:
     """The experiment config of ``python -m finetune.caption_bn``."""
 
-    model: PALModelConfig = field(default_factory=PALModelConfig)
+    model: CaptionerConfig = field(default_factory=CaptionerConfig)
     losses: PALLossConfig = field(default_factory=PALLossConfig)
     data: DataConfig = field(
         default_factory=lambda: DataConfig(kind="triplets", noun_source="none")
@@ -99,7 +102,7 @@ def as_loader_tokenizer(tokenizer: Any, max_length: int, lang: str) -> Transform
         return TransformersTokenizer(tmp, max_length, lang)
 
 
-def _unwrap(model: nn.Module) -> PALCaptioner:
+def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
@@ -119,8 +122,8 @@ class CaptionBnTask:
 
     # -- engine interface -------------------------------------------------------------------
 
-    def build_model(self) -> PALCaptioner:
-        return PALCaptioner(self.cfg.model, tokenizer=self.tokenizer)
+    def build_model(self) -> nn.Module:
+        return build_captioner(self.cfg.model, self.tokenizer)
 
     def loader_tokenizer(self) -> TransformersTokenizer:
         if self._loader_tokenizer is None:
@@ -155,11 +158,14 @@ class CaptionBnTask:
         lc = self.cfg.losses
         m = _unwrap(model)
         metrics: dict[str, float] = {}
+        labels = batch["text_bn"]
+        if not isinstance(m, PALCaptioner):  # a Table 1 baseline: CE on the real images
+            ce = caption_loss(model(batch["image"], labels)["logits"], labels, m.pad_id)
+            return {"ce": ce}, metrics
         if m.training:
             step = int(m.num_updates) // self.accumulation
             metrics["decoder_layers_trained"] = float(m.apply_unfreeze(step))
             m.num_updates += 1  # counts micro-batches; // accumulation = optimizer steps
-        labels = batch["text_bn"]
         syn = batch.get("image_syn")
         use_syn = syn is not None
         out = model(
@@ -204,7 +210,7 @@ class CaptionBnTask:
 
 @torch.no_grad()
 def evaluate_captions(
-    model: PALCaptioner, cfg: CaptionBnConfig, shards: str | None = None
+    model: nn.Module, cfg: CaptionBnConfig, shards: str | None = None
 ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     """Beam-search captions for the held-out triplets, scored against their Bengali references by
     :func:`bimac.eval.captioning.score_captions` (``lang="bn"``): BLEU-1..4, METEOR (Bengali mode,

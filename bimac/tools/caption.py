@@ -53,9 +53,9 @@ def caption_images(
             batch_size=16,
         )
         return [out[i] for i in range(len(images))]
-    from bimac.models.pal_captioner import PALCaptioner
+    from bimac.models.baseline_captioners import load_captioner
 
-    model = PALCaptioner.from_pretrained(checkpoint).eval()
+    model = load_captioner(checkpoint).eval()
     cfg = GenerationConfig(
         strategy=strategy,
         num_beams=num_beams if strategy == "beam" else 1,

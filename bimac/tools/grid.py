@@ -37,7 +37,8 @@ TABLE6_LAMBDAS = (0.1, 0.4, 0.7, 1.0, 1.5)
 # PAL Table 3 rows in the paper's order
 PAL_TABLE3 = ("ce_real", "ce_real_syn", "ce_infonce", "ce_infonce_ot", "pal", "pal_infonce",
               "pal_infonce_ot")  # fmt: skip
-GRIDS = ("table5", "table6", "pal_table3", "pal_table4")
+PAL_TABLE1_BASELINES = ("vit_gpt2", "cnn_lstm")  # Table 1 rows after PAL + InfoNCE + OT
+GRIDS = ("table5", "table6", "pal_table1", "pal_table3", "pal_table4")
 SEEDED_RUN = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
 SIGNIFICANCE = 0.05  # Welch's t-test level for the "*" marks
 # the module each cell's entry runs (one process per rank under torchrun / srun; one locally)
@@ -77,13 +78,23 @@ def grid_cells(grid: str, config: str, lambdas: list[float] | None = None) -> li
     (not ``lambda_git_*``), ordered as in the paper (more objectives later; grounding after the
     row without it); ``table6`` sweeps ``objectives.lambda_git``. ``pal_table3`` / ``pal_table4``
     take the ``losses`` section of ``configs/finetune/caption_bn/{ablations,sensitivity}/*.yaml``
-    and run the PAL captioner (``config`` is then a caption_bn YAML).
+    and run the PAL captioner (``config`` is then a caption_bn YAML); ``pal_table1`` is Table 3's
+    full row (``pal_infonce_ot``) and one cell per baseline ``model.architecture``.
     """
     if grid == "table6":
         return [
             Cell(f"lambda_git={v:g}", config, [f"objectives.lambda_git={v}"])
             for v in (lambdas or TABLE6_LAMBDAS)
         ]
+    if grid == "pal_table1":
+        full = PAL_CONFIGS / "ablations" / "pal_infonce_ot.yaml"
+        (pal,) = _preset_cells([full], "losses", config, "caption_bn")
+        pal.overrides.append("model.architecture=pal")
+        baselines = [
+            Cell(arch, config, [f"model.architecture={arch}"], "caption_bn")
+            for arch in PAL_TABLE1_BASELINES
+        ]
+        return [pal, *baselines]
     if grid == "pal_table3":
         presets = [PAL_CONFIGS / "ablations" / f"{name}.yaml" for name in PAL_TABLE3]
         return _preset_cells(presets, "losses", config, "caption_bn")
