@@ -29,7 +29,7 @@ from PIL import Image
 
 from bimac.config import ConfigError, parse_cli, run_main
 from bimac.data.tokenizer import save_world_tokenizer
-from bimac.data.world import SPLITS, class_names, make_sample
+from bimac.data.world import SPLITS, VARIANTS, class_names, make_sample
 from bimac.data.writer import TAR_MTIME, write_shards
 
 FORMATS = ("shards", "clip_benchmark", "sugarcrepe", "winoground", "valse", "spec")
@@ -49,11 +49,12 @@ def build(
     seed: int = 0,
     triplets: bool = False,
     shard_size: int = 1000,
+    variant: str = "default",
 ) -> list[Path]:
     """Render ``n`` samples of ``split`` into shards under ``out``; returns the tar paths."""
     if split == "probe" and n % 2:
         raise ValueError("the probe split comes in pairs: --n must be even")
-    samples = (make_sample(seed, split, i, size, triplets) for i in range(n))
+    samples = (make_sample(seed, split, i, size, triplets, variant) for i in range(n))
     tars = write_shards(samples, out, shard_size=shard_size, total=n)
     save_world_tokenizer(Path(out) / "tokenizer.json")
     return tars
@@ -167,6 +168,9 @@ class WorldShardsConfig:
     seed: int = 0
     triplets: bool = False  # add KEY.syn.jpg, KEY.en.txt, KEY.bn.txt
     shard_size: int = 1000  # samples per tar
+    # default, or binding: two-group scenes in clusters of 4 that share colours, shapes and
+    # counts (bimac.data.world.VARIANTS; the eval reads it as world:SPLIT:N:binding)
+    variant: Literal[VARIANTS] = "default"
     # shards (img2dataset layout), clip_benchmark (retrieval / cls_* splits), or a fine-grained
     # benchmark's layout (probe split)
     format: Literal[FORMATS] = "shards"
@@ -176,6 +180,10 @@ class WorldShardsConfig:
             raise ConfigError("out: give the output folder, e.g. --out runs/world/train")
         if self.format != "shards" and self.triplets:
             raise ConfigError("triplets: only with format=shards")
+        if self.format != "shards" and self.variant != "default":
+            raise ConfigError(
+                "variant: only with format=shards (benchmark layouts use the default)"
+            )
         if self.format == "clip_benchmark" and self.split == "probe":
             raise ConfigError("format=clip_benchmark writes retrieval or cls_* splits, not probe")
         if self.format not in ("shards", "clip_benchmark") and self.split != "probe":
@@ -190,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     try:
         if a.format == "shards":
-            build(a.out, a.split, a.n, a.size, a.seed, a.triplets, a.shard_size)
+            build(a.out, a.split, a.n, a.size, a.seed, a.triplets, a.shard_size, a.variant)
         elif a.format == "clip_benchmark":
             build_clip_benchmark(a.out, a.split, a.n, a.size, a.seed, a.shard_size)
         else:

@@ -78,3 +78,30 @@ def test_section_from_its_own_file(tmp_path):
 def test_scientific_override_is_a_float():
     assert load_config(Inner, None, ["lr=1e-3"]).lr == 1e-3
     assert parse_overrides(["x=nan-ish"]) == {"x": "nan-ish"}
+
+
+def test_tables_config_is_tiny_on_the_binding_world_with_rf_every_4():
+    """configs/pretrain/tables.yaml (BiMAC Tables 5/6 on the world) changes only what the README's
+    "Tables on the embedded world" justifies: the binding-variant shards, RF every 4th step, the
+    output folder and end-only checkpoints; model, batch, lr and steps are tiny.yaml's."""
+    import dataclasses
+
+    from bimac.tasks.pretrain import load_pretrain_config
+
+    repo = Path(__file__).resolve().parents[1]
+    tiny = load_pretrain_config(repo / "configs/pretrain/tiny.yaml")
+    tables = load_pretrain_config(repo / "configs/pretrain/tables.yaml")
+    assert tables.data.train_shards == "runs/tables/shards/train/{00000..00003}.tar"
+    assert dataclasses.replace(tables.data, train_shards=tiny.data.train_shards) == tiny.data
+    assert dataclasses.replace(tables.objectives, rf_every=1) == tiny.objectives
+    assert tables.objectives.rf_every == 4
+    assert tables.model == tiny.model
+    assert (tables.train.max_steps, tables.train.global_batch_size, tables.train.lr) == (
+        200,
+        32,
+        1e-3,
+    )
+    assert (
+        tables.train.save_every_steps == 0
+        and str(tables.train.output_dir) == "runs/tables/pretrain"
+    )

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from bimac.data.world import (
+    BINDING_CLUSTER,
     COLOURS,
     NUMBERS_BN,
     RELATIONS,
@@ -222,3 +223,42 @@ def test_companion_keeps_the_caption_with_a_new_layout():
         assert s["syn.jpg"] != s["jpg"]
         assert [o["box"] for o in comp["objects"]] != [o["box"] for o in meta["objects"]]
     json.dumps(meta)  # serialisable
+
+
+def test_binding_variant_clusters_differ_only_in_binding_and_relation():
+    """world variant ``binding``: every scene two groups; each cluster of BINDING_CLUSTER scenes
+    shares the {colour, shape, count} sets and holds distinct (binding, relation) configurations,
+    so colour or count alone cannot tell a cluster's scenes apart; captions stay true."""
+    from bimac.data.samples import iter_samples
+
+    for cluster in range(25):
+        metas = [
+            make_sample(0, "retrieval", cluster * BINDING_CLUSTER + m, variant="binding")["json"]
+            for m in range(BINDING_CLUSTER)
+        ]
+        configs, colour_sets, shape_sets, count_sets = set(), set(), set(), set()
+        for meta in metas:
+            objs, rel = meta["objects"], meta["relation"]
+            assert rel is not None and meta["variant"] == "binding"
+            for cap in meta["captions_en"]:
+                check_en(cap, objs, rel)
+            for cap in meta["captions_bn"]:
+                check_bn(cap, objs, rel)
+            groups = [(g["shape"], g["colour"]) for g in {o["shape"]: o for o in objs}.values()]
+            colour_sets.add(frozenset(o["colour"] for o in objs))
+            shape_sets.add(frozenset(o["shape"] for o in objs))
+            count_sets.add(len(objs))
+            configs.add((frozenset(groups), rel, objs[0]["shape"]))
+        assert len(colour_sets) == len(shape_sets) == 1  # the same two colours and shapes
+        assert len(configs) == BINDING_CLUSTER  # ...bound or related differently in each scene
+        assert len(next(iter(colour_sets))) == len(next(iter(shape_sets))) == 2
+    # the eval's spec world:SPLIT:N:VARIANT renders the same samples; the default is unchanged
+    spec = list(iter_samples("world:retrieval:3:binding"))
+    assert [s["jpg"] for s in spec] == [
+        make_sample(0, "retrieval", i, variant="binding")["jpg"] for i in range(3)
+    ]
+    assert make_sample(0, "train", 5, variant="default") == make_sample(0, "train", 5)
+    assert make_sample(0, "probe", 5, variant="binding") != make_sample(0, "probe", 5)  # names it
+    assert make_sample(0, "probe", 5, variant="binding")["jpg"] == make_sample(0, "probe", 5)["jpg"]
+    with pytest.raises(ValueError, match="unknown world variant 'nope'"):
+        make_sample(0, "train", 0, variant="nope")

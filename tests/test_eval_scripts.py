@@ -222,6 +222,7 @@ def test_world_evaluation_writes_what_the_report_reads(checkpoint, tmp_path):
     assert {r["task"] for r in rows} == {
         "retrieval",
         "zero-shot cls (shape)",
+        "zero-shot cls (colour_shape)",
         "captioning (PTB-tokenised)"
         if java_available()
         else "captioning (no Java: whitespace-tokenised)",
@@ -229,8 +230,41 @@ def test_world_evaluation_writes_what_the_report_reads(checkpoint, tmp_path):
     }
     assert data["retrieval"]["images"] == 8 and data["retrieval"]["texts"] >= 8
     assert data["zero_shot_shape"]["chance_top1"] == 10.0
+    assert data["zero_shot_colour_shape"]["chance_top1"] == 1.0  # 10 colours x 10 shapes
+    assert data["metrics"]["retrieval/mTR"] == data["retrieval"]["mTR"]
     page = render([run], tmp_path / "report.md")
     r1 = f"{data['retrieval']['i2t_R@1']:.2f}"
     retrieval_rows = [line for line in page.splitlines() if line.startswith("| run/eval/retrieval")]
     assert len(retrieval_rows) == 1 and f"| {r1} |" in retrieval_rows[0]
     assert "| run/eval/probe |" in page and "| run/eval/zero_shot_shape |" in page
+
+
+def test_world_evaluation_split_sizes_variant_and_flat_metrics(checkpoint, tmp_path):
+    """What the tables read: per-split sizes, the binding variant's retrieval split, no captioning
+    with --caption-n 0, and flat keys equal to the nested numbers; the run's pointing game comes
+    from the summary.json beside the export (absent: the key is left out)."""
+    from bimac.eval import world
+
+    out = tmp_path / "eval.json"
+    args = ["--checkpoint", str(checkpoint), "--retrieval-n", "12", "--cls-n", "6"]
+    args += ["--probe-pairs", "3", "--caption-n", "0", "--variant", "binding", "--out", str(out)]
+    world.main(args)
+    data = json.loads(out.read_text())
+    flat = data["metrics"]
+    assert data["retrieval"]["images"] == 12 and data["retrieval"]["texts"] == 60
+    assert data["zero_shot_shape"]["images"] == data["zero_shot_colour_shape"]["images"] == 6
+    assert data["probe"]["examples"] == 3 and "captioning" not in data
+    for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mTR", "mIR"):
+        assert flat[f"retrieval/{k}"] == data["retrieval"][k]
+    # mTR is the mean of the three image-to-text recalls (BiMAC Table 5)
+    i2t = [data["retrieval"][f"i2t_R@{k}"] for k in (1, 5, 10)]
+    assert flat["retrieval/mTR"] == pytest.approx(sum(i2t) / 3, abs=1e-9)
+    assert flat["cls_shape/top1"] == data["zero_shot_shape"]["top1"]
+    assert flat["cls_colour_shape/top1"] == data["zero_shot_colour_shape"]["top1"]
+    assert flat["probe/group_score"] == data["probe"]["group_score"]
+    assert "pointing_game" not in flat  # the fixture export has no summary.json beside it
+    (tmp_path / "run").mkdir()
+    summary = {"final_metrics": {"pointing_game": 0.375}}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(summary))
+    assert world.pointing_game(tmp_path / "run" / "export") == 0.375
+    assert world.pointing_game(tmp_path / "elsewhere") is None

@@ -71,6 +71,22 @@ def test_probe_split_needs_pairs(tmp_path):
         world.build(tmp_path, "probe", 3)
 
 
+def test_world_cli_binding_variant(tmp_path):
+    """--variant binding writes the variant's scenes (what configs/pretrain/tables.yaml trains on);
+    the benchmark layouts only exist for the default world."""
+    from bimac.data.world import make_sample
+
+    world.main(["--out", str(tmp_path), "--split", "train", "--n", "4", "--variant", "binding"])
+    with tarfile.open(tmp_path / "00000.tar") as tf:
+        metas = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
+    want = [make_sample(0, "train", i, variant="binding")["json"] for i in range(4)]
+    assert metas == want and {m["variant"] for m in metas} == {"binding"}
+    with pytest.raises(ConfigError, match="variant: only with format=shards"):
+        world.WorldShardsConfig(
+            out=str(tmp_path), split="retrieval", format="clip_benchmark", variant="binding"
+        )
+
+
 def test_preview_grid(tmp_path):
     world.build(tmp_path, "train", 8, 64, shard_size=8)
     png = preview_grid(tmp_path / "00000.tar", tmp_path / "preview.png", n=6, cols=3)

@@ -1,7 +1,8 @@
 """Raw samples of a data spec and images as model input: the readers evaluation, fine-tuning and
 the tools share with training.
 
-A spec is ``world:SPLIT[:N]`` (the embedded world rendered in memory, no files) or a WebDataset
+A spec is ``world:SPLIT[:N[:VARIANT]]`` (the embedded world rendered in memory, no files; VARIANT
+one of :data:`bimac.data.world.VARIANTS`, default ``default``) or a WebDataset
 shard pattern (``dir/{00000..00003}.tar``), read through training's tar reader
 (:func:`bimac.data.loader.shard_samples`): a shard that is missing, truncated or malformed and a
 sample with bad JSON or a caption that is not UTF-8 are skipped and counted by reason in a
@@ -36,6 +37,12 @@ def parse_world(spec: str) -> tuple[str, int] | None:
     return parts[1], int(parts[2]) if len(parts) > 2 else 200
 
 
+def world_variant(spec: str) -> str:
+    """The world variant of a ``world:SPLIT:N:VARIANT`` spec (``default`` when not given)."""
+    parts = spec.split(":")
+    return parts[3] if len(parts) > 3 else "default"
+
+
 def iter_samples(
     spec: str, seed: int = 0, size: int = 64, counter: SkipCounter | None = None
 ) -> Iterator[dict]:
@@ -52,7 +59,7 @@ def iter_samples(
         split, n = world
         count = 2 * n if split == "probe" else n  # n pairs for the probe split
         for i in range(count):
-            yield make_sample(seed, split, i, size)
+            yield make_sample(seed, split, i, size, variant=world_variant(spec))
         return
     counter = counter or SkipCounter()
     for raw in shard_samples(expand_shards(spec), counter):

@@ -74,6 +74,14 @@ BACKGROUNDS: tuple[tuple[int, int, int], ...] = (
     (120, 125, 140),
 )
 SPLITS = ("train", "val", "retrieval", "cls_shape", "cls_colour_shape", "probe")
+# default: the scenes above. binding: every train/val/retrieval scene has two groups, and scenes
+# come in clusters of BINDING_CLUSTER that share both colours, both shapes and both counts and
+# differ only in which colour goes with which shape and in the relation (Winoground-style hard
+# negatives inside every retrieval split, so colour or count alone cannot retrieve a scene).
+# The probe and classification splits are the same in both variants.
+VARIANTS = ("default", "binding")
+BINDING_CLUSTER = 4
+_BINDING_SPLITS = ("train", "val", "retrieval")
 # Well-separated base seeds so splits never share a scene.
 _SPLIT_SALT = {s: i * 1_000_003 for i, s in enumerate(SPLITS)}
 _BN_VOWEL_SIGNS = set("ািীুূৃেৈোৌ")
@@ -188,9 +196,36 @@ def _apart(a, b, gap: float) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def make_scene(seed: int, split: str, index: int, size: int = 64) -> Scene:
+def _binding_groups(seed: int, split: str, index: int, rng: random.Random):
+    """Groups and relation of a ``binding`` scene: its cluster (``index // BINDING_CLUSTER``) fixes
+    two colours, two shapes and the counts; the member picks one of the cluster's distinct
+    (colour-to-shape binding, relation) configurations, drawn without replacement."""
+    cluster = _rng(seed, split, index // BINDING_CLUSTER, "binding")
+    shapes = cluster.sample(list(SHAPES), 2)
+    colours = cluster.sample(list(COLOURS), 2)
+    counts = [cluster.randint(1, 2) for _ in range(2)]
+    configs = cluster.sample(range(2 * len(RELATIONS)), BINDING_CLUSTER)  # binding x relation
+    config = configs[index % BINDING_CLUSTER]
+    if config // len(RELATIONS):  # the other binding: colours swap between the shapes
+        colours = colours[::-1]
+    groups = [
+        Group(s, c, rng.choice(list(SIZES)), n, rng.choice(TEXTURES))
+        for s, c, n in zip(shapes, colours, counts)
+    ]
+    return groups, list(RELATIONS)[config % len(RELATIONS)]
+
+
+def make_scene(
+    seed: int, split: str, index: int, size: int = 64, variant: str = "default"
+) -> Scene:
     """The scene of sample ``index`` of ``split``: groups, relation, boxes, background."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown world variant {variant!r}; one of {VARIANTS}")
     rng = _rng(seed, split, index)
+    if variant == "binding" and split in _BINDING_SPLITS:
+        groups, relation = _binding_groups(seed, split, index, rng)
+        groups, boxes = layout(groups, relation, size, rng)
+        return Scene(groups, relation, boxes, _contrasting_background(groups, rng))
     if split in ("cls_shape", "cls_colour_shape"):
         groups = [replace(sample_groups(rng, 1)[0], count=1, size=rng.choice(["medium", "large"]))]
     elif split == "probe":  # colours and shapes both differ, so either swap changes the image
@@ -457,17 +492,25 @@ def _jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(seed: int, split: str, index: int, size: int = 64, triplet: bool = False) -> dict:
+def make_sample(
+    seed: int,
+    split: str,
+    index: int,
+    size: int = 64,
+    triplet: bool = False,
+    variant: str = "default",
+) -> dict:
     """One shard sample (img2dataset layout): ``__key__``, ``jpg``, ``txt``, ``json`` [+ triplet keys].
 
     For ``split="probe"`` pass ``index = 2 * pair + member``: member 1 is member 0 with the two
     groups' colours swapped (even pairs) or the groups' positions swapped (odd pairs), and both
-    members carry the caption template 0 of their own scene (Winoground-style).
+    members carry the caption template 0 of their own scene (Winoground-style). ``variant``: one of
+    :data:`VARIANTS` (the JSON names it when it is not the default).
     """
     if split not in _SPLIT_SALT:
         raise ValueError(f"unknown split {split!r}; one of {SPLITS}")
     base = index // 2 if split == "probe" else index
-    scene = make_scene(seed, split, base, size)
+    scene = make_scene(seed, split, base, size, variant)
     extra: dict = {}
     if split == "probe":
         kind = "attribute" if base % 2 == 0 else "relation"
@@ -498,6 +541,7 @@ def make_sample(seed: int, split: str, index: int, size: int = 64, triplet: bool
         "seed": seed,
         "split": split,
         "index": index,
+        **({"variant": variant} if variant != "default" else {}),
         **extra,
     }
     if split in ("cls_shape", "cls_colour_shape"):
