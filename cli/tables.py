@@ -198,7 +198,9 @@ class TablesConfig:
     caption_overrides: list[str] = field(default_factory=list)  # applied to every PAL cell
     world_size: int = 64  # image side of the rendered world
     world_seed: int = 0
+    world_variant: str = "default"  # of the pretraining world (bimac.data.world.VARIANTS)
     world_train: int = 2000  # pretraining samples rendered
+    world_shard_size: int = 500  # samples per shard (data.streams needs as many shards)
     bengali_train: int = 2000  # PAL training triplets rendered (held-out: the demo's 200)
     rows: dict[str, list[str]] = field(default_factory=dict)  # table -> only these rows
     eval_args: list[str] = field(default_factory=list)  # extra `python -m bimac.eval.world` args
@@ -241,11 +243,14 @@ def build_data(out: Path, cfg: TablesConfig) -> dict[str, str]:
     done = world / "patterns.json"
     data = json.loads(done.read_text()) if done.is_file() else {}
     if any(t in ("table5", "table6") for t in cfg.tables) and "train" not in data:
-        pre = build_world(world / "bimac", cfg.world_size, cfg.world_seed,
-                          splits={"train": cfg.world_train})  # fmt: skip
-        check_world(world / "bimac", pre)
-        data["train"] = pre["train"]
-        data["tokenizer"] = str(world / "bimac" / "shards" / "train" / "tokenizer.json")
+        from shards.world import build
+
+        shards = world / "bimac" / "train"
+        tars = build(shards, "train", cfg.world_train, cfg.world_size, cfg.world_seed,
+                     shard_size=cfg.world_shard_size, variant=cfg.world_variant)  # fmt: skip
+        data["train"] = str(shards / f"{{00000..{len(tars) - 1:05d}}}.tar")
+        check_world(world / "bimac", {"train": data["train"]})
+        data["tokenizer"] = str(shards / "tokenizer.json")
     if any(t.startswith("pal_") for t in cfg.tables) and "bn_train" not in data:
         bn = build_world(world / "bengali", cfg.world_size, cfg.world_seed, bengali=True,
                          splits={"train": cfg.bengali_train, "val": BENGALI_SPLITS["val"]})  # fmt: skip

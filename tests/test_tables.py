@@ -97,7 +97,7 @@ def test_make_tables_runs_two_rows_two_seeds_and_writes_their_mean_and_std(tmp_p
            "--seeds", "2", "--rows", '{table6: ["lambda_git=0.1", "lambda_git=0.7"]}',
            "--pretrain_overrides", "[train.max_steps=3, train.global_batch_size=8, "
            "train.micro_batch_size=8, objectives.rf=false, data.streams=1, train.wandb=disabled]",
-           "--world_train", "64", "--eval_args", '[--n, "20"]', "--results", str(results),
+           "--world_train", "64", "--eval_args", '[--n, "20", --caption-n, "0"]', "--results", str(results),
            "--figures", str(tmp_path / "fig")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500, env=env)

@@ -227,13 +227,15 @@ def run_local(
 
 
 def load_runs(out: Path) -> dict[str, dict]:
-    """Every ``out/*/summary.json``, with the ``scores`` of the run's ``eval_*.json`` files
-    merged into its ``final_metrics``."""
+    """Every ``out/*/summary.json``, with the ``scores`` (or ``metrics``) of the run's
+    ``eval_*.json`` files merged into its ``final_metrics``."""
     runs: dict[str, dict] = {}
     for path in out.glob("*/summary.json"):
         summary = json.loads(path.read_text())
         for scores in sorted(path.parent.glob("eval_*.json")):
-            found = json.loads(scores.read_text()).get("scores")
+            evaluation = json.loads(scores.read_text())
+            # eval_bn.json's "scores"; bimac.eval.world's flat "metrics"
+            found = evaluation.get("scores", evaluation.get("metrics"))
             if isinstance(found, dict):
                 summary.setdefault("final_metrics", {}).update(found)
         runs[path.parent.name] = summary
