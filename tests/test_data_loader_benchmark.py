@@ -98,6 +98,7 @@ def test_data_loader_benchmark_json(tmp_path):
             # data.streams=2 (the default --streams): 2 DataLoader workers ran (with one
             # stream, a one-pass reader, it would lower 2 workers to 1)
             assert row["workers_used"] == int(workers)
+            assert row["minor_faults_per_image"] > 0 and isinstance(row["reused_buffers"], int)
             # the workers' CPU is counted: without it (fork-server workers are not this
             # process's children) the loader looked 35x faster than its own decoder
             assert row["ratio"] < 1.5

@@ -184,3 +184,37 @@ def test_micro_batches_cut_the_chunks_as_concatenating_them_would(sizes, micro):
         owners = [c for c in chunks if b["sample_id"][0] in c["sample_id"]]
         if set(b["sample_id"]) <= set(owners[0]["sample_id"]):
             assert b["image"].untyped_storage().data_ptr() == owners[0]["image"].untyped_storage().data_ptr()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference_images(world):
+    loader = make_loader(_cfg(world["clean"]), world["tok"], rank=0, world_size=1, epoch=1,
+                         global_batch_size=GLOBAL, num_workers=0)  # fmt: skip
+    return [(b["sample_id"], b["image"].clone()) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reused_image_buffer_is_never_overwritten_while_a_tensor_can_see_it(world, reference_images, workers):  # fmt: skip
+    """The workers' pooled shared-memory buffers (``SharedImagePool``) are reused once the
+    trainer dropped a batch, never while any tensor on them lives: every third micro-batch is
+    kept to the end, as a ``detach()`` view, a slice or a numpy array of its image, and must
+    still hold its pixels after the epoch. Reference: the 0-worker loader's images (no pool,
+    the same samples in the same order), exactly equal."""
+    loader = make_loader(_cfg(world["clean"]), world["tok"], rank=0, world_size=1, epoch=1,
+                         global_batch_size=GLOBAL, num_workers=workers)  # fmt: skip
+    kept, seen = [], []
+    for i, b in enumerate(loader):
+        seen.append((b["sample_id"], b["image"].clone()))  # its pixels when handed out
+        if i % 3 == 0:
+            kept.append((i, (b["image"].detach(), b["image"][2:], b["image"].numpy())[i % 9 // 3]))
+        del b  # the rest are dropped at once: their buffers may come back
+    assert loader.loader.num_workers == workers
+    assert [ids for ids, _ in seen] == [ids for ids, _ in reference_images]
+    for (_, got), (_, want) in zip(seen, reference_images):
+        assert torch.equal(got, want)
+    for i, view in kept:
+        want = reference_images[i][1]
+        want = want[2:] if i % 9 == 3 else want
+        assert torch.equal(torch.as_tensor(view), want), f"micro-batch {i} was overwritten"
+    # the buffers of the dropped batches did come back (else this test would prove nothing)
+    assert loader.dataset.pool.reused > 0
