@@ -64,12 +64,27 @@ def test_labels_are_mbart50_targets_and_shift_starts_with_eos(task):
     assert model.tokenizer.decode(labels[0], skip_special_tokens=True) == "একটি লাল বৃত্ত।"
 
 
-def test_gradients_reach_bridge_and_unfrozen_layers_never_maxvit(task):
+def test_frozen_tower_gets_no_gradient_and_stays_in_eval_mode():
+    """``model.train_vision: false`` (PAL's frozen MaxViT, ``paper.yaml``): no gradient reaches
+    the tower and it stays in eval mode whatever the captioner's mode."""
+    cfg = load_config(CaptionBnConfig, CONFIG, ["model.train_vision=false"])
+    task = CaptionBnTask(cfg)
     model = task.build_model()
-    batch = world_batch(model, range(4))
     assert not any(p.requires_grad for p in model.vision.parameters())
     model.train()
-    assert not model.vision.trunk.training  # the frozen tower stays in eval mode
+    assert not model.vision.trunk.training
+    sum(task.losses(model, world_batch(model, range(4)))[0].values()).backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is not None for p in model.bridge.parameters())
+
+
+def test_gradients_reach_tower_bridge_and_unfrozen_layers(task):
+    """The tiny config trains its random tower (``model.train_vision: true``) with the bridge and
+    the decoder layers the unfreezing schedule has opened."""
+    model = task.build_model()
+    batch = world_batch(model, range(4))
+    model.train()
+    assert model.vision.trunk.training
     terms, _ = task.losses(model, batch)  # step 0: only the top decoder layer trains
     assert set(terms) == {"ce", "pal", "info_nce", "ot"}
     sum(terms.values()).backward()
@@ -78,14 +93,14 @@ def test_gradients_reach_bridge_and_unfrozen_layers_never_maxvit(task):
     assert all(p.grad is not None for p in layers[-1].parameters())
     assert all(p.grad is None for p in layers[0].parameters())
     assert model.decoder.embed_tokens.weight.grad is None
-    assert all(p.grad is None for p in model.vision.parameters())
+    tower = [*model.vision.trunk.stem.parameters(), *model.vision.trunk.stages.parameters()]
+    assert all(p.grad is not None for p in tower) and sum(p.grad.abs().sum() for p in tower) > 0
     # From step 5 on, the whole decoder trains (the schedule counts optimizer steps).
     model.zero_grad(set_to_none=True)
     model.num_updates.fill_(5)
     sum(task.losses(model, batch)[0].values()).backward()
     assert all(p.grad is not None for p in layers[0].parameters())
     assert model.decoder.embed_tokens.weight.grad is not None
-    assert all(p.grad is None for p in model.vision.parameters())
 
 
 def test_cross_attentions_need_eager_attention(task):
@@ -164,21 +179,22 @@ def test_finetune_caption_bn_entry_point_lowers_ce_and_writes_scores_of_its_capt
     """The run exits 0 with the metric table on stdout; its CE (metrics.jsonl, every step) ends
     below 0.75 of where it started; the captions are Bengali made of the world's words (no two
     glued together, no doubled vowel sign), and eval_bn.json's BLEU-1..4 equal pycocoevalcap's
-    BLEU (the COCO reference implementation) on the captions it lists (1e-6)."""
+    BLEU (the COCO reference implementation) on the captions it lists (1e-6), against all five
+    of each image's world captions, and "(1 ref)" against the trained caption alone."""
     from pycocoevalcap.bleu.bleu import Bleu
 
     from bimac.metrics.text import normalize_bn
 
     proc, out = trained["proc"], trained["out"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |" in proc.stdout
+    assert "| n | references | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |" in proc.stdout
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert set(log[0]["losses"]) == {"ce", "pal", "info_nce", "ot"}
     ce = [r["losses"]["ce"] for r in log]
     assert len(ce) == 150 and np.mean(ce[-10:]) < 0.75 * np.mean(ce[:10]), ce
     result = json.loads((out / "eval_bn.json").read_text())
     scores, rows = result["scores"], result["captions"]
-    assert scores["images"] == len(rows) == 32
+    assert scores["images"] == len(rows) == 32 and scores["references"] == 5
     vocabulary = {w.strip("।") for c in world_bengali_corpus(200) for w in c.split()}
     words = [c.replace("।", " ").split() for _, c, _ in rows]
     assert sum(len(w) >= 3 for w in words) >= len(rows) // 2, rows  # sentences, not just "।"
@@ -186,13 +202,17 @@ def test_finetune_caption_bn_entry_point_lowers_ce_and_writes_scores_of_its_capt
         assert not caption_words or BENGALI.match(caption), caption
         assert not re.search("([\u09be-\u09cc])\\1", caption), caption  # doubled vowel sign
         assert not [w for w in caption_words if w not in vocabulary and _glued(w, vocabulary)]
-    bleu, _ = Bleu(4).compute_score(
-        {i: [normalize_bn(r)] for i, (_, _, r) in enumerate(rows)},
-        {i: [normalize_bn(c)] for i, (_, c, _) in enumerate(rows)},
-        verbose=0,
-    )
-    for k in range(4):
-        assert scores[f"BLEU-{k + 1}"] == pytest.approx(100 * bleu[k], abs=1e-6)
+    every = [make_sample(0, "val", int(sid.rsplit("#", 1)[1]))["json"]["captions_bn"] for sid, _, _ in rows]  # fmt: skip
+    assert [refs[0] for refs in every] == [r for _, _, r in rows]  # bn.txt is caption 0
+    candidates = {i: [normalize_bn(c)] for i, (_, c, _) in enumerate(rows)}
+    for suffix, references in (("", every), (" (1 ref)", [refs[:1] for refs in every])):
+        bleu, _ = Bleu(4).compute_score(
+            {i: [normalize_bn(r) for r in refs] for i, refs in enumerate(references)},
+            candidates,
+            verbose=0,
+        )
+        for k in range(4):
+            assert scores[f"BLEU-{k + 1}{suffix}"] == pytest.approx(100 * bleu[k], abs=1e-6)
     assert "METEOR" not in scores
 
 

@@ -51,11 +51,13 @@ def test_table4_grid_and_base_configs():
         "facebook/mbart-large-50",
     )
     assert paper.train.schedule == "onecycle" and paper.train.seed == 42
+    assert not paper.model.train_vision  # PAL freezes its pretrained MaxViT
     tiny = load_config(CaptionBnConfig, ROOT / "tiny.yaml")
     assert (tiny.model.vision, tiny.model.decoder, tiny.model.tokenizer) == (
         "tiny",
         "tiny",
         "world",
     )
+    assert tiny.model.train_vision  # a frozen random tower has nothing to give
     with pytest.raises(ConfigError, match="unknown config key losses.lambda"):
         load_config(CaptionBnConfig, ROOT / "tiny.yaml", ["losses.lambda=1"])

@@ -11,7 +11,7 @@ not a dependency here, PCA is used).
 
 ``python -m bimac.analysis.pal_projection --after runs/x/export [--before init|DIR]
 --config CONFIG --out DIR [--n 256]``; ``--before init`` rebuilds the untrained model (same
-config and seed, the trained model's frozen tower).
+config and seed; the trained model's tower if it was frozen).
 """
 
 from __future__ import annotations
@@ -83,10 +83,12 @@ def gap_stats(real: torch.Tensor, syn: torch.Tensor) -> dict[str, float]:
 
 
 def initial_model(after: PALCaptioner, seed: int) -> PALCaptioner:
-    """The model as training started: same config and seed, the trained model's frozen tower."""
+    """The model as training started: same config and seed, and the trained model's tower if it
+    was frozen (a trained tower restarts from the seed's random weights, as training did)."""
     torch.manual_seed(seed)
     before = PALCaptioner(after.cfg, tokenizer=after.tokenizer)
-    before.vision.load_state_dict(after.vision.state_dict())
+    if not after.cfg.train_vision:
+        before.vision.load_state_dict(after.vision.state_dict())
     return before
 
 

@@ -3,7 +3,8 @@
 - Vision: a timm MaxViT (default ``maxvit_base_tf_224``), frozen and kept in eval mode; its final
   (7x7 at 224 px) stage and optionally the penultimate (14x14) stage are flattened into patch
   tokens. ``vision: "bimac:DIR"`` uses the raw patch grid of an exported BiMAC image tower instead.
-  ``vision: "tiny"`` is a 4-stage, 1-block MaxViT with random weights for CPU tests.
+  ``vision: "tiny"`` is a 4-stage, 1-block MaxViT with random weights for CPU runs; with
+  ``train_vision: true`` it trains with the rest (a frozen random tower has nothing to give).
 - Bridge (Eq. 3): one ``Linear(C, d_model) + LayerNorm`` per stage; the tokens are concatenated
   into the decoder's cross-attention memory ``E(x) [B, S, d_model]``.
 - Decoder: the mBART-50 decoder (``MBartForConditionalGeneration``; its encoder is dropped, the
@@ -12,7 +13,8 @@
   as the first token through :class:`bimac.generation.MBartAdapter`. Attention is eager because
   SDPA returns no cross-attention maps (transformers 5.x), and PAL needs them.
 - Progressive unfreezing: ``unfreeze`` is a list of ``(optimizer step, top decoder layers)``;
-  ``-1`` = the whole decoder including embeddings. The bridge always trains; MaxViT never does.
+  ``-1`` = the whole decoder including embeddings. The bridge always trains; the tower only with
+  ``train_vision``.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class PALModelConfig:
     vision_weights: str | None = None  # local timm weights file (.safetensors / .pth)
     image_size: int = 224
     use_penultimate: bool = False  # also feed the penultimate (14x14) stage
+    # Train the tower with the captioner (PAL freezes its pretrained MaxViT; a random ``tiny``
+    # tower frozen reads colour but not shape or count, RESULTS.md "Causes found" 3).
+    train_vision: bool = False
     decoder: str = "facebook/mbart-large-50"  # hub name / local dir, or "tiny" (random weights)
     tokenizer: str = "facebook/mbart-large-50"  # hub name / local dir, or "world" (trained here)
     target_lang: str = "bn_IN"
@@ -134,12 +139,13 @@ def never_generated_ids(tokenizer: Any) -> tuple[int, ...]:
 
 
 def _tiny_maxvit(image_size: int) -> nn.Module:
+    """3 one-block stages: the final grid is 4x4 at 64 px (a 4th stage would leave 2x2)."""
     from timm.models.maxxvit import MaxxVit, MaxxVitCfg, _tf_cfg
 
     cfg = MaxxVitCfg(
-        embed_dim=(32, 32, 64, 64),
-        depths=(1, 1, 1, 1),
-        block_type=("M",) * 4,
+        embed_dim=(32, 32, 64),
+        depths=(1, 1, 1),
+        block_type=("C", "C", "M"),
         stem_width=16,
         head_hidden_size=None,
         **_tf_cfg(),
@@ -166,8 +172,9 @@ def normalize_images(
     return (x - mean) / std
 
 
-class FrozenVision(nn.Module):
-    """Frozen patch-token extractor: uint8 images -> list of ``[B, S_i, C_i]`` (one per stage)."""
+class VisionTower(nn.Module):
+    """Patch-token extractor: uint8 images -> list of ``[B, S_i, C_i]`` (one per stage); frozen
+    and in eval mode unless ``cfg.train_vision``."""
 
     def __init__(self, cfg: PALModelConfig) -> None:
         super().__init__()
@@ -197,21 +204,27 @@ class FrozenVision(nn.Module):
                     img_size=cfg.image_size,
                 )
                 mean, std = self.trunk.pretrained_cfg["mean"], self.trunk.pretrained_cfg["std"]
+            # forward_intermediates counts the stem as feature 0: stage i is feature i + 1
             n = len(self.trunk.stages)
-            self.stage_indices = [n - 2, n - 1] if cfg.use_penultimate else [n - 1]
+            self.stage_indices = [n - 1, n] if cfg.use_penultimate else [n]
             self.channels = [self.trunk.feature_info[i]["num_chs"] for i in self.stage_indices]
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.trunk.requires_grad_(False)
-        self.trunk.eval()
+        self.trainable = cfg.train_vision
+        self.trunk.requires_grad_(self.trainable)
+        self.train(False)
 
-    def train(self, mode: bool = True) -> FrozenVision:
+    def train(self, mode: bool = True) -> VisionTower:
         super().train(mode)
-        self.trunk.eval()  # frozen: dropout / drop-path off, whatever the caller's mode
+        if not self.trainable:
+            self.trunk.eval()  # frozen: dropout / drop-path off, whatever the caller's mode
         return self
 
-    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            return self._patch_tokens(images)
+
+    def _patch_tokens(self, images: torch.Tensor) -> list[torch.Tensor]:
         if self.bimac is not None:
             check_images(images)
             return [self.bimac.image_towers(self.bimac.normalize(images.to(self.mean.device)))[2]]
@@ -263,7 +276,7 @@ def _build_mbart(cfg: PALModelConfig, tokenizer: Any) -> nn.Module:
 
 
 class PALCaptioner(nn.Module):
-    """Frozen vision -> bridge -> mBART-50 decoder. See the module docstring."""
+    """Vision tower -> bridge -> mBART-50 decoder. See the module docstring."""
 
     def __init__(self, cfg: PALModelConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -271,7 +284,7 @@ class PALCaptioner(nn.Module):
         self.tokenizer = (
             tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, cfg.target_lang)
         )
-        self.vision = FrozenVision(cfg)
+        self.vision = VisionTower(cfg)
         self.mbart = _build_mbart(cfg, self.tokenizer)
         d = self.mbart.config.d_model
         self.bridge = nn.ModuleList(
@@ -428,14 +441,13 @@ class PALCaptioner(nn.Module):
         return tied
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """``model.safetensors`` (bridge + decoder + step; not the frozen tower unless it is
-        random), ``config.yaml`` and the tokenizer files; loads without pickled code."""
+        """``model.safetensors`` (bridge + decoder + step; not a frozen pretrained tower), ``config.yaml`` and the tokenizer files; loads without pickled code."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v for k, v in self.state_dict().items() if k not in self._tied_keys()}
-        if self.cfg.vision != "tiny":
+        if self.cfg.vision != "tiny" and not self.cfg.train_vision:  # the hub's weights
             state = {k: v for k, v in state.items() if not k.startswith("vision.")}
         save_file(
             {k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors")

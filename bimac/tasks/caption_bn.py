@@ -216,7 +216,12 @@ def evaluate_captions(
     :func:`bimac.eval.captioning.score_captions` (``lang="bn"``): BLEU-1..4, METEOR (Bengali mode,
     if ``eval.meteor`` and Java runs), BERTScore F1 (if ``eval.bertscore_model``). Returns
     ``(scores, [(sample_id, caption, reference), ...])``; a metric that cannot run is logged and
-    left out of ``scores``."""
+    left out of ``scores``.
+
+    The references of an image are all its Bengali captions (the world's five, JSON
+    ``captions_bn``; else its ``bn.txt``), as COCO scores against all of an image's captions;
+    ``scores["references"]`` is their mean count per image, and ``BLEU-k (1 ref)`` the BLEU
+    against the trained caption ``bn.txt`` alone."""
     from bimac.eval.captioning import score_captions
     from bimac.generation import GenerationConfig
     from bimac.metrics.text import java_available
@@ -243,6 +248,8 @@ def evaluate_captions(
         if len(rows) >= ev.max_samples:
             break
     rows = rows[: ev.max_samples]
+    every_caption = bengali_references(urls)
+    references = {sid: every_caption.get(sid, [ref]) for sid, _, ref in rows}
     metrics = ["bleu"]
     if ev.meteor and java_available():
         metrics.append("meteor")
@@ -252,21 +259,37 @@ def evaluate_captions(
         metrics.append("bertscore")
     scores = score_captions(
         {sid: cap for sid, cap, _ in rows},
-        {sid: [ref] for sid, _, ref in rows},
+        references,
         lang="bn",
         metrics=tuple(metrics),
         bertscore_model=ev.bertscore_model or None,
         bertscore_layer=ev.bertscore_layer,
     )
+    scores["references"] = sum(map(len, references.values())) / len(references)
+    single = score_captions({sid: c for sid, c, _ in rows}, {sid: [r] for sid, _, r in rows}, "bn")
+    scores |= {f"BLEU-{k} (1 ref)": single[f"BLEU-{k}"] for k in range(1, 5)}
     return scores, rows
 
 
+def bengali_references(urls: str) -> dict[str, list[str]]:
+    """``url#key`` (the loader's ``sample_id``) -> the image's Bengali captions from its JSON
+    (``captions_bn``: the world writes five per image); images without them are left out."""
+    from bimac.data.samples import iter_samples
+
+    return {
+        f"{s['__url__']}#{s['__key__']}": list(s["json"]["captions_bn"])
+        for s in iter_samples(urls)
+        if s.get("json", {}).get("captions_bn")
+    }
+
+
 def metrics_table(scores: dict[str, Any]) -> str:
-    """A one-row markdown table of the evaluation scores (paper Table 2 columns)."""
-    cols = [
-        c for c in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1") if c in scores
-    ]
-    head = "| n | " + " | ".join(cols) + " |"
-    sep = "|---" * (len(cols) + 1) + "|"
-    row = f"| {scores['images']} | " + " | ".join(f"{scores[c]:.2f}" for c in cols) + " |"
+    """A one-row markdown table of the evaluation scores (paper Table 2 columns), with the
+    references per image and the single-reference BLEU-4."""
+    names = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "BERTScore-F1", "BLEU-4 (1 ref)")
+    cols = [c for c in names if c in scores]
+    head = "| n | references | " + " | ".join(cols) + " |"
+    sep = "|---" * (len(cols) + 2) + "|"
+    row = f"| {scores['images']} | {scores.get('references', 1):g} | "
+    row += " | ".join(f"{scores[c]:.2f}" for c in cols) + " |"
     return "\n".join([head, sep, row])
