@@ -262,3 +262,18 @@ def test_binding_variant_clusters_differ_only_in_binding_and_relation():
     assert make_sample(0, "probe", 5, variant="binding")["jpg"] == make_sample(0, "probe", 5)["jpg"]
     with pytest.raises(ValueError, match="unknown world variant 'nope'"):
         make_sample(0, "train", 0, variant="nope")
+
+
+def test_world_spec_takes_a_seed_and_a_variant_in_either_order():
+    """``world:SPLIT:N[:SEED][:VARIANT]``: classification's seeded specs (``world:cls_shape:512:1``
+    in configs/finetune/classification/tiny.yaml) still read as a seed, a name as the variant."""
+    from bimac.data.samples import iter_samples, world_options
+
+    assert world_options("world:cls_shape:512:1") == (1, "default")
+    assert world_options("world:retrieval:1000:binding") == (None, "binding")
+    assert world_options("world:retrieval:8:3:binding") == (3, "binding")
+    assert world_options("world:val") == (None, "default")
+    seeded = [s["json"]["label_index"] for s in iter_samples("world:cls_shape:4:1", seed=1)]
+    assert len(seeded) == 4
+    binding = list(iter_samples("world:retrieval:2:binding"))
+    assert [s["json"]["variant"] for s in binding] == ["binding", "binding"]

@@ -1,8 +1,8 @@
 """Raw samples of a data spec and images as model input: the readers evaluation, fine-tuning and
 the tools share with training.
 
-A spec is ``world:SPLIT[:N[:VARIANT]]`` (the embedded world rendered in memory, no files; VARIANT
-one of :data:`bimac.data.world.VARIANTS`, default ``default``) or a WebDataset
+A spec is ``world:SPLIT[:N[:SEED][:VARIANT]]`` (the embedded world rendered in memory, no files;
+VARIANT one of :data:`bimac.data.world.VARIANTS`, default ``default``) or a WebDataset
 shard pattern (``dir/{00000..00003}.tar``), read through training's tar reader
 (:func:`bimac.data.loader.shard_samples`): a shard that is missing, truncated or malformed and a
 sample with bad JSON or a caption that is not UTF-8 are skipped and counted by reason in a
@@ -37,10 +37,16 @@ def parse_world(spec: str) -> tuple[str, int] | None:
     return parts[1], int(parts[2]) if len(parts) > 2 else 200
 
 
-def world_variant(spec: str) -> str:
-    """The world variant of a ``world:SPLIT:N:VARIANT`` spec (``default`` when not given)."""
-    parts = spec.split(":")
-    return parts[3] if len(parts) > 3 else "default"
+def world_options(spec: str) -> tuple[int | None, str]:
+    """The optional fields after ``world:SPLIT:N``: a seed (an integer) and a world variant (a
+    name), in either order: ``world:cls_shape:512:1``, ``world:retrieval:1000:binding``."""
+    seed, variant = None, "default"
+    for part in spec.split(":")[3:]:
+        if part.isdigit():
+            seed = int(part)
+        else:
+            variant = part
+    return seed, variant
 
 
 def iter_samples(
@@ -59,7 +65,7 @@ def iter_samples(
         split, n = world
         count = 2 * n if split == "probe" else n  # n pairs for the probe split
         for i in range(count):
-            yield make_sample(seed, split, i, size, variant=world_variant(spec))
+            yield make_sample(seed, split, i, size, variant=world_options(spec)[1])
         return
     counter = counter or SkipCounter()
     for raw in shard_samples(expand_shards(spec), counter):

@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClassificationDataConfig:
-    train: str = "world:cls_shape:256:1"  # ImageFolder dir, shards with cls, world:SPLIT:N[:SEED]
+    train: str = (
+        "world:cls_shape:256:1"  # ImageFolder dir, shards with cls, world:SPLIT:N[:SEED][:VARIANT]
+    )
     test: str = "world:cls_shape:64"
     classnames: str = ""  # file, one name per line in label order (required with shards)
     image_size: int = 64
@@ -48,7 +50,7 @@ class ClassificationConfig(FinetuneConfig):
 
 def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[int], list[str]]:
     """Image sources (bytes or paths), integer labels and class names of a dataset spec."""
-    from bimac.data.samples import iter_samples, parse_world
+    from bimac.data.samples import iter_samples, parse_world, world_options
     from bimac.eval.classification import image_folder, read_lines, shard_items
 
     names = read_lines(classnames_file) if classnames_file else None
@@ -56,10 +58,8 @@ def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[in
     if world:
         from bimac.data.world import class_names
 
-        parts = spec.split(":")
-        seed = int(parts[3]) if len(parts) > 3 else 0
         images, labels = [], []
-        for s in iter_samples(spec, seed=seed):
+        for s in iter_samples(spec, seed=world_options(spec)[0] or 0):
             images.append(s["jpg"])
             labels.append(int(s["json"]["label_index"]))
         return images, labels, names or class_names(world[0])
