@@ -168,8 +168,8 @@ def run_local(
 
     Each item is a cell and the commands to run after its training (its evaluation), in its run
     directory's environment; a run whose ``summary.json`` is complete and whose
-    ``evaluations[cell.entry]`` files exist is skipped, so an interrupted grid continues where it
-    stopped. Output goes to ``<out>/<run>/run.log``, the run's wall time (training and
+    ``evaluations[cell.entry]`` files exist when its turn comes is skipped, so an interrupted grid
+    continues where it stopped and two invocations over one folder share the work. Output goes to ``<out>/<run>/run.log``, the run's wall time (training and
     evaluation) to ``<out>/<run>/run_time.json``. One thread per process: the jobs share the cores.
     """
     env = {
@@ -178,12 +178,7 @@ def run_local(
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    pending = []
-    for cell, after in runs:
-        if run_done(out / cell.name, (evaluations or {}).get(cell.entry, [])):
-            logger.info("%s: done already, skipped", cell.name)
-            continue
-        pending.append((cell, [run_command(cell, out), *after]))
+    pending = [(cell, [run_command(cell, out), *after]) for cell, after in runs]
     codes: dict[str, int] = {}
     active: list[tuple[str, subprocess.Popen, list[list[str]], Any]] = []
     started: dict[str, float] = {}
@@ -203,6 +198,10 @@ def run_local(
     while pending or active:
         while pending and len(active) < jobs:
             cell, commands = pending.pop(0)
+            # checked when its turn comes: another invocation may have finished it meanwhile
+            if run_done(out / cell.name, (evaluations or {}).get(cell.entry, [])):
+                logger.info("%s: done already, skipped", cell.name)
+                continue
             logger.info("%s: started (%d waiting)", cell.name, len(pending))
             start(cell.name, commands)
         time.sleep(0.5)
