@@ -169,7 +169,7 @@ def run_local(
     Each item is a cell and the commands to run after its training (its evaluation), in its run
     directory's environment; a run whose ``summary.json`` is complete and whose
     ``evaluations[cell.entry]`` files exist when its turn comes is skipped, so an interrupted grid
-    continues where it stopped and two invocations over one folder share the work. Output goes to ``<out>/<run>/run.log``, the run's wall time (training and
+    continues where it stopped and a run another invocation finished meanwhile is not rerun. Output goes to ``<out>/<run>/run.log``, the run's wall time (training and
     evaluation) to ``<out>/<run>/run_time.json``. One thread per process: the jobs share the cores.
     """
     env = {
