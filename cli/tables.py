@@ -285,13 +285,21 @@ def plan(cfg: TablesConfig, data: dict[str, str]) -> dict[str, dict[str, list[Ce
     return planned
 
 
-def evaluation(cell: Cell, run_dir: Path, cfg: TablesConfig) -> list[list[str]]:
-    """The commands after a cell's training: BiMAC runs are evaluated on the world."""
+# the module each cell's entry runs (one process locally)
+ENTRY_MODULES = {"pretrain": "pretrain", "caption_bn": "finetune.caption_bn"}
+
+
+def commands(cell: Cell, runs_dir: Path, cfg: TablesConfig) -> list[list[str]]:
+    """A run's commands: its training, then, for BiMAC, its evaluation on the world."""
+    train = [sys.executable, "-m", ENTRY_MODULES[cell.entry], "--config", cell.config,
+             *cell.run_overrides(runs_dir)]  # fmt: skip
     if cell.entry != "pretrain":
-        return []
+        return [train]
+    run_dir = runs_dir / cell.name
     return [
+        train,
         [sys.executable, "-m", "bimac.eval.world", "--checkpoint", str(run_dir / "export"),
-         "--out", str(run_dir / "eval_world.json"), *cfg.eval_args]
+         "--out", str(run_dir / "eval_world.json"), *cfg.eval_args],
     ]  # fmt: skip
 
 
@@ -307,7 +315,7 @@ def run_all(cfg: TablesConfig, planned: dict[str, dict[str, list[Cell]]], runs_d
                 unique.setdefault(cell.name, cell)
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / "grid.json").write_text(json.dumps({"runs": list(unique)}, indent=1))
-    jobs = [(c, evaluation(c, runs_dir / c.name, cfg)) for c in unique.values()]
+    jobs = [(c, commands(c, runs_dir, cfg)) for c in unique.values()]
     t0 = time.time()
     codes = grids.run_local(jobs, runs_dir, cfg.jobs, EVALUATIONS)
     failed = {name: code for name, code in codes.items() if code}

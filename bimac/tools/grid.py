@@ -18,7 +18,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +40,6 @@ PAL_TABLE1_BASELINES = ("vit_gpt2", "cnn_lstm")  # Table 1 rows after PAL + Info
 GRIDS = ("table5", "table6", "pal_table1", "pal_table3", "pal_table4")
 SEEDED_RUN = re.compile(r"^(?P<cell>.+)-seed(?P<seed>\d+)$")
 SIGNIFICANCE = 0.05  # Welch's t-test level for the "*" marks
-# the module each cell's entry runs (one process per rank under torchrun / srun; one locally)
-ENTRY_MODULES = {"pretrain": "pretrain", "caption_bn": "finetune.caption_bn"}
 
 
 @dataclass
@@ -144,12 +141,6 @@ def check_cells(cells: list[Cell]) -> None:
         cell_config(cell)
 
 
-def run_command(cell: Cell, out: Path) -> list[str]:
-    """The one-process command line of a cell's run under ``out``."""
-    module = ENTRY_MODULES[cell.entry]
-    return [sys.executable, "-m", module, "--config", cell.config, *cell.run_overrides(out)]
-
-
 def run_done(run_dir: Path, evaluations: list[str]) -> bool:
     """A run finished (``summary.json`` says completed) and its evaluation files exist."""
     summary = run_dir / "summary.json"
@@ -166,8 +157,8 @@ def run_local(
 ) -> dict[str, int]:
     """Run cells as local single-process jobs, ``jobs`` at a time; returns run -> exit code.
 
-    Each item is a cell and the commands to run after its training (its evaluation), in its run
-    directory's environment; a run whose ``summary.json`` is complete and whose
+    Each item is a cell and its commands, one after the other (its training, then its
+    evaluation), from the repository root; a run whose ``summary.json`` is complete and whose
     ``evaluations[cell.entry]`` files exist when its turn comes is skipped, so an interrupted grid
     continues where it stopped and a run another invocation finished meanwhile is not rerun. Output goes to ``<out>/<run>/run.log``, the run's wall time (training and
     evaluation) to ``<out>/<run>/run_time.json``. One thread per process: the jobs share the cores.
@@ -178,7 +169,7 @@ def run_local(
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    pending = [(cell, [run_command(cell, out), *after]) for cell, after in runs]
+    pending = list(runs)
     codes: dict[str, int] = {}
     active: list[tuple[str, subprocess.Popen, list[list[str]], Any]] = []
     started: dict[str, float] = {}
