@@ -206,6 +206,7 @@ class TablesConfig:
     eval_args: list[str] = field(default_factory=list)  # extra `python -m bimac.eval.world` args
     results: str = "RESULTS.md"
     figures: str = "docs/results"
+    collect_only: bool = False  # run nothing: write the tables from the runs that finished
 
 
 def table_cells(cfg: TablesConfig, table: Table, data: dict[str, str]) -> list[Cell]:
@@ -454,17 +455,23 @@ def write_results(cfg: TablesConfig, planned, runs_dir: Path, wall_s: float) -> 
     names = {c.name for rows in planned.values() for cs in rows.values() for c in cs}
     times = [runs_dir / n / "run_time.json" for n in names]
     run_s = sum(json.loads(t.read_text())["wall_s"] for t in times if t.is_file())
+    done = sum(1 for n in names if runs.get(n, {}).get("status") == "completed")
     load = os.getloadavg()
+    invocation = (
+        f"; this invocation took {wall_s / 60:.0f} min of wall time (runs finished earlier are "
+        f"not rerun)" if wall_s else ""
+    )  # fmt: skip
     lines = [
         BEGIN,
         "## The papers' tables on the embedded world (`make tables`)",
         "",
-        f"Made by `make tables` (`python -m cli.tables --config configs/tables.yaml`) on "
-        f"{time.strftime('%Y-%m-%d', time.gmtime())}: {cfg.seeds} seeds per row, {cfg.jobs} runs "
-        f"at a time, one process each, on this machine ({os.cpu_count()} CPU cores, no GPU); "
-        f"this invocation took {wall_s / 60:.0f} min of wall time (runs finished earlier are "
-        f"not rerun); the {len(names)} runs (training and evaluation) took {run_s / 60:.0f} min summed over runs; load average "
-        f"at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
+        f"Made by `make tables` (`python -m cli.tables --config configs/tables.yaml`), "
+        f"{time.strftime('%Y-%m-%d', time.gmtime())}, on this machine ({os.cpu_count()} CPU "
+        f"cores, no GPU): {cfg.seeds} seeds per row, {done} of the {len(names)} runs finished (a "
+        f"row's `seeds` column counts its finished runs), {cfg.jobs} at a time, one process "
+        f"each; the finished runs took {run_s / 60:.0f} min of wall time summed over runs "
+        f"(training and evaluation){invocation}; load average at the end {load[0]:.1f} / "
+        f"{load[1]:.1f} / {load[2]:.1f}.",
         "",
     ]
     for name, rows in planned.items():
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     planned = plan(cfg, data)
     n = len({c.name for rows in planned.values() for cs in rows.values() for c in cs})
     log.info("%d runs for %s (%d seeds each row)", n, ", ".join(planned), cfg.seeds)
-    wall_s = run_all(cfg, planned, out / "runs")
+    wall_s = 0.0 if cfg.collect_only else run_all(cfg, planned, out / "runs")
     write_results(cfg, planned, out / "runs", wall_s)
     log.info("tables written to %s, figures to %s (%.0f s)", cfg.results, cfg.figures, wall_s)
 

@@ -63,7 +63,7 @@ def test_demo_reproduces_its_golden_table(tmp_path):
     want = json.loads(GOLDEN.read_text())
     assert got.keys() == want.keys()
     for key, value in want.items():
-        tolerance = 0.02 if key.startswith("pretrain/") else 1.5
+        tolerance = 0.02 if key.startswith("pretrain/") or key.endswith("pointing_game") else 1.5
         assert got[key] == pytest.approx(value, abs=tolerance), key
     # the learning the README describes: grounding improves, retrieval is far above chance
     assert got["pretrain/pointing_game_last10"] > got["pretrain/pointing_game_first10"] + 0.05
