@@ -433,7 +433,7 @@ def plot_table(table: Table, rows: dict[str, list[Cell]], runs: dict[str, dict],
 
     keys = list(table.columns)
     labels = {row: label for row, label in table.rows.items() if row in rows}
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(keys) * len(labels) / 4), 3.6))
+    fig, ax = plt.subplots(figsize=(min(12, max(6, 1.4 * len(keys) * len(labels) / 4)), 3.8))
     width = 0.8 / len(labels)
     for j, (row, label) in enumerate(labels.items()):
         stats = [_mean_std(row_values(rows, runs, k)[row] or [float("nan")]) for k in keys]
