@@ -119,7 +119,7 @@ def test_entry_point_trains_evaluates_and_exports(world, architecture):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| n | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |" in proc.stdout
+    assert "| n | references | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 |" in proc.stdout
     log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {k for r in log for k in r["losses"]} == {"ce"}
     ce = [r["losses"]["ce"] for r in log]
