@@ -4,6 +4,8 @@
 # (on a CPU machine 2 processes, DeepSpeed's CPU accelerator, gloo).
 # DRY_RUN=1 prints the launch command instead of running it.
 #
+# Arguments (also through sbatch): [CONFIG.yaml] [key=value ...], the same as the variables
+# CONFIG and OVERRIDES (arguments come after OVERRIDES, so they win).
 # Environment: CONFIG (experiment YAML), OVERRIDES (extra key=value, space separated),
 # RUN_DIR (train.output_dir, default: the config's), PYTHON (default: .venv/bin/python when it
 # exists, else python), NPROC (local runs), MASTER_PORT.
@@ -20,6 +22,16 @@
 
 set -euo pipefail
 
+if [[ $# -gt 0 && "$1" == *.yaml ]]; then
+    CONFIG=$1
+    shift
+fi
+for arg in "$@"; do
+    if [[ "$arg" != *=* ]]; then
+        echo "slurm/pretrain.sh: error: argument '$arg' is neither the config YAML (first) nor key=value; usage: bash slurm/pretrain.sh [CONFIG.yaml] [key=value ...]" >&2
+        exit 2
+    fi
+done
 CONFIG=${CONFIG:-configs/pretrain/paper.yaml}
 # the project's virtual environment (`make demo` / `make setup` create it) when there is one
 if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then
@@ -35,6 +47,7 @@ if [[ -n "$OVERRIDES" ]]; then
     read -r -a EXTRA <<<"$OVERRIDES"
     ARGS+=("${EXTRA[@]}")
 fi
+ARGS+=("$@")
 
 # The config, shards and tokenizer are checked once here, before any rank starts: a mistake is
 # one line and exit status 2, not one traceback per rank plus the launcher's report.

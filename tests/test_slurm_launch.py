@@ -14,10 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "pretrain.sh"
 
 
-def _dry_run(**env: str) -> str:
+def _dry_run(*args: str, **env: str) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     out = subprocess.run(
-        ["bash", str(SCRIPT)], env={**clean, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
+        ["bash", str(SCRIPT), *args],
+        env={**clean, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
         capture_output=True, text=True, check=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     return out.stdout.strip()
@@ -49,6 +50,23 @@ def test_dry_run_outside_slurm_is_two_local_cpu_processes():
         f"{sys.executable} -m torch.distributed.run --standalone --nproc_per_node=2 "
         "-m pretrain --config configs/pretrain/tiny.yaml"
     )
+
+
+def test_arguments_are_the_config_and_overrides_and_anything_else_is_one_line():
+    """``bash slurm/pretrain.sh CONFIG k=v`` (or through sbatch) means CONFIG=... OVERRIDES=...;
+    arguments come after OVERRIDES; a stray word is refused, never ignored."""
+    cmd = _dry_run("configs/pretrain/tiny.yaml", "train.max_steps=5", OVERRIDES="train.lr=1e-4")
+    assert cmd.endswith(
+        "-m pretrain --config configs/pretrain/tiny.yaml train.lr=1e-4 train.max_steps=5"
+    )
+    bad = subprocess.run(["bash", str(SCRIPT), "configs/pretrain/tiny.yaml", "tiny"],
+                         env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True,
+                         cwd=REPO, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "slurm/pretrain.sh: error: argument 'tiny' is neither the config YAML (first) nor "
+        "key=value; usage: bash slurm/pretrain.sh [CONFIG.yaml] [key=value ...]"
+    ]
 
 
 def _srun_on_path(tmp_path: Path) -> dict[str, str]:
