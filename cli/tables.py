@@ -407,7 +407,7 @@ def render_table(name: str, table: Table, rows: dict[str, list[Cell]], runs: dic
         for key, paper_col in table.headline:
             i = table.paper_columns.index(paper_col)
             paper_delta = table.paper[with_][i] - table.paper[without][i]
-            w, b = values_for(rows, runs, key, with_, without)
+            w, b = values[key].get(with_, []), values[key].get(without, [])
             world = f"{statistics.fmean(w) - statistics.fmean(b):+.2f}" if w and b else "n/a"
             parts.append(f"{table.columns[key]}: paper {paper_delta:+.2f} ({paper_col}), world "
                          f"{world}, {verdict(paper_delta, w, b)}")  # fmt: skip
@@ -416,11 +416,6 @@ def render_table(name: str, table: Table, rows: dict[str, list[Cell]], runs: dic
     if figure:
         lines += ["", f"![{table.title}]({figure})"]
     return "\n".join(lines) + "\n"
-
-
-def values_for(rows, runs, key: str, *cells: str) -> list[list[float]]:
-    found = row_values({c: rows[c] for c in cells}, runs, key)
-    return [found[c] for c in cells]
 
 
 def plot_table(table: Table, rows: dict[str, list[Cell]], runs: dict[str, dict], png: Path) -> None:
