@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = load_captioner(export_dir)
     scores, rows = evaluate_captions(model, cfg)
     table = metrics_table(scores)
+    out.mkdir(parents=True, exist_ok=True)  # --eval-only into a folder no training made
     (out / "eval_bn.md").write_text(table + "\n")
     (out / "eval_bn.json").write_text(
         json.dumps({"scores": scores, "captions": rows}, ensure_ascii=False, indent=1)

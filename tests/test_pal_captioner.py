@@ -217,6 +217,24 @@ def test_finetune_caption_bn_entry_point_lowers_ce_and_writes_scores_of_its_capt
 
 
 @pytest.mark.slow
+def test_eval_only_into_a_new_folder_gives_the_runs_scores(trained, tmp_path):
+    """``--eval-only EXPORT`` with a ``train.output_dir`` no training made (it used to end in a
+    FileNotFoundError traceback) writes the run's own scores and captions: beam search on the
+    exported captioner is deterministic."""
+    assert trained["proc"].returncode == 0, trained["proc"].stderr[-3000:]
+    export = json.loads((trained["out"] / "summary.json").read_text())["export"]
+    out = tmp_path / "new" / "eval"
+    cmd = [sys.executable, "-m", "finetune.caption_bn", "--config", CONFIG, "--eval-only", export,
+           f"data.train_shards={trained['root']}/train/00000.tar",
+           f"data.val_shards={trained['root']}/val/00000.tar", f"train.output_dir={out}",
+           "eval.max_samples=32", "eval.meteor=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "eval_bn.json").read_text()) == json.loads((trained["out"] / "eval_bn.json").read_text())  # fmt: skip
+
+
+@pytest.mark.slow
 def test_pal_training_narrows_the_real_synthetic_gap(trained, tmp_path):
     """PAL Fig. 3 (bottom) on the run above: ``python -m bimac.analysis.pal_projection`` compares
     the exported captioner with the model it started from (``--before init``) on the 32 held-out
