@@ -117,6 +117,26 @@ def today_decode(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return pil_draft(data, size), Image.open(io.BytesIO(data)).size
 
 
+class TimedDecoder:
+    """A loader ``image_decoder`` that adds the CPU time spent inside ``fn`` to a shared counter,
+    summed over the main process and every DataLoader worker (it travels to them with the
+    dataset, as the skip counters do). The loader's CPU minus this is what it spends besides
+    decoding, measured in the same epoch, so a drift of the machine's speed between two passes
+    does not enter it."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self.cpu = worker_context().Array("d", 1)
+
+    def __call__(self, data: bytes, size: int):
+        c = time.process_time()
+        out = self.fn(data, size)
+        spent = time.process_time() - c
+        with self.cpu.get_lock():
+            self.cpu[0] += spent
+        return out
+
+
 def pil_draft_torch(data: bytes, size: int) -> np.ndarray:
     img = Image.open(io.BytesIO(data))
     w, h = img.size
@@ -206,11 +226,17 @@ def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
     t, c, f = time.perf_counter(), _cpu(), _minor_faults()
     loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers,
                          global_batch_size=cfg.streams * cfg.batch_size)  # fmt: skip
-    loader.dataset.image_decoder = decode
+    loader.dataset.image_decoder = timed = TimedDecoder(decode)
     n = sum(len(b["sample_id"]) for b in loader) + loader.skipped().get("epoch_tail", 0)
+    cpu, decode_cpu = _cpu() - c, timed.cpu[0]
     pool = loader.dataset.pool
     return {
-        "images_per_cpu_s": n / (_cpu() - c),
+        "images_per_cpu_s": n / cpu,
+        # item 3 of issue 18: what the loader spends besides decoding, per image and as a
+        # fraction of the decode time, both from this epoch (start-up and workers included)
+        "decode_ms_per_image": 1000 * decode_cpu / n,
+        "non_decode_ms_per_image": 1000 * (cpu - decode_cpu) / n,
+        "non_decode_fraction": (cpu - decode_cpu) / decode_cpu,
         "images_per_wall_s": n / (time.perf_counter() - t),
         "minor_faults_per_image": (_minor_faults() - f) / n,
         "reused_buffers": pool.reused if pool else 0,
@@ -328,7 +354,7 @@ def bench_set(name: str, folder: Path, a) -> dict:
                 key = "" if label == "loader" else "today_"
                 pair |= {f"{key}{k}": run[k] for k in ("images_per_cpu_s", "images_per_wall_s")}
                 if label == "loader":
-                    pair |= {k: run[k] for k in ("minor_faults_per_image", "reused_buffers", "workers_used")}  # fmt: skip
+                    pair |= {k: run[k] for k in ("minor_faults_per_image", "reused_buffers", "workers_used", "decode_ms_per_image", "non_decode_ms_per_image", "non_decode_fraction")}  # fmt: skip
             pair["ratio"] = pair["images_per_cpu_s"] / ceiling
             if a.baseline:
                 pair["speedup_vs_today"] = pair["images_per_cpu_s"] / pair["today_images_per_cpu_s"]
@@ -354,14 +380,15 @@ def print_tables(results: dict, a) -> None:
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
         print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
-        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | decode ms per image, in the loader | other loader ms per image (of decode) | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
             row = r[w]
             today = row.get("today_images_per_cpu_s", float("nan"))
             print(
                 f"| {w} ({row['workers_used']}) | {row['ceiling_images_per_cpu_s']:.0f} | {row['images_per_cpu_s']:.0f} | "
-                f"{row['ratio']:.2f} ({' / '.join(f'{x:.2f}' for x in row['ratios'])}) | {today:.0f} | "
+                f"{row['ratio']:.2f} ({' / '.join(f'{x:.2f}' for x in row['ratios'])}) | "
+                f"{row['decode_ms_per_image']:.3f} | {row['non_decode_ms_per_image']:.3f} ({100 * row['non_decode_fraction']:.1f} %) | {today:.0f} | "
                 f"{row.get('speedup_vs_today', float('nan')):.2f} | {row['minor_faults_per_image']:.1f} | {row['reused_buffers']} |"
             )
 

@@ -105,6 +105,12 @@ def test_data_loader_benchmark_json(tmp_path):
             # the ratio is taken against the bare pass timed just before the loader's epoch
             assert row["ratio"] == pytest.approx(row["images_per_cpu_s"] / row["ceiling_images_per_cpu_s"])  # fmt: skip
             assert row["ratios"] == [row["ratio"]]
+            # the epoch's CPU split into decoding (timed inside the decoder, in every worker)
+            # and the rest: the two add up to the loader's CPU per image
+            cpu_ms = 1000 / row["images_per_cpu_s"]
+            assert row["decode_ms_per_image"] > 0 and row["non_decode_ms_per_image"] > 0
+            assert row["decode_ms_per_image"] + row["non_decode_ms_per_image"] == pytest.approx(cpu_ms)  # fmt: skip
+            assert row["non_decode_fraction"] == pytest.approx(row["non_decode_ms_per_image"] / row["decode_ms_per_image"])  # fmt: skip
             assert row["speedup_vs_today"] == pytest.approx(row["images_per_cpu_s"] / row["today_images_per_cpu_s"])  # fmt: skip
     assert "| simplejpeg DCT-scaled + torch bicubic" in proc.stdout
 
