@@ -24,6 +24,7 @@ workers), so other jobs on a shared machine distort it far less than wall time. 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import itertools
 import json
@@ -129,9 +130,10 @@ class TimedDecoder:
         self.cpu = worker_context().Array("d", 1)
 
     def __call__(self, data: bytes, size: int):
-        c = time.process_time()
+        # this thread's CPU only: a worker's queue-feeder and fd-sharing threads run meanwhile
+        c = time.thread_time()
         out = self.fn(data, size)
-        spent = time.process_time() - c
+        spent = time.thread_time() - c
         with self.cpu.get_lock():
             self.cpu[0] += spent
         return out
@@ -192,28 +194,46 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else float(10 * np.log10(255**2 / mse))
 
 
-def images_per_cpu_s(fn: Decoder, jpegs: list[bytes], size: int, repeats: int) -> float:
-    """Best of ``repeats`` passes of the bare single-process loop of ``fn``."""
-    best = 0.0
-    for _ in range(repeats):
-        c = time.process_time()
-        for data in jpegs:
-            fn(data, size)
-        best = max(best, len(jpegs) / (time.process_time() - c))
-    return best
+def images_per_cpu_s(fn: Decoder, jpegs: list[bytes], size: int) -> float:
+    """One pass of the bare single-process loop of ``fn``."""
+    c = time.process_time()
+    for data in jpegs:
+        fn(data, size)
+    return len(jpegs) / (time.process_time() - c)
 
 
 def compare_decoders(jpegs: list[bytes], size: int, repeats: int) -> dict[str, dict]:
-    """Each candidate: images per CPU-second and its worst PSNR against full decode + bicubic."""
+    """Each candidate: images per CPU-second (median of ``repeats`` rounds, every candidate once
+    per round: timed one after another, the machine's drift between minutes picked the winner)
+    and its worst PSNR against full decode + bicubic."""
     refs = [pil_full(d, size) for d in jpegs]
-    out = {}
-    for name, fn in CANDIDATES.items():
-        psnr = min(_psnr(fn(d, size), r) for d, r in zip(jpegs, refs))
-        out[name] = {
-            "images_per_cpu_s": images_per_cpu_s(fn, jpegs, size, repeats),
-            "psnr_min_db": round(psnr, 1),
+    psnr = {
+        name: min(_psnr(fn(d, size), r) for d, r in zip(jpegs, refs))
+        for name, fn in CANDIDATES.items()
+    }
+    rounds = [
+        {name: images_per_cpu_s(fn, jpegs, size) for name, fn in CANDIDATES.items()}
+        for _ in range(repeats)
+    ]
+    return {
+        name: {
+            "images_per_cpu_s": float(np.median([r[name] for r in rounds])),
+            "psnr_min_db": round(psnr[name], 1),
         }
-    return out
+        for name in CANDIDATES
+    }
+
+
+def startup_cpu_s(cfg: DataConfig, tok, workers: int) -> float:
+    """CPU seconds of an epoch that reads one sample per stream: what a loader epoch costs
+    whatever its length (its workers' start, their first shuffle-buffer fill, their exit)."""
+    empty = dataclasses.replace(cfg, resampled=True, epoch_samples=cfg.streams)
+    c = _cpu()
+    loader = make_loader(empty, tok, rank=0, world_size=1, num_workers=workers,
+                         global_batch_size=cfg.streams * cfg.batch_size)  # fmt: skip
+    for _ in loader:
+        pass
+    return _cpu() - c
 
 
 def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
@@ -230,6 +250,7 @@ def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
     n = sum(len(b["sample_id"]) for b in loader) + loader.skipped().get("epoch_tail", 0)
     cpu, decode_cpu = _cpu() - c, timed.cpu[0]
     pool = loader.dataset.pool
+    startup = startup_cpu_s(cfg, tok, workers)
     return {
         "images_per_cpu_s": n / cpu,
         # item 3 of issue 18: what the loader spends besides decoding, per image and as a
@@ -237,6 +258,13 @@ def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
         "decode_ms_per_image": 1000 * decode_cpu / n,
         "non_decode_ms_per_image": 1000 * (cpu - decode_cpu) / n,
         "non_decode_fraction": (cpu - decode_cpu) / decode_cpu,
+        # the same without the epoch's fixed start-up (measured apart, right after): what each
+        # sample costs besides its decode, which a longer epoch does not dilute
+        "startup_cpu_s": startup,
+        "per_sample_non_decode_fraction": (cpu - decode_cpu - startup) / decode_cpu,
+        # decoding's share of the loader's CPU, from one epoch: the ratio to a bare loop of the
+        # same decoder, untouched by the machine's drift between the two passes
+        "ratio_in_epoch": decode_cpu / cpu,
         "images_per_wall_s": n / (time.perf_counter() - t),
         "minor_faults_per_image": (_minor_faults() - f) / n,
         "reused_buffers": pool.reused if pool else 0,
@@ -346,7 +374,7 @@ def bench_set(name: str, folder: Path, a) -> dict:
         # 33 % between two runs an hour apart). The row is the pair with the median ratio.
         pairs = []
         for _ in range(a.repeats):
-            ceiling = images_per_cpu_s(CANDIDATES[chosen], jpegs, a.size, 1)
+            ceiling = images_per_cpu_s(CANDIDATES[chosen], jpegs, a.size)
             pair = {"ceiling_images_per_cpu_s": ceiling}
             for label, decode in runs.items():
                 run = pipeline(cfg, tok, workers, decode)
@@ -354,7 +382,7 @@ def bench_set(name: str, folder: Path, a) -> dict:
                 key = "" if label == "loader" else "today_"
                 pair |= {f"{key}{k}": run[k] for k in ("images_per_cpu_s", "images_per_wall_s")}
                 if label == "loader":
-                    pair |= {k: run[k] for k in ("minor_faults_per_image", "reused_buffers", "workers_used", "decode_ms_per_image", "non_decode_ms_per_image", "non_decode_fraction")}  # fmt: skip
+                    pair |= {k: run[k] for k in ("minor_faults_per_image", "reused_buffers", "workers_used", "decode_ms_per_image", "non_decode_ms_per_image", "non_decode_fraction", "startup_cpu_s", "per_sample_non_decode_fraction", "ratio_in_epoch")}  # fmt: skip
             pair["ratio"] = pair["images_per_cpu_s"] / ceiling
             if a.baseline:
                 pair["speedup_vs_today"] = pair["images_per_cpu_s"] / pair["today_images_per_cpu_s"]
@@ -380,15 +408,16 @@ def print_tables(results: dict, a) -> None:
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
         print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
-        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | decode ms per image, in the loader | other loader ms per image (of decode) | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | ratio in epoch | decode ms per image, in the loader | other loader ms per image (of decode) | epoch start-up CPU-s | other per sample, without start-up (of decode) | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
             row = r[w]
             today = row.get("today_images_per_cpu_s", float("nan"))
             print(
                 f"| {w} ({row['workers_used']}) | {row['ceiling_images_per_cpu_s']:.0f} | {row['images_per_cpu_s']:.0f} | "
-                f"{row['ratio']:.2f} ({' / '.join(f'{x:.2f}' for x in row['ratios'])}) | "
-                f"{row['decode_ms_per_image']:.3f} | {row['non_decode_ms_per_image']:.3f} ({100 * row['non_decode_fraction']:.1f} %) | {today:.0f} | "
+                f"{row['ratio']:.2f} ({' / '.join(f'{x:.2f}' for x in row['ratios'])}) | {row['ratio_in_epoch']:.2f} | "
+                f"{row['decode_ms_per_image']:.3f} | {row['non_decode_ms_per_image']:.3f} ({100 * row['non_decode_fraction']:.1f} %) | "
+                f"{row['startup_cpu_s']:.2f} | {100 * row['per_sample_non_decode_fraction']:.1f} % | {today:.0f} | "
                 f"{row.get('speedup_vs_today', float('nan')):.2f} | {row['minor_faults_per_image']:.1f} | {row['reused_buffers']} |"
             )
 
@@ -400,7 +429,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224, help="tower input side")
     p.add_argument(
         "--repeats", type=int, default=3,
-        help="decoders: best of this many passes; loader rows: this many (ceiling, loader) pairs, median ratio",
+        help="decoders: median of this many interleaved rounds; loader rows: this many (ceiling, loader) pairs, median ratio",
     )  # fmt: skip
     p.add_argument("--batch", type=int, default=64, help="micro-batch = each stream's chunk")
     p.add_argument(

@@ -9,6 +9,7 @@ with torchvision's CPU decoder) so the script is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -20,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.decode import decode_batch
+from bimac.data import loader as loader_module
 from bimac.models.bimac import load_model_config
 from bimac.tasks.pretrain import ObjectiveConfig, PretrainTask
 from shards import photos
@@ -100,20 +101,19 @@ def loader_check(folder: Path, workers: int, device: str, decode_on: str) -> dic
         train_shards=f"{folder}/*.tar", image_size=224, batch_size=128, shuffle_buffer=1000,
         decode_on=decode_on,
     )  # fmt: skip
-    # --dry-run: pass the loader's CUDA check; decode_batch then runs on the CPU
+    # --dry-run: pass the loader's CUDA check and let its decode_batch run on the CPU
     dry = device == "cpu" and decode_on == "cuda"
-    with mock.patch.object(torch.cuda, "is_available", lambda: True) if dry else nullcontext():
+    on_cpu = functools.partial(loader_module.decode_batch, device="cpu")
+    with (
+        mock.patch.object(torch.cuda, "is_available", lambda: True) if dry else nullcontext(),
+        mock.patch.object(loader_module, "decode_batch", lambda b, s, _: on_cpu(b, s)) if dry else nullcontext(),
+    ):  # fmt: skip
         loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
-    n = 0
-    t = time.perf_counter()
-    for chunk in loader.loader:  # decode_batch below is what Loader.__iter__ does on a GPU
-        batch = chunk["batch"]  # a one-pass reader's chunk is one batch; its end chunk is empty
-        if batch is None:
-            continue
-        if decode_on == "cuda":
-            batch = decode_batch(batch, cfg.image_size, device)
-        image = batch["image"].to(device, non_blocking=True)
-        n += image.shape[0]
+        n = 0
+        t = time.perf_counter()
+        for batch in loader:
+            image = batch["image"].to(device, non_blocking=True)
+            n += image.shape[0]
     if device == "cuda":
         torch.cuda.synchronize()
     return {"decode_on": decode_on, "workers": workers, "images": n,

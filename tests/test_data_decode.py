@@ -228,6 +228,7 @@ def photo_shards(tmp_path_factory, photos):
 
 def _batches(folder, decode_on: str, workers: int) -> list[dict]:
     from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+    from bimac.data.loader import _from_the_queue
 
     tok = build_tokenizer(TokenizerConfig(path=str(folder / "tokenizer.json"), context_length=32))
     cfg = DataConfig(
@@ -236,8 +237,8 @@ def _batches(folder, decode_on: str, workers: int) -> list[dict]:
     )  # fmt: skip
     loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
     # the workers' chunks (a one-pass reader: one stream, chunks of batch_size, an empty end
-    # chunk), before the main process decodes
-    return [chunk["batch"] for chunk in loader.loader if chunk["batch"] is not None]
+    # chunk) as the main process receives them, before it decodes
+    return [_from_the_queue(c["batch"]) for c in loader.loader if c["batch"] is not None]
 
 
 def test_decode_on_cuda_plumbing_on_cpu(photo_shards, monkeypatch):

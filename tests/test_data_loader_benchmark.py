@@ -111,6 +111,12 @@ def test_data_loader_benchmark_json(tmp_path):
             assert row["decode_ms_per_image"] > 0 and row["non_decode_ms_per_image"] > 0
             assert row["decode_ms_per_image"] + row["non_decode_ms_per_image"] == pytest.approx(cpu_ms)  # fmt: skip
             assert row["non_decode_fraction"] == pytest.approx(row["non_decode_ms_per_image"] / row["decode_ms_per_image"])  # fmt: skip
+            # decoding's share of the epoch's CPU; the start-up (an epoch of one sample per
+            # stream, measured apart) taken out of the rest leaves the per-sample part
+            assert row["ratio_in_epoch"] == pytest.approx(row["decode_ms_per_image"] / cpu_ms)
+            startup_ms = 1000 * row["startup_cpu_s"] / r["images"]
+            assert row["startup_cpu_s"] > 0
+            assert row["per_sample_non_decode_fraction"] == pytest.approx((row["non_decode_ms_per_image"] - startup_ms) / row["decode_ms_per_image"])  # fmt: skip
             assert row["speedup_vs_today"] == pytest.approx(row["images_per_cpu_s"] / row["today_images_per_cpu_s"])  # fmt: skip
     assert "| simplejpeg DCT-scaled + torch bicubic" in proc.stdout
 

@@ -49,7 +49,12 @@ def world(tmp_path_factory):
     clean, bad = root / "clean", root / "bad"
     tok = save_world_tokenizer(root / "tokenizer.json")
     tokenizer = build_tokenizer(TokenizerConfig(kind="world", path=str(tok), context_length=32))
-    return {"clean": _write(clean), "bad": _write(bad, CORRUPT), "tok": tokenizer}
+    return {
+        "clean": _write(clean),
+        "bad": _write(bad, CORRUPT),
+        "tok": tokenizer,
+        "tok_path": str(tok),
+    }
 
 
 def _cfg(urls: str, **kw) -> DataConfig:
@@ -193,13 +198,14 @@ def reference_images(world):
     return [(b["sample_id"], b["image"].clone()) for b in loader]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [0, 1, 2])
 def test_a_reused_image_buffer_is_never_overwritten_while_a_tensor_can_see_it(world, reference_images, workers):  # fmt: skip
-    """The workers' pooled shared-memory buffers (``SharedImagePool``) are reused once the
-    trainer dropped a batch, never while any tensor on them lives: every third micro-batch is
-    kept to the end, as a ``detach()`` view, a slice or a numpy array of its image, and must
-    still hold its pixels after the epoch. Reference: the 0-worker loader's images (no pool,
-    the same samples in the same order), exactly equal."""
+    """The pooled image buffers (``SharedImagePool``: the workers' shared memory, or the
+    loader's own with no workers) are reused once the trainer dropped a batch, never while any
+    tensor on them lives: every third micro-batch is kept to the end, as a ``detach()`` view, a
+    slice or a numpy array of its image, and must still hold its pixels after the epoch.
+    Reference: the 0-worker loader's images, cloned as handed out (the same samples in the same
+    order), exactly equal."""
     loader = make_loader(_cfg(world["clean"]), world["tok"], rank=0, world_size=1, epoch=1,
                          global_batch_size=GLOBAL, num_workers=workers)  # fmt: skip
     kept, seen = [], []
@@ -218,3 +224,60 @@ def test_a_reused_image_buffer_is_never_overwritten_while_a_tensor_can_see_it(wo
         assert torch.equal(torch.as_tensor(view), want), f"micro-batch {i} was overwritten"
     # the buffers of the dropped batches did come back (else this test would prove nothing)
     assert loader.dataset.pool.reused > 0
+
+
+TRAINER = """
+import sys
+import heavy_dependency  # noqa: F401  (what a trainer's main module imports: transformers, ...)
+from bimac.data import DataConfig, TokenizerConfig, build_tokenizer, make_loader
+
+if __name__ == "__main__":
+    urls, tok = sys.argv[1], sys.argv[2]
+    tokenizer = build_tokenizer(TokenizerConfig(kind="world", path=tok, context_length=32))
+    cfg = DataConfig(train_shards=urls, image_size=32, batch_size=8, streams=4, num_workers=2)
+    for epoch in range(2):
+        loader = make_loader(cfg, tokenizer, rank=0, world_size=1, epoch=epoch, global_batch_size=32)
+        print(sum(len(b["sample_id"]) for b in loader))
+"""
+
+
+def test_loader_workers_do_not_import_the_trainers_main_module_again(world, tmp_path):
+    """Every loader worker re-runs the trainer's main module (multiprocessing's spawn rules for a
+    child not forked from its parent); with ``python -m finetune.caption_bn`` that was its imports,
+    ~5 CPU-s per worker per epoch. The fork server imports the main module once, so its imports
+    run in two processes only (the trainer and the server), not in each of the 2 workers x 2
+    epochs. Reference: the pids ``heavy_dependency`` records each time it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "trainer_main.py").write_text(TRAINER)
+    log = tmp_path / "imports.log"
+    (tmp_path / "heavy_dependency.py").write_text(
+        f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    out = subprocess.run(
+        [sys.executable, "-m", "trainer_main", world["clean"], world["tok_path"]],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["288", "288"]  # both epochs ran through 2 workers
+    assert len(log.read_text().split()) == 2, log.read_text()
+
+
+@pytest.mark.parametrize("user_setting", [None, "true"])
+def test_loader_workers_turn_tokenizer_threads_off_unless_the_user_set_them(user_setting, monkeypatch):  # fmt: skip
+    """A worker's set-up (``_init_worker``) sets ``TOKENIZERS_PARALLELISM=false`` (the workers
+    are the parallelism; the HF tokenizers pool on top of them spins idle threads), and leaves a
+    value the user set alone."""
+    import os
+
+    from bimac.data.loader import _init_worker
+
+    if user_setting is None:
+        monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    else:
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", user_setting)
+    _init_worker(os.getpid(), 0)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == (user_setting or "false")

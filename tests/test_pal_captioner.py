@@ -253,3 +253,29 @@ def test_pal_training_narrows_the_real_synthetic_gap(trained, tmp_path):
     before, after = stats["before"], stats["after"]
     assert after["centroid_distance"] < (1 - GAP_DROP) * before["centroid_distance"], stats
     assert after["mmd_rbf"] < before["mmd_rbf"], stats
+
+
+@pytest.mark.slow
+def test_loader_workers_of_the_entry_point_do_not_import_its_libraries_again(tmp_path):
+    """``python -m finetune.caption_bn`` with a loader worker over 3 short epochs: transformers is
+    imported by the trainer and once by the loader's fork server, never by a worker (each used to
+    import the entry module's libraries again, ~5 CPU-s and seconds of wall time per worker at
+    every epoch boundary). Reference: Python's own import log (``-X importtime``, every process
+    under the trainer writes it to the shared stderr)."""
+    from shards.world import build
+
+    for split, n in (("train", 64), ("val", 16)):
+        build(tmp_path / split, split, n, 64, triplets=True, shard_size=64)
+    cmd = [sys.executable, "-X", "importtime", "-m", "finetune.caption_bn", "--config", CONFIG,
+           f"data.train_shards={tmp_path}/train/00000.tar", f"data.val_shards={tmp_path}/val/00000.tar",
+           f"train.output_dir={tmp_path}/run", "data.num_workers=1", "train.max_steps=12",
+           "train.epochs=1000", "train.progress_bar=false", "eval.max_samples=16",
+           "eval.meteor=false"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    epochs = {r["epoch"] for r in records if "epoch" in r}
+    assert len(epochs) >= 3, epochs  # 64 samples, batch 16: 4 steps an epoch
+    imports = [line for line in proc.stderr.splitlines() if line.rsplit("|", 1)[-1].strip() == "transformers"]  # fmt: skip
+    assert len(imports) == 2, imports
