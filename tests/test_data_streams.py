@@ -10,6 +10,8 @@ steps (stream 3 holds 75 = 9 * 8 + 3), 288 samples, the 27 left over counted as 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -256,7 +258,8 @@ def test_loader_workers_do_not_import_the_trainers_main_module_again(world, tmp_
     (tmp_path / "heavy_dependency.py").write_text(
         f"import os\nwith open({str(log)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
     )
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{repo}"}
     out = subprocess.run(
         [sys.executable, "-m", "trainer_main", world["clean"], world["tok_path"]],
         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
