@@ -9,7 +9,6 @@ with torchvision's CPU decoder) so the script is tested where no GPU is.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import time
@@ -103,10 +102,10 @@ def loader_check(folder: Path, workers: int, device: str, decode_on: str) -> dic
     )  # fmt: skip
     # --dry-run: pass the loader's CUDA check and let its decode_batch run on the CPU
     dry = device == "cpu" and decode_on == "cuda"
-    on_cpu = functools.partial(loader_module.decode_batch, device="cpu")
+    decode_batch = loader_module.decode_batch
     with (
         mock.patch.object(torch.cuda, "is_available", lambda: True) if dry else nullcontext(),
-        mock.patch.object(loader_module, "decode_batch", lambda b, s, _: on_cpu(b, s)) if dry else nullcontext(),
+        mock.patch.object(loader_module, "decode_batch", lambda b, s, _: decode_batch(b, s, "cpu")) if dry else nullcontext(),
     ):  # fmt: skip
         loader = make_loader(cfg, tok, rank=0, world_size=1, num_workers=workers)
         n = 0

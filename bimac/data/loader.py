@@ -707,7 +707,6 @@ class SharedImagePool:
         self._sent: set[int] = set()  # filling side: slots whose buffer went out already
         self._mapped: dict[int, torch.Tensor] = {}  # main: slot -> the buffer received
         self._held: list[tuple[StorageWeakRef, int]] = []  # main: aliases handed out, alive
-        self._filled: set[int] = set()  # main: slots received at least once
         self.reused = 0
 
     def __getstate__(self) -> dict:  # what travels to a worker: the flags and the slot count
@@ -748,6 +747,7 @@ class SharedImagePool:
         free the slots whose aliases no tensor uses any more."""
         batch = chunk["batch"]
         for key, slot in chunk.get("pooled", {}).items():
+            self.reused += slot in self._mapped
             if batch[key] is not None:  # the buffer itself: its first use (or in-process)
                 self._mapped[slot] = batch[key]
             base = self._mapped[slot]  # uint8 [B, 3, H, W], channels-last
@@ -755,8 +755,6 @@ class SharedImagePool:
             alias = torch.frombuffer(nhwc.numpy(), dtype=torch.uint8).view(nhwc.shape)
             batch[key] = alias.permute(0, 3, 1, 2)
             self._held.append((StorageWeakRef(alias.untyped_storage()), slot))
-            self.reused += slot in self._filled
-            self._filled.add(slot)
         held = []
         for ref, slot in self._held:
             if ref.expired():
