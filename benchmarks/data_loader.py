@@ -12,7 +12,8 @@ world at 256 px, flat colours). For each set, on a sample of its JPEGs held in m
 2. ``bimac.data.make_loader`` (tar reading, grouping, shuffle, checks, JSON, decode, tokenising,
    noun spans, collate, hand-off from workers) runs one epoch with 0, 1 and 2 workers, with
    ``bimac.data.decode.decode_image`` and, side by side, with today's decode path before it
-   (PIL draft + PIL bicubic, ``--no-baseline`` skips it);
+   (PIL draft + PIL bicubic, ``--no-baseline`` skips it), and with a decoder that decodes
+   nothing (``noop_decode``: what the loader costs per sample with no decoding between samples);
 3. at 0 workers the per-image CPU time of each loader stage besides decoding is measured alone,
    and the tar members' grouping into samples against webdataset's ``group_by_keys``.
 
@@ -224,6 +225,19 @@ def compare_decoders(jpegs: list[bytes], size: int, repeats: int) -> dict[str, d
     }
 
 
+_NOOP_IMAGES: dict[int, np.ndarray] = {}
+
+
+def noop_decode(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A decoder that decodes nothing: one reused black image. An epoch with it costs what the
+    loader spends besides decoding with no decode between its samples (no cache or allocator
+    traffic from the decoder): the floor of that part."""
+    image = _NOOP_IMAGES.get(size)
+    if image is None:
+        image = _NOOP_IMAGES[size] = np.zeros((size, size, 3), np.uint8)
+    return image, (640, 480)
+
+
 def startup_cpu_s(cfg: DataConfig, tok, workers: int) -> float:
     """CPU seconds of an epoch that reads one sample per stream: what a loader epoch costs
     whatever its length (its workers' start, their first shuffle-buffer fill, their exit)."""
@@ -383,6 +397,9 @@ def bench_set(name: str, folder: Path, a) -> dict:
                     pair["startup_cpu_s"] = startup = startup_cpu_s(cfg, tok, workers)
                     per_image = 1000 * startup / run["images"]
                     pair["per_sample_non_decode_fraction"] = (run["non_decode_ms_per_image"] - per_image) / run["decode_ms_per_image"]  # fmt: skip
+                    # the same epoch with a decoder that does nothing: the loader's own floor
+                    noop = pipeline(cfg, tok, workers, noop_decode)
+                    pair["noop_decoder_per_sample_ms"] = noop["non_decode_ms_per_image"] - per_image  # fmt: skip
             pair["ratio"] = pair["images_per_cpu_s"] / ceiling
             if a.baseline:
                 pair["speedup_vs_today"] = pair["images_per_cpu_s"] / pair["today_images_per_cpu_s"]
@@ -408,8 +425,8 @@ def print_tables(results: dict, a) -> None:
               "loader stages besides decoding (ms/image): "
               + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in r["overhead_ms_per_image"].items()))  # fmt: skip
         print("grouping (ms/sample): " + ", ".join(f"{k} {v:.4f}" for k, v in r["grouping_ms_per_sample"].items()))  # fmt: skip
-        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | ratio in epoch | decode ms per image, in the loader | other loader ms per image (of decode) | epoch start-up CPU-s | other per sample, without start-up (of decode) | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("\n| workers (used) | ceiling images per CPU-s (paired) | loader images per CPU-s | ratio (median; all pairs) | ratio in epoch | decode ms per image, in the loader | other loader ms per image (of decode) | epoch start-up CPU-s | other per sample, without start-up (of decode) | the same with a no-op decoder, ms | today's path | speedup | minor faults per image | reused buffers |")  # fmt: skip
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for w in ("0", "1", "2"):
             row = r[w]
             today = row.get("today_images_per_cpu_s", float("nan"))
@@ -417,7 +434,7 @@ def print_tables(results: dict, a) -> None:
                 f"| {w} ({row['workers_used']}) | {row['ceiling_images_per_cpu_s']:.0f} | {row['images_per_cpu_s']:.0f} | "
                 f"{row['ratio']:.2f} ({' / '.join(f'{x:.2f}' for x in row['ratios'])}) | {row['ratio_in_epoch']:.2f} | "
                 f"{row['decode_ms_per_image']:.3f} | {row['non_decode_ms_per_image']:.3f} ({100 * row['non_decode_fraction']:.1f} %) | "
-                f"{row['startup_cpu_s']:.2f} | {100 * row['per_sample_non_decode_fraction']:.1f} % | {today:.0f} | "
+                f"{row['startup_cpu_s']:.2f} | {100 * row['per_sample_non_decode_fraction']:.1f} % | {row['noop_decoder_per_sample_ms']:.3f} | {today:.0f} | "
                 f"{row.get('speedup_vs_today', float('nan')):.2f} | {row['minor_faults_per_image']:.1f} | {row['reused_buffers']} |"
             )
 

@@ -117,6 +117,9 @@ def test_data_loader_benchmark_json(tmp_path):
             startup_ms = 1000 * row["startup_cpu_s"] / r["images"]
             assert row["startup_cpu_s"] > 0
             assert row["per_sample_non_decode_fraction"] == pytest.approx((row["non_decode_ms_per_image"] - startup_ms) / row["decode_ms_per_image"])  # fmt: skip
+            # the same epoch with a no-op decoder, start-up taken out: below the real epoch's
+            # cost besides decoding (which also carries the start-up and the decoder's traffic)
+            assert 0 < row["noop_decoder_per_sample_ms"] < row["non_decode_ms_per_image"]
             assert row["speedup_vs_today"] == pytest.approx(row["images_per_cpu_s"] / row["today_images_per_cpu_s"])  # fmt: skip
     assert "| simplejpeg DCT-scaled + torch bicubic" in proc.stdout
 
