@@ -78,10 +78,16 @@ SPLITS = ("train", "val", "retrieval", "cls_shape", "cls_colour_shape", "probe")
 # come in clusters of BINDING_CLUSTER that share both colours, both shapes and both counts and
 # differ only in which colour goes with which shape and in the relation (Winoground-style hard
 # negatives inside every retrieval split, so colour or count alone cannot retrieve a scene).
-# The probe and classification splits are the same in both variants.
+# Its objects are ones a 64 px tower with 8 px patches can tell apart in a few hundred steps
+# (README, "World, budget, evaluation of BiMAC's tables"): five shapes that differ in outline,
+# solid, medium or large, one per group, each on whole cells of an 8 x 8 grid (the patches).
+# Its classification splits draw from the same shapes; the probe split is the default's.
 VARIANTS = ("default", "binding")
 BINDING_CLUSTER = 4
 _BINDING_SPLITS = ("train", "val", "retrieval")
+BINDING_SHAPES = ("circle", "square", "triangle", "star", "cross")
+BINDING_SIZES = ("medium", "large")
+BINDING_GRID = 8  # cells per image side: the patch grid of the tables' tower (64 px / 8 px)
 # Well-separated base seeds so splits never share a scene.
 _SPLIT_SALT = {s: i * 1_000_003 for i, s in enumerate(SPLITS)}
 _BN_VOWEL_SIGNS = set("ািীুূৃেৈোৌ")
@@ -92,12 +98,13 @@ def bn_genitive(word: str) -> str:
     return word + ("র" if word[-1] in _BN_VOWEL_SIGNS or "অ" <= word[-1] <= "ঔ" else "ের")
 
 
-def class_names(split: str) -> list[str]:
+def class_names(split: str, variant: str = "default") -> list[str]:
     """Label names of a zero-shot classification split (index = ``label_index`` in the JSON)."""
+    shapes = list(BINDING_SHAPES if variant == "binding" else SHAPES)
     if split == "cls_shape":
-        return list(SHAPES)
+        return shapes
     if split == "cls_colour_shape":
-        return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+        return [f"{c} {s}" for c in COLOURS for s in shapes]
     raise ValueError(f"{split!r} is not a classification split (cls_shape, cls_colour_shape)")
 
 
@@ -153,10 +160,14 @@ def _region(relation: str | None, which: int) -> tuple[float, float, float, floa
     return first[relation] if which == 0 else first[inv]
 
 
-def layout(groups: list[Group], relation: str | None, size: int, rng: random.Random):
+def layout(
+    groups: list[Group], relation: str | None, size: int, rng: random.Random, grid: int = 0
+):
     """Non-overlapping boxes for every object, each group inside its relation's half.
 
     A group that does not fit after some tries is shrunk one size class (its label follows).
+    ``grid`` > 0: every object fills whole cells of a ``grid`` x ``grid`` grid over the image,
+    less a 1 px margin (its side rounded up to whole cells), placed on cell boundaries.
     """
     boxes: list[list[tuple[float, float, float, float]]] = []
     placed: list[tuple[float, float, float, float]] = []
@@ -169,12 +180,22 @@ def layout(groups: list[Group], relation: str | None, size: int, rng: random.Ran
             side = SIZES[g.size][0] * size
             w = side * (1.5 if g.shape == "ellipse" else 1.0)
             h = side * (0.7 if g.shape == "ellipse" else 1.0)
+            if grid:
+                cell = size / grid
+                w = h = cell * math.ceil(side / cell) - 2
+                xs = [c * cell + 1 for c in range(grid) if rx0 <= c * cell and (c * cell) + w + 1 <= rx1]  # fmt: skip
+                ys = [c * cell + 1 for c in range(grid) if ry0 <= c * cell and (c * cell) + h + 1 <= ry1]  # fmt: skip
+                if not xs or not ys:
+                    continue
             if w > rx1 - rx0 - 2 or h > ry1 - ry0 - 2:
                 continue
             mine: list[tuple[float, float, float, float]] = []
             for _ in range(60 * g.count):
-                x0 = rng.uniform(rx0 + 1, rx1 - w - 1)
-                y0 = rng.uniform(ry0 + 1, ry1 - h - 1)
+                if grid:
+                    x0, y0 = rng.choice(xs), rng.choice(ys)
+                else:
+                    x0 = rng.uniform(rx0 + 1, rx1 - w - 1)
+                    y0 = rng.uniform(ry0 + 1, ry1 - h - 1)
                 box = (x0, y0, x0 + w, y0 + h)
                 if all(_apart(box, b, 2) for b in placed + mine):
                     mine.append(box)
@@ -201,17 +222,13 @@ def _binding_groups(seed: int, split: str, index: int, rng: random.Random):
     two colours, two shapes and the counts; the member picks one of the cluster's distinct
     (colour-to-shape binding, relation) configurations, drawn without replacement."""
     cluster = _rng(seed, split, index // BINDING_CLUSTER, "binding")
-    shapes = cluster.sample(list(SHAPES), 2)
+    shapes = cluster.sample(BINDING_SHAPES, 2)
     colours = cluster.sample(list(COLOURS), 2)
-    counts = [cluster.randint(1, 2) for _ in range(2)]
     configs = cluster.sample(range(2 * len(RELATIONS)), BINDING_CLUSTER)  # binding x relation
     config = configs[index % BINDING_CLUSTER]
     if config // len(RELATIONS):  # the other binding: colours swap between the shapes
         colours = colours[::-1]
-    groups = [
-        Group(s, c, rng.choice(list(SIZES)), n, rng.choice(TEXTURES))
-        for s, c, n in zip(shapes, colours, counts)
-    ]
+    groups = [Group(s, c, rng.choice(BINDING_SIZES), 1) for s, c in zip(shapes, colours)]
     return groups, list(RELATIONS)[config % len(RELATIONS)]
 
 
@@ -224,8 +241,12 @@ def make_scene(
     rng = _rng(seed, split, index)
     if variant == "binding" and split in _BINDING_SPLITS:
         groups, relation = _binding_groups(seed, split, index, rng)
-        groups, boxes = layout(groups, relation, size, rng)
+        groups, boxes = layout(groups, relation, size, rng, BINDING_GRID)
         return Scene(groups, relation, boxes, _contrasting_background(groups, rng))
+    if variant == "binding" and split in ("cls_shape", "cls_colour_shape"):
+        group = Group(rng.choice(BINDING_SHAPES), rng.choice(list(COLOURS)), rng.choice(BINDING_SIZES), 1)  # fmt: skip
+        groups, boxes = layout([group], None, size, rng, BINDING_GRID)
+        return Scene(groups, None, boxes, _contrasting_background(groups, rng))
     if split in ("cls_shape", "cls_colour_shape"):
         groups = [replace(sample_groups(rng, 1)[0], count=1, size=rng.choice(["medium", "large"]))]
     elif split == "probe":  # colours and shapes both differ, so either swap changes the image
@@ -547,7 +568,7 @@ def make_sample(
     if split in ("cls_shape", "cls_colour_shape"):
         g = scene.groups[0]
         label = g.shape if split == "cls_shape" else f"{g.colour} {g.shape}"
-        meta["label"], meta["label_index"] = label, class_names(split).index(label)
+        meta["label"], meta["label_index"] = label, class_names(split, variant).index(label)
     sample = {"__key__": f"{index:09d}", "jpg": _jpeg(img), "txt": en[0].text, "json": meta}
     if triplet:
         syn_rng = _rng(seed, split, index, "companion")

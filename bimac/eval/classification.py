@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bimac.data.loader import SkipCounter
-from bimac.data.samples import IMAGE_SUFFIXES, iter_samples, parse_world
+from bimac.data.samples import IMAGE_SUFFIXES, iter_samples, parse_world, world_options
 from bimac.eval import benchmarks
 from bimac.eval.common import (
     Encoder,
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
             from bimac.data.world import class_names
 
             images, labels = shard_items(args.data, counter)
-            classnames = classnames or class_names(world[0])
+            classnames = classnames or class_names(world[0], world_options(args.data)[1])
             templates = templates or world_templates(world[0])
         elif Path(args.data).is_dir():
             images, labels, dirs = image_folder(args.data)

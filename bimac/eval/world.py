@@ -8,8 +8,8 @@ Retrieval on ``world:retrieval:N`` (R@1/5/10 both ways, mTR, mIR), zero-shot cla
 (text / image / group score), greedy captioning scored with BLEU-4 / CIDEr-D on ``world:val:N``
 (English; skipped with ``--caption-n 0``), and the training run's pointing game (the last logged
 ``pointing_game`` of the ``summary.json`` beside the export, absent when the run did not train
-grounding). ``--variant`` renders the retrieval and captioning splits of that world variant
-(:data:`bimac.data.world.VARIANTS`; the probe and classification splits are the same in all).
+grounding). ``--variant`` renders the retrieval, classification and captioning splits of that
+world variant (:data:`bimac.data.world.VARIANTS`; the probe split is the same in all).
 Captioning metrics that need Java (PTB, METEOR) are used when Java is present; otherwise captions
 are lower-cased and split on whitespace and the row says so.
 
@@ -105,9 +105,11 @@ def evaluate_world(
     details["retrieval"] = retrieval.evaluate(enc, images, caps)
     add("retrieval", "retrieval", details["retrieval"], RETRIEVAL_KEYS)
     for split, name in CLASSIFICATION_SPLITS.items():
-        images, labels = classification.shard_items(f"world:{split}:{sizes.classification}")
+        images, labels = classification.shard_items(
+            f"world:{split}:{sizes.classification}:{variant}"
+        )
         details[name] = classification.evaluate(
-            enc, images, labels, class_names(split), classification.world_templates(split)
+            enc, images, labels, class_names(split, variant), classification.world_templates(split)
         )
         add(f"zero-shot cls ({split[4:]})", split, details[name], ("top1", "top5", "chance_top1"))
     if sizes.caption:

@@ -62,7 +62,7 @@ def load_items(spec: str, classnames_file: str = "") -> tuple[list[Any], list[in
         for s in iter_samples(spec, seed=world_options(spec)[0] or 0):
             images.append(s["jpg"])
             labels.append(int(s["json"]["label_index"]))
-        return images, labels, names or class_names(world[0])
+        return images, labels, names or class_names(world[0], world_options(spec)[1])
     if Path(spec).is_dir():
         paths, labels, dirs = image_folder(spec)
         return paths, labels, names or [d.replace("_", " ") for d in dirs]
