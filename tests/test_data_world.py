@@ -225,6 +225,32 @@ def test_companion_keeps_the_caption_with_a_new_layout():
     json.dumps(meta)  # serialisable
 
 
+def test_binding_variant_objects_fill_whole_patches_of_its_lexicon():
+    """The binding variant's objects are ones the tables' tower (64 px, 8 px patches) can tell
+    apart: shapes of BINDING_SHAPES, solid, medium or large, one per group, each box on whole
+    cells of the 8 x 8 grid less a 1 px margin; its classification splits label the same shapes
+    (label_index into class_names(split, "binding")), the default's keep all ten."""
+    from bimac.data.world import BINDING_GRID, BINDING_SHAPES, BINDING_SIZES, class_names
+
+    cell = 64 / BINDING_GRID
+    for split in ("train", "retrieval", "cls_shape", "cls_colour_shape"):
+        for i in range(40):
+            meta = make_sample(0, split, i, variant="binding")["json"]
+            for o in meta["objects"]:
+                assert o["shape"] in BINDING_SHAPES and o["size"] in BINDING_SIZES
+                assert o["texture"] == "solid"
+                x0, y0, x1, y1 = o["box"]
+                assert (x0 - 1) % cell == 0 and (y0 - 1) % cell == 0
+                assert (x1 - x0 + 2) % cell == 0 and x1 - x0 == y1 - y0 and x1 <= 63
+            if split.startswith("cls"):
+                assert class_names(split, "binding")[meta["label_index"]] == meta["label"]
+            else:
+                assert len(meta["objects"]) == 2  # one object per group
+    assert class_names("cls_shape", "binding") == list(BINDING_SHAPES)
+    assert class_names("cls_shape") == list(SHAPES) and len(SHAPES) == 10
+    assert len(class_names("cls_colour_shape", "binding")) == len(COLOURS) * len(BINDING_SHAPES)
+
+
 def test_binding_variant_clusters_differ_only_in_binding_and_relation():
     """world variant ``binding``: every scene two groups; each cluster of BINDING_CLUSTER scenes
     shares the {colour, shape, count} sets and holds distinct (binding, relation) configurations,
