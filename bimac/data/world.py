@@ -219,7 +219,7 @@ def _apart(a, b, gap: float) -> bool:
 
 def _binding_groups(seed: int, split: str, index: int, rng: random.Random):
     """Groups and relation of a ``binding`` scene: its cluster (``index // BINDING_CLUSTER``) fixes
-    two colours, two shapes and the counts; the member picks one of the cluster's distinct
+    two colours and two shapes (one object each); the member picks one of the cluster's distinct
     (colour-to-shape binding, relation) configurations, drawn without replacement."""
     cluster = _rng(seed, split, index // BINDING_CLUSTER, "binding")
     shapes = cluster.sample(BINDING_SHAPES, 2)
