@@ -1,5 +1,6 @@
 """Engine pieces that need no process group: batch arithmetic, LR schedule, DeepSpeed config,
-RNG round trip, checkpoint bookkeeping, SLURM variable mapping, preemption signals."""
+RNG round trip, checkpoint bookkeeping, SLURM variable mapping, preemption signals (and one
+subprocess: the process group's end at exit)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +155,27 @@ def test_local_single_process_env(monkeypatch):
     )
     export_env()
     assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+
+
+def test_the_process_group_is_destroyed_at_exit_while_python_is_whole():
+    """init_distributed registers destroy_process_group with atexit: a handler registered before
+    it runs after it (last in, first out) and finds no process group. Left to interpreter
+    teardown, gloo killed a rank with SIGABRT after its work was done (CI, 2026-12-06)."""
+    code = (
+        "import atexit, torch\n"
+        "atexit.register(lambda: print('initialised at exit:', torch.distributed.is_initialized()))\n"
+        "from bimac.engine.distributed import init_distributed\n"
+        "print('rank, world:', init_distributed())\n"
+    )  # fmt: skip
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                "SLURM_NTASKS", "SUBMITIT_EXECUTOR")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env |= {"DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank, world: (0, 1)" in proc.stdout
+    assert "initialised at exit: False" in proc.stdout
 
 
 def test_preemption_flag_catches_usr1_and_restores_handler():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import socket
@@ -64,9 +65,20 @@ def init_distributed() -> tuple[int, int]:
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        atexit.register(destroy_process_group)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def destroy_process_group() -> None:
+    """Run at exit (registered by :func:`init_distributed`): destroy the process group while the
+    interpreter is still whole. Left to interpreter teardown, gloo's threads can free tensors of
+    unfinished work (a step a run stopped in, e.g. on divergence) after Python is gone, and the
+    rank dies with SIGABRT after its work is done (pytorch/pytorch#179291; the likely cause of a
+    2-rank ZeRO test's SIGABRT in CI on 2026-12-06, which did not recur here)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def master_host() -> str:
