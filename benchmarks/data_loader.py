@@ -238,16 +238,18 @@ def noop_decode(data: bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     return image, (640, 480)
 
 
-def startup_cpu_s(cfg: DataConfig, tok, workers: int) -> float:
-    """CPU seconds of an epoch that reads one sample per stream: what a loader epoch costs
-    whatever its length (its workers' start, their first shuffle-buffer fill, their exit)."""
+def startup_cpu_s(cfg: DataConfig, tok, workers: int, decode) -> float:
+    """CPU seconds besides decoding of an epoch that reads one sample per stream, decoding with
+    ``decode``: what a loader epoch costs whatever its length (its workers' start, their first
+    shuffle-buffer fill, their exit)."""
     empty = dataclasses.replace(cfg, resampled=True, epoch_samples=cfg.streams)
     c = _cpu()
     loader = make_loader(empty, tok, rank=0, world_size=1, num_workers=workers,
                          global_batch_size=cfg.streams * cfg.batch_size)  # fmt: skip
+    loader.dataset.image_decoder = timed = TimedDecoder(decode)
     for _ in loader:
         pass
-    return _cpu() - c
+    return _cpu() - c - timed.cpu[0]
 
 
 def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
@@ -394,12 +396,15 @@ def bench_set(name: str, folder: Path, a) -> dict:
                     pair |= {k: run[k] for k in ("minor_faults_per_image", "reused_buffers", "workers_used", "decode_ms_per_image", "non_decode_ms_per_image", "non_decode_fraction", "ratio_in_epoch")}  # fmt: skip
                     # the same without the epoch's fixed start-up (measured apart, right after):
                     # what each sample costs besides its decode, which a longer epoch does not dilute
-                    pair["startup_cpu_s"] = startup = startup_cpu_s(cfg, tok, workers)
+                    pair["startup_cpu_s"] = startup = startup_cpu_s(cfg, tok, workers, decode)
                     per_image = 1000 * startup / run["images"]
                     pair["per_sample_non_decode_fraction"] = (run["non_decode_ms_per_image"] - per_image) / run["decode_ms_per_image"]  # fmt: skip
-                    # the same epoch with a decoder that does nothing: the loader's own floor
+                    # the same epoch with a decoder that does nothing, less its own start-up:
+                    # the loader's floor per sample
                     noop = pipeline(cfg, tok, workers, noop_decode)
-                    pair["noop_decoder_per_sample_ms"] = noop["non_decode_ms_per_image"] - per_image  # fmt: skip
+                    pair["noop_decoder_ms_per_image"] = noop["non_decode_ms_per_image"]
+                    pair["noop_startup_cpu_s"] = noop_startup = startup_cpu_s(cfg, tok, workers, noop_decode)  # fmt: skip
+                    pair["noop_decoder_per_sample_ms"] = noop["non_decode_ms_per_image"] - 1000 * noop_startup / noop["images"]  # fmt: skip
             pair["ratio"] = pair["images_per_cpu_s"] / ceiling
             if a.baseline:
                 pair["speedup_vs_today"] = pair["images_per_cpu_s"] / pair["today_images_per_cpu_s"]
