@@ -56,6 +56,12 @@ def test_table_rows_are_mean_and_std_over_seeds_with_welch_marks():
     p = ttest_ind([10.5, 9.0, 11.5], [14.0, 14.1, 13.9], equal_var=False).pvalue
     assert p < 0.05 and f"opposite direction, beyond seed noise (p = {p:.2g})" in sentence
     assert not any(line.startswith("- **synthetic images**") for line in text.splitlines())
+    # the paper's BERT-F1 column has no world counterpart: the table says so, and why
+    assert "No BERTScore column: it needs a pretrained multilingual BERT" in text
+    bimac = tables.render_table(
+        "table5", tables.TABLES["table5"], *_runs({"mcl": [1.0, 2.0]}), None
+    )
+    assert "BERTScore" not in bimac
 
 
 def test_verdict_says_direction_and_certainty():
