@@ -242,14 +242,9 @@ def startup_cpu_s(cfg: DataConfig, tok, workers: int, decode) -> float:
     """CPU seconds besides decoding of an epoch that reads one sample per stream, decoding with
     ``decode``: what a loader epoch costs whatever its length (its workers' start, their first
     shuffle-buffer fill, their exit)."""
-    empty = dataclasses.replace(cfg, resampled=True, epoch_samples=cfg.streams)
-    c = _cpu()
-    loader = make_loader(empty, tok, rank=0, world_size=1, num_workers=workers,
-                         global_batch_size=cfg.streams * cfg.batch_size)  # fmt: skip
-    loader.dataset.image_decoder = timed = TimedDecoder(decode)
-    for _ in loader:
-        pass
-    return _cpu() - c - timed.cpu[0]
+    run = pipeline(dataclasses.replace(cfg, resampled=True, epoch_samples=cfg.streams), tok,
+                   workers, decode)  # fmt: skip
+    return run["non_decode_ms_per_image"] * run["images"] / 1000
 
 
 def pipeline(cfg: DataConfig, tok, workers: int, decode) -> dict:
