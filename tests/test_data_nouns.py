@@ -130,3 +130,45 @@ def test_loader_extracts_nouns_with_spacy_when_json_has_none(tmp_path, tok):
     spans = b["noun_spans"][0, :2].tolist()
     assert [tok.decode([b["text"][0, s:e].tolist()])[0] for s, e in spans] == ["circles", "star"]
     assert not b["noun_has_box"].any()
+
+
+def test_batch_noun_arrays_keep_the_first_max_nouns_the_tokenizer_kept(world_tok_path):
+    # reference: the per-sample rule by hand (token_spans above is hand-checked): each sample's
+    # nouns in caption order, those truncated away dropped, then the first max_nouns kept
+    import numpy as np
+
+    from bimac.data.loader import ShardDataset
+
+    short = build_tokenizer(
+        TokenizerConfig(kind="world", path=str(world_tok_path), context_length=8)
+    )
+    shard = world_tok_path.parent / "00000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write({"__key__": "k", "txt": "x", "jpg": b""})
+    ds = ShardDataset(DataConfig(train_shards=str(shard), max_nouns=2), short, rank=0, world_size=1)
+    text = "Two red circles above a star, a cross and a square."
+    words = ["circles", "star", "cross", "square"]
+    spans = [(text.index(x), text.index(x) + len(x)) for x in words]
+    boxes = [[0.1, 0.2, 0.3, 0.4], None, [0.5, 0.5, 0.6, 0.7], [0.0, 0.0, 1.0, 1.0]]
+    image = np.zeros((8, 8, 3), np.uint8)
+    items = [
+        {"image": image, "text": text, "sample_id": "a", "nouns": [(*spans[i], boxes[i]) for i in (3, 0, 1)]},
+        {"image": image, "text": "A star.", "sample_id": "b", "nouns": []},
+        {"image": image, "text": text, "sample_id": "c", "nouns": [(*spans[i], boxes[i]) for i in (1, 2)]},
+    ]  # fmt: skip
+    batch = ds.collate(items)
+    _, offsets = short.encode_with_offsets([it["text"] for it in items])
+    for row, it in enumerate(items):
+        tok = token_spans(offsets[row], [n[:2] for n in it["nouns"]])
+        kept = [(s, n[2]) for s, n in zip(tok, it["nouns"]) if s is not None][:2]
+        assert batch["noun_mask"][row].tolist() == [True] * len(kept) + [False] * (2 - len(kept))
+        for j, (span, box) in enumerate(kept):
+            assert tuple(batch["noun_spans"][row, j].tolist()) == span
+            assert batch["noun_has_box"][row, j] == (box is not None)
+            assert batch["noun_boxes"][row, j].tolist() == pytest.approx(box or [0.0] * 4)
+    # the context of 8 tokens cuts "square" (and "cross"): row 0 keeps circles and star, the
+    # latter without a box; row 2 keeps star alone
+    assert batch["noun_mask"].tolist() == [[True, True], [False, False], [True, False]]
+    assert short.decode(
+        [batch["text"][0, slice(*batch["noun_spans"][0, 0].tolist())].tolist()]
+    ) == ["circles"]

@@ -69,7 +69,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bimac.config import ConfigError, path_hint
 from bimac.data.decode import decode_batch, decode_image, decode_or_defer
-from bimac.data.tokenizer import Tokenizer, strip_special, token_spans
+from bimac.data.tokenizer import Tokenizer, noun_token_spans, strip_special
 
 log = logging.getLogger(__name__)
 
@@ -597,20 +597,8 @@ class ShardDataset(IterableDataset):
     def collate(self, items: list[dict], pooled: dict[str, int] | None = None) -> dict:
         """Stack uint8 images, tokenise, map noun character spans to token spans. In a worker
         with a ``pool``, images go into its reused buffers and ``pooled`` gets {key: slot}."""
-        n = self.cfg.max_nouns
         ids, offsets = self.tokenizer.encode_with_offsets([it["text"] for it in items])
-        spans, boxes = (
-            np.zeros((len(items), n, 2), np.int64),
-            np.zeros((len(items), n, 4), np.float32),
-        )
-        mask, has_box = np.zeros((len(items), n), bool), np.zeros((len(items), n), bool)
-        for i, it in enumerate(items):
-            tok = token_spans(offsets[i], [(s, e) for s, e, _ in it["nouns"]])
-            kept = [(span, box) for span, (_, _, box) in zip(tok, it["nouns"]) if span][:n]
-            for j, (span, box) in enumerate(kept):
-                spans[i, j], mask[i, j] = span, True
-                if box is not None:
-                    boxes[i, j], has_box[i, j] = box, True
+        spans, mask, boxes, has_box = self._noun_arrays(items, offsets)
         batch = {
             **self._images("image", [it["image"] for it in items], pooled),
             "text": ids,
@@ -626,6 +614,30 @@ class ShardDataset(IterableDataset):
             batch |= self._images("image_syn", [it["image_syn"] for it in items], pooled)
             batch["text_bn"] = self.tokenizer_bn.encode([it["text_bn"] for it in items])
         return batch
+
+    def _noun_arrays(self, items: list[dict], offsets: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The batch's noun spans ``int64 [B, max_nouns, 2]`` (token indices), their mask, boxes
+        ``float32 [B, max_nouns, 4]`` and box mask: each sample's first ``max_nouns`` nouns the
+        tokenizer kept, in caption order. Every noun of the batch at once (``noun_token_spans``)."""
+        b, n = len(items), self.cfg.max_nouns
+        spans, boxes = np.zeros((b, n, 2), np.int64), np.zeros((b, n, 4), np.float32)
+        mask, has_box = np.zeros((b, n), bool), np.zeros((b, n), bool)
+        nouns = [noun for it in items for noun in it["nouns"]]
+        if not nouns:
+            return spans, mask, boxes, has_box
+        rows = np.repeat(np.arange(b), [len(it["nouns"]) for it in items])
+        chars = np.array([noun[:2] for noun in nouns], np.int64)
+        token, found = noun_token_spans(offsets[rows], chars[:, 0], chars[:, 1])
+        # each kept noun's place in its row: the kept nouns before it in that row
+        kept_before = np.cumsum(found) - found
+        place = kept_before - kept_before[np.searchsorted(rows, rows)]
+        keep = found & (place < n)
+        spans[rows[keep], place[keep]], mask[rows[keep], place[keep]] = token[keep], True
+        with_box = [i for i in np.flatnonzero(keep) if nouns[i][2] is not None]
+        if with_box:
+            boxes[rows[with_box], place[with_box]] = [nouns[i][2] for i in with_box]
+            has_box[rows[with_box], place[with_box]] = True
+        return spans, mask, boxes, has_box
 
     def _images(self, key: str, arrays: list[np.ndarray], pooled: dict[str, int] | None) -> dict:
         """``{key: uint8 [B, 3, H, W]}``; with ``decode_on: cuda``, ``{key_encoded: [tensors]}``

@@ -8,8 +8,8 @@
   Bengali (``facebook/mbart-large-50``, ``src_lang="bn_IN"``).
 
 All return fixed-length ``int64 [B, context_length]`` ids (BOS ... EOS, then ``pad_id``) and, from
-``encode_with_offsets``, each token's character span so noun character spans become token spans
-(``token_spans``).
+``encode_with_offsets``, each token's character span (``int32 [B, context_length, 2]``, ``(0, 0)``
+for special tokens and padding) so noun character spans become token spans (``token_spans``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ import logging
 from pathlib import Path
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 from bimac.config import ConfigError, path_hint
 
 log = logging.getLogger(__name__)
-Offsets = list[list[tuple[int, int]]]
+Offsets = np.ndarray  # int32 [B, context_length, 2]: each token's (start, end) character span
 
 
 class Tokenizer(Protocol):
@@ -80,15 +81,31 @@ def build_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
     return TransformersTokenizer(cfg.name, cfg.context_length, cfg.lang)
 
 
+def noun_token_spans(
+    offsets: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token spans of N character spans at once: ``offsets`` ``[N, L, 2]`` (each span's caption's
+    token offsets), ``starts``/``ends`` ``[N]`` -> ``int64 [N, 2]`` token index spans ``[start,
+    end)`` covering each character span, and ``bool [N]`` whether any token overlaps it (False:
+    truncated away). A token overlaps when it has characters and shares one with the span."""
+    s, e = offsets[..., 0], offsets[..., 1]
+    hit = (e > s) & (s < ends[:, None]) & (e > starts[:, None])
+    first = hit.argmax(1)
+    end = hit.shape[1] - hit[:, ::-1].argmax(1)
+    return np.stack([first, end], 1).astype(np.int64), hit.any(1)
+
+
 def token_spans(
-    offsets: list[tuple[int, int]], char_spans: list[tuple[int, int]]
+    offsets: np.ndarray | list[tuple[int, int]], char_spans: list[tuple[int, int]]
 ) -> list[tuple[int, int] | None]:
-    """Token index spans ``[start, end)`` covering each character span; None if truncated away."""
-    out: list[tuple[int, int] | None] = []
-    for cs, ce in char_spans:
-        hit = [i for i, (s, e) in enumerate(offsets) if e > s and s < ce and e > cs]
-        out.append((hit[0], hit[-1] + 1) if hit else None)
-    return out
+    """One caption's token offsets ``[L, 2]`` -> the token span of each character span (None if
+    truncated away): ``noun_token_spans`` for a single caption."""
+    if not char_spans:
+        return []
+    chars = np.asarray(char_spans, np.int64).reshape(-1, 2)
+    offs = np.broadcast_to(np.asarray(offsets, np.int64), (len(chars), *np.shape(offsets)))
+    spans, found = noun_token_spans(offs, chars[:, 0], chars[:, 1])
+    return [(int(a), int(b)) if ok else None for (a, b), ok in zip(spans, found)]
 
 
 def _pad(rows: list[list[int]], length: int, pad_id: int, eos_id: int) -> torch.Tensor:
@@ -100,8 +117,15 @@ def _pad(rows: list[list[int]], length: int, pad_id: int, eos_id: int) -> torch.
     return out
 
 
+def _pad_offsets(rows: list[list[tuple[int, int]]], length: int) -> np.ndarray:
+    out = np.zeros((len(rows), length, 2), np.int32)
+    for i, r in enumerate(rows):
+        out[i, : min(len(r), length)] = r[:length]
+    return out
+
+
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` with BOS/EOS/PAD added by its post-processor and padding."""
+    """A ``tokenizers.Tokenizer``: BOS/EOS from its post-processor, truncated by it, padded here."""
 
     def __init__(self, tok, context_length: int = 32) -> None:
         self.tok = tok
@@ -112,8 +136,10 @@ class HFTokenizer:
         if None in (self.pad_id, self.bos_id, self.eos_id):
             raise ValueError("tokenizer.json lacks one of the special tokens <pad>, <s>, </s>")
         self.vocab_size = tok.get_vocab_size()
-        tok.enable_truncation(context_length)
-        tok.enable_padding(length=context_length, pad_id=self.pad_id, pad_token="<pad>")
+        tok.enable_truncation(context_length)  # counts the post-processor's BOS/EOS: EOS stays
+        # padding here, not in tokenizers: its padded encodings (pad tokens as strings, offsets,
+        # masks) cost ~40 % of the encode (BENCHMARKS.md, "Data loader on photographs")
+        tok.no_padding()
 
     @classmethod
     def from_file(cls, path: str | Path, context_length: int = 32) -> HFTokenizer:
@@ -122,10 +148,18 @@ class HFTokenizer:
         return cls(_Tok.from_file(str(path)), context_length)
 
     def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
-        encs = self.tok.encode_batch(list(texts))
-        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
-        offs = [[(s, e) if sp == 0 else (0, 0) for (s, e), sp in zip(x.offsets, x.special_tokens_mask)] for x in encs]  # fmt: skip
-        return ids, offs
+        # one caption at a time: encode_batch hands a batch to its thread pool, which in the
+        # loader (its workers are the parallelism) costs CPU and gains nothing
+        n, length = len(texts), self.context_length
+        ids = np.full((n, length), self.pad_id, np.int64)
+        offsets = np.zeros((n, length, 2), np.int32)
+        special = np.ones((n, length), bool)
+        for i, text in enumerate(texts):
+            enc = self.tok.encode(text)
+            k = len(enc.ids)
+            ids[i, :k], offsets[i, :k], special[i, :k] = enc.ids, enc.offsets, enc.special_tokens_mask  # fmt: skip
+        offsets[special] = 0
+        return torch.from_numpy(ids), offsets
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_with_offsets(texts)[0]
@@ -194,7 +228,7 @@ class OpenCLIPTokenizer:
     def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
         rows = [self._one(t) for t in texts]
         ids = _pad([r[0] for r in rows], self.context_length, self.pad_id, self.eos_id)
-        return ids, [r[1][: self.context_length] for r in rows]
+        return ids, _pad_offsets([r[1] for r in rows], self.context_length)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_with_offsets(texts)[0]
@@ -230,8 +264,8 @@ class TransformersTokenizer:
             return_offsets_mapping=True,
             return_tensors="pt",
         )
-        offs = [[tuple(o) for o in row] for row in enc["offset_mapping"].tolist()]
-        return enc["input_ids"].long(), offs
+        # special tokens and padding have (0, 0) in transformers' offset mapping already
+        return enc["input_ids"].long(), enc["offset_mapping"].numpy().astype(np.int32)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_with_offsets(texts)[0]
