@@ -172,3 +172,30 @@ def test_batch_noun_arrays_keep_the_first_max_nouns_the_tokenizer_kept(world_tok
     assert short.decode(
         [batch["text"][0, slice(*batch["noun_spans"][0, 0].tolist())].tolist()]
     ) == ["circles"]
+
+
+def test_open_clip_wrapper_equals_open_clip_on_unicode_punctuation_and_truncation():
+    # reference: open_clip's own tokenizer (SimpleTokenizer, Python BPE). Random strings over an
+    # alphabet with accents, a word-final sigma, CJK, emoji, digits, apostrophes and whitespace
+    import random
+
+    ref = open_clip.get_tokenizer("ViT-B-32")
+    ours = OpenCLIPTokenizer("ViT-B-32", context_length=16)
+    rng = random.Random(0)
+    alphabet = "abcXYZ éüß'\".,!?-_0123456789 中😀ΣΟΦΟΣς"
+    texts = world_corpus(100, seed=1) + [
+        "A dog's ball, on the beach!", "I'M HERE, you're there; they'd've gone.",
+        "ΣΟΦΟΣ ελληνικά", "İstanbul", "Straße", "3.14159 and 1,000,000", "x" * 100,
+        "<start_of_text> literal <end_of_text>", "",
+    ] + ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(2000)]  # fmt: skip
+    want = ref(texts, context_length=16)
+    ids, offsets = ours.encode_with_offsets(texts)
+    assert torch.equal(ids, want)
+    # each sub-word's characters lie inside one of open_clip's words of the lower-cased text
+    for text, row, offs in zip(texts[:200], ids, offsets):
+        words = [m.span() for m in ref.pat.finditer(text.lower())]
+        for t, (s, e) in zip(row.tolist(), offs.tolist()):
+            if t in (ours.bos_id, ours.eos_id, ours.pad_id):
+                assert (s, e) == (0, 0)
+            else:
+                assert any(a <= s < e <= b for a, b in words), (text, s, e)

@@ -108,22 +108,6 @@ def token_spans(
     return [(int(a), int(b)) if ok else None for (a, b), ok in zip(spans, found)]
 
 
-def _pad(rows: list[list[int]], length: int, pad_id: int, eos_id: int) -> torch.Tensor:
-    out = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r) > length:  # truncate, keeping EOS last
-            r = r[: length - 1] + [eos_id]
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def _pad_offsets(rows: list[list[tuple[int, int]]], length: int) -> np.ndarray:
-    out = np.zeros((len(rows), length, 2), np.int32)
-    for i, r in enumerate(rows):
-        out[i, : min(len(r), length)] = r[:length]
-    return out
-
-
 class HFTokenizer:
     """A ``tokenizers.Tokenizer``: BOS/EOS from its post-processor, truncated by it, padded here."""
 
@@ -157,7 +141,8 @@ class HFTokenizer:
         for i, text in enumerate(texts):
             enc = self.tok.encode(text)
             k = len(enc.ids)
-            ids[i, :k], offsets[i, :k], special[i, :k] = enc.ids, enc.offsets, enc.special_tokens_mask  # fmt: skip
+            if k:
+                ids[i, :k], offsets[i, :k], special[i, :k] = enc.ids, enc.offsets, enc.special_tokens_mask  # fmt: skip
         offsets[special] = 0
         return torch.from_numpy(ids), offsets
 
@@ -203,7 +188,12 @@ def save_world_tokenizer(path: str | Path, vocab_size: int = 1000, seed: int = 0
 
 
 class OpenCLIPTokenizer:
-    """open_clip's CLIP BPE (lower-cased), with character offsets from its own split pattern."""
+    """open_clip's CLIP BPE (lower-cased), its ids equal open_clip's own.
+
+    open_clip's ``SimpleTokenizer`` merges in Python (~35 us a caption here, more with the
+    padding); the same vocabulary and merges, its split pattern and byte-level alphabet run in
+    ``tokenizers`` (Rust), built from the tokenizer open_clip ships (no download): same ids,
+    tested against open_clip on 5,000 strings, and each sub-word's own character span."""
 
     def __init__(self, name: str = "ViT-B-32", context_length: int = 77) -> None:
         import open_clip
@@ -214,21 +204,29 @@ class OpenCLIPTokenizer:
         self.context_length = context_length
         self.bos_id, self.eos_id, self.pad_id = self.tok.sot_token_id, self.tok.eot_token_id, 0
         self.vocab_size = self.tok.vocab_size
+        self.fast = clip_bpe(self.tok)
 
-    def _one(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, offs = [self.bos_id], [(0, 0)]
-        # open_clip lower-cases and collapses whitespace, which keeps character positions
-        for m in self.tok.pat.finditer(text.lower()):
-            piece = "".join(self.tok.byte_encoder[b] for b in m.group().encode("utf-8"))
-            for bpe in self.tok.bpe(piece).split(" "):
-                ids.append(self.tok.encoder[bpe])
-                offs.append(m.span())
-        return ids + [self.eos_id], offs + [(0, 0)]
+    # a loader worker receives the wrapper pickled: rebuilding the Rust tokenizer there costs
+    # less than half of unpickling it (0.04 against 0.10 CPU-s)
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "fast"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.fast = clip_bpe(self.tok)
 
     def encode_with_offsets(self, texts: list[str]) -> tuple[torch.Tensor, Offsets]:
-        rows = [self._one(t) for t in texts]
-        ids = _pad([r[0] for r in rows], self.context_length, self.pad_id, self.eos_id)
-        return ids, _pad_offsets([r[1] for r in rows], self.context_length)
+        n, length = len(texts), self.context_length
+        ids = np.full((n, length), self.pad_id, np.int64)
+        offsets = np.zeros((n, length, 2), np.int32)
+        for i, text in enumerate(texts):
+            # lower-cased here as open_clip does (Python's rules, e.g. a word-final sigma)
+            enc = self.fast.encode(text.lower(), add_special_tokens=False)
+            k = min(len(enc.ids), length - 2)  # truncated as open_clip does: EOS stays last
+            ids[i, 0], ids[i, 1 : k + 1], ids[i, k + 1] = self.bos_id, enc.ids[:k], self.eos_id
+            if k:
+                offsets[i, 1 : k + 1] = enc.offsets[:k]
+        return torch.from_numpy(ids), offsets
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         return self.encode_with_offsets(texts)[0]
@@ -237,6 +235,29 @@ class OpenCLIPTokenizer:
         rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
         special = {self.bos_id, self.eos_id, self.pad_id}
         return [self.tok.decode([i for i in r if i not in special]).strip() for r in rows]
+
+
+def clip_bpe(simple):
+    """open_clip's ``SimpleTokenizer`` ``simple`` as a ``tokenizers.Tokenizer`` for lower-cased
+    text: its vocabulary, its merges in rank order, words marked ``</w>`` at their end, its split
+    pattern (without the case flag: the text is lower-cased), bytes mapped to its alphabet, and
+    its special tokens kept whole when they appear in a caption."""
+    from tokenizers import Regex, models, pre_tokenizers
+    from tokenizers import Tokenizer as _Tok
+
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
+    tok = _Tok(models.BPE(vocab=simple.encoder, merges=merges, end_of_word_suffix="</w>"))
+    words = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    if not simple.pat.pattern.endswith("|" + words):
+        raise ValueError(f"open_clip's split pattern is not CLIP's: {simple.pat.pattern!r}")
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.add_special_tokens([simple.decoder[i] for i in simple.all_special_ids])
+    return tok
 
 
 class TransformersTokenizer:
