@@ -156,3 +156,17 @@ def test_gpu_check_without_a_gpu_says_so():
     assert proc.stderr.strip().splitlines()[-1] == (
         "gpu_check: no CUDA device here; run with --dry-run to test the script"
     )
+
+
+def test_tokenizer_benchmark_checks_ids_and_writes_each_timing(tmp_path):
+    # the script asserts the open_clip wrapper's ids equal open_clip's and the world tokenizer's
+    # equal its former tokenizers-padded encoding before it times them
+    out = tmp_path / "tok.json"
+    proc = _run(sys.executable, "benchmarks/tokenize_captions.py", "--n", "200", "--repeats", "1",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert set(r["open_clip"]) == {"bimac", "open_clip"}
+    assert set(r["world"]) == {"bimac", "padded_by_tokenizers"}
+    assert all(v > 0 for k in ("open_clip", "world") for v in r[k].values())
+    assert r["meta"]["captions"] == 200 and "| open_clip (vs open_clip) |" in proc.stdout
