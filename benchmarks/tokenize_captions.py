@@ -8,7 +8,8 @@ the context and each token's character span), against the libraries they wrap.
   tokenizer padded by ``tokenizers`` itself through ``encode_batch``, what the loader did before.
 
 Captions: the embedded world's English captions (``world_corpus``), in batches of 64 as a loader
-worker tokenises them; each timing is the median of ``--repeats`` interleaved rounds.
+worker tokenises them; each timing is the median of ``--repeats`` passes, the two taking turns
+batch by batch.
 ``.venv/bin/python benchmarks/tokenize_captions.py [--n 3000] [--json out.json]``
 """
 
@@ -38,16 +39,21 @@ from bimac.data.world import world_corpus
 
 
 def us_per_caption(fns: dict[str, Callable], batches: list[list[str]], repeats: int) -> dict:
-    """Median CPU us per caption of each function over ``batches``, in interleaved rounds."""
-    rounds: dict[str, list[float]] = {name: [] for name in fns}
+    """Median over ``repeats`` passes of each function's CPU us per caption over ``batches``. The
+    functions take turns batch by batch (the machine's speed drifts by tens of per cent between
+    seconds here, so whole passes one after another would compare two speeds of the machine)."""
+    passes: dict[str, list[float]] = {name: [] for name in fns}
     n = sum(map(len, batches))
     for _ in range(repeats):
-        for name, fn in fns.items():
-            c = time.process_time()
-            for batch in batches:
+        spent = dict.fromkeys(fns, 0.0)
+        for batch in batches:
+            for name, fn in fns.items():
+                c = time.process_time()
                 fn(batch)
-            rounds[name].append(1e6 * (time.process_time() - c) / n)
-    return {name: statistics.median(v) for name, v in rounds.items()}
+                spent[name] += time.process_time() - c
+        for name in fns:
+            passes[name].append(1e6 * spent[name] / n)
+    return {name: statistics.median(v) for name, v in passes.items()}
 
 
 def padded_by_tokenizers(path: Path, context: int) -> Callable:
@@ -58,7 +64,12 @@ def padded_by_tokenizers(path: Path, context: int) -> Callable:
 
     def encode(texts: list[str]):
         encs = tok.encode_batch(texts)
-        return torch.tensor([e.ids for e in encs]), [e.offsets for e in encs]
+        ids = torch.tensor([e.ids for e in encs])
+        offsets = [
+            [(s, e) if not special else (0, 0) for (s, e), special in zip(x.offsets, x.special_tokens_mask)]
+            for x in encs
+        ]  # fmt: skip
+        return ids, offsets
 
     return encode
 
