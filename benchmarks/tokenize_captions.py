@@ -112,7 +112,8 @@ def main() -> None:
     print("| tokenizer | bimac, us per caption | library, us per caption | speedup |")
     print("|---|---:|---:|---:|")
     for name, r in result.items():
-        (other, lib), ours = [(k, v) for k, v in r.items() if k != "bimac"][0], r["bimac"]
+        other = next(k for k in r if k != "bimac")
+        ours, lib = r["bimac"], r[other]
         print(f"| {name} (vs {other}) | {ours:.1f} | {lib:.1f} | {lib / ours:.2f} |")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def noun_token_spans(
     hit = (e > s) & (s < ends[:, None]) & (e > starts[:, None])
     first = hit.argmax(1)
     end = hit.shape[1] - hit[:, ::-1].argmax(1)
-    return np.stack([first, end], 1).astype(np.int64), hit.any(1)
+    return np.stack([first, end], 1), hit.any(1)
 
 
 def token_spans(
@@ -219,11 +219,12 @@ class OpenCLIPTokenizer:
         n, length = len(texts), self.context_length
         ids = np.full((n, length), self.pad_id, np.int64)
         offsets = np.zeros((n, length, 2), np.int32)
+        ids[:, 0] = self.bos_id
         for i, text in enumerate(texts):
             # lower-cased here as open_clip does (Python's rules, e.g. a word-final sigma)
             enc = self.fast.encode(text.lower(), add_special_tokens=False)
             k = min(len(enc.ids), length - 2)  # truncated as open_clip does: EOS stays last
-            ids[i, 0], ids[i, 1 : k + 1], ids[i, k + 1] = self.bos_id, enc.ids[:k], self.eos_id
+            ids[i, 1 : k + 1], ids[i, k + 1] = enc.ids[:k], self.eos_id
             if k:
                 offsets[i, 1 : k + 1] = enc.offsets[:k]
         return torch.from_numpy(ids), offsets
