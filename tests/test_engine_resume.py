@@ -2,14 +2,13 @@
 shipped ``configs/pretrain/tiny.yaml`` (all four objectives, RF, random captions, 2 loader
 workers, shuffle buffer 1000) launched as a user does: ``NPROC=2 bash slurm/pretrain.sh``.
 
-Every process of a run is SIGKILLed (the whole process group: torchrun, its workers, their
-loader workers) just after the step-10 save; the same command then resumes, and its
+Every process of a run (the launcher, torchrun, its workers, their loader workers) is SIGKILLed
+the moment rank 0 points ``latest`` at the step-10 save (``crash_after_save/sitecustomize.py``); the same command then resumes, and its
 ``metrics.jsonl`` must equal an uninterrupted run's step by step, exactly (fp32 on CPU).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from process_tree import crash_after_save_env  # noqa: E402
 from test_engine_pretrain import world_overrides  # noqa: E402
 
 STEPS, SAVE_EVERY, KILL_AFTER = 20, 5, "step00000010"
@@ -38,46 +38,38 @@ def world(tmp_path_factory) -> list[str]:
     return [o for o in overrides if o != "data.num_workers=0"]  # the shipped 2 workers
 
 
-def _kill_all(pid: int) -> None:
-    """SIGKILL a process and all its descendants at once (torchrun starts each worker in its own
-    session, so the launcher's process group does not reach them)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.send_signal(signal.SIGKILL)
-
-
 def _launch(
     out: Path, world: list[str], *extra: str, kill_after: str | None = None, nproc: int = 2
 ):
     """``bash slurm/pretrain.sh`` with ``nproc`` ranks; with ``kill_after``, SIGKILL every process
-    of the run as soon as ``checkpoints/latest`` names that tag. Returns (exit status, stderr)."""
+    of the run the moment ``checkpoints/latest`` names that tag. Returns (exit status, stderr)."""
     overrides = [*world, "train.global_batch_size=16", "train.micro_batch_size=8",
                  f"train.max_steps={STEPS}", f"train.save_every_steps={SAVE_EVERY}",
                  "train.warmup_steps=2", f"train.output_dir={out}", *extra]  # fmt: skip
     env = {**os.environ, "CONFIG": "configs/pretrain/tiny.yaml", "PYTHON": sys.executable,
            "NPROC": str(nproc), "OVERRIDES": " ".join(overrides), "PYTHONPATH": str(REPO),
            "OMP_NUM_THREADS": "1"}  # fmt: skip
+    if kill_after:
+        env |= crash_after_save_env(out / "checkpoints" / kill_after, str(REPO))
     out.mkdir(parents=True, exist_ok=True)
     err_path = out.parent / f"{out.name}.{time.time():.0f}.stderr"
     with open(err_path, "w") as err:
-        proc = subprocess.Popen(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)  # fmt: skip
-        deadline = time.time() + 900
-        while kill_after and proc.poll() is None and time.time() < deadline:
-            latest = out / "checkpoints" / "latest"
-            if latest.is_file() and latest.read_text().strip() == kill_after:
-                _kill_all(proc.pid)
-                break
-            time.sleep(0.05)
-        rc = proc.wait(timeout=900)
+        rc = subprocess.run(["bash", "slurm/pretrain.sh"], cwd=REPO, env=env, timeout=900,
+                            stdout=subprocess.DEVNULL, stderr=err).returncode  # fmt: skip
     return rc, err_path.read_text()
 
 
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_crashed_after(rc: int, checkpoint: Path) -> None:
+    """The launched run died of SIGKILL right after saving ``checkpoint``: ``latest`` names it
+    and the run's log ends at its step."""
+    assert rc == -signal.SIGKILL, rc
+    assert (checkpoint.parent / "latest").read_text() == checkpoint.name
+    logged = [r["step"] for r in _metrics(checkpoint.parents[1])]
+    assert logged == list(range(1, int(checkpoint.name.removeprefix("step")) + 1)), logged
 
 
 REFERENCE: dict[int, list[dict]] = {}
@@ -104,7 +96,7 @@ def test_sigkill_after_a_save_then_the_same_command_resumes_exactly(stage, world
     assert [r["step"] for r in straight] == list(range(1, STEPS + 1))
     out = tmp / "killed"
     rc, _ = _launch(out, world, f"train.zero_stage={stage}", kill_after=KILL_AFTER)
-    assert rc != 0  # killed
+    _assert_crashed_after(rc, out / "checkpoints" / KILL_AFTER)
     assert (out / "run.lock").is_file()  # left behind by the killed rank 0
     rc, err = _launch(out, world, f"train.zero_stage={stage}")
     assert rc == 0, err[-5000:]
@@ -299,21 +291,18 @@ def _finetune_args(stage: str, world: tuple[Path, Path], out: Path) -> list[str]
 
 
 def _finetune(
-    stage: str, args: list[str], kill_when: Path | None = None, nproc: int = 1
+    stage: str, args: list[str], crash_after: Path | None = None, nproc: int = 1
 ) -> tuple[int, str]:
+    """``python -m finetune.<stage>`` (under torchrun for ``nproc`` > 1); with ``crash_after``,
+    SIGKILL every process of the run the moment ``latest`` points at that checkpoint."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    if crash_after:
+        env |= crash_after_save_env(crash_after, str(REPO))
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", f"finetune.{stage}", *args]
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as proc:  # fmt: skip
-        deadline = time.time() + 900
-        while kill_when and proc.poll() is None and time.time() < deadline:
-            if kill_when.is_file() and kill_when.read_text().strip() == "step00000002":
-                _kill_all(proc.pid)
-                break
-            time.sleep(0.05)
-        _, err = proc.communicate(timeout=900)
-    return proc.returncode, err
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=900)  # fmt: skip
+    return proc.returncode, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -331,9 +320,9 @@ def test_finetuning_stage_resumes_exactly_after_sigkill(stage, finetune_world, t
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     rc, err = _finetune(stage, _finetune_args(stage, finetune_world, straight))
     assert rc == 0, err[-5000:]
-    latest = killed / phases[-1] / "checkpoints" / "latest"
-    rc, _ = _finetune(stage, _finetune_args(stage, finetune_world, killed), kill_when=latest)
-    assert rc != 0
+    save2 = killed / phases[-1] / "checkpoints" / "step00000002"
+    rc, _ = _finetune(stage, _finetune_args(stage, finetune_world, killed), crash_after=save2)
+    _assert_crashed_after(rc, save2)
     rc, err = _finetune(stage, _finetune_args(stage, finetune_world, killed))
     assert rc == 0, err[-5000:]
     for phase in phases:
@@ -373,9 +362,9 @@ def test_scst_under_zero3_resumes_exactly_after_sigkill_and_matches_zero2(tmp_pa
     assert rc == 0, err[-5000:]
     rc, err = _finetune("caption", args(runs["zero3"], 3), nproc=2)
     assert rc == 0, err[-5000:]
-    latest = runs["killed"] / "scst" / "checkpoints" / "latest"
-    rc, _ = _finetune("caption", args(runs["killed"], 3), kill_when=latest, nproc=2)
-    assert rc != 0
+    save2 = runs["killed"] / "scst" / "checkpoints" / "step00000002"
+    rc, _ = _finetune("caption", args(runs["killed"], 3), crash_after=save2, nproc=2)
+    _assert_crashed_after(rc, save2)
     rc, err = _finetune("caption", args(runs["killed"], 3), nproc=2)
     assert rc == 0, err[-5000:]
     for phase in ("xe", "scst"):
@@ -438,8 +427,9 @@ def test_caption_bn_resumes_exactly_after_sigkill(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     rc, err = _finetune("caption_bn", args(straight))
     assert rc == 0, err[-5000:]
-    rc, _ = _finetune("caption_bn", args(killed), kill_when=killed / "checkpoints" / "latest")
-    assert rc != 0
+    save2 = killed / "checkpoints" / "step00000002"
+    rc, _ = _finetune("caption_bn", args(killed), crash_after=save2)
+    _assert_crashed_after(rc, save2)
     rc, err = _finetune("caption_bn", args(killed))
     assert rc == 0, err[-5000:]
     want, got = _metrics(straight), _metrics(killed)
