@@ -1,5 +1,6 @@
 """The loader benchmarks through their entry points: ``shards.photos`` (photo benchmark shards),
-``benchmarks/data_loader.py --json`` and ``benchmarks/gpu_check.sh --dry-run``."""
+``benchmarks/data_loader.py --json``, ``benchmarks/gpu_check.sh --dry-run``,
+``benchmarks/tokenize_captions.py`` and ``benchmarks/noun_extraction.py``."""
 
 from __future__ import annotations
 
@@ -170,3 +171,17 @@ def test_tokenizer_benchmark_checks_ids_and_writes_each_timing(tmp_path):
     assert set(r["world"]) == {"bimac", "padded_by_tokenizers"}
     assert all(v > 0 for k in ("open_clip", "world") for v in r[k].values())
     assert r["meta"]["captions"] == 200 and "| open_clip (vs open_clip) |" in proc.stdout
+
+
+def test_noun_extraction_benchmark_checks_nouns_and_writes_each_timing(tmp_path):
+    # the script asserts one nlp.pipe per chunk finds the nouns one call per caption finds, on
+    # both pipelines, before it times them
+    out = tmp_path / "nouns.json"
+    proc = _run(sys.executable, "benchmarks/noun_extraction.py", "--n", "128", "--repeats", "1",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    for name in ("sm_architecture", "world"):
+        assert set(r[name]) == {"one_call_each", "one_pipe_per_chunk"}
+        assert all(v > 0 for v in r[name].values())
+    assert r["meta"]["captions"] == 128 and "| sm_architecture |" in proc.stdout

@@ -111,24 +111,27 @@ def test_pipeline_without_tagger_is_refused(tmp_path):
 
 
 def test_loader_extracts_nouns_with_spacy_when_json_has_none(tmp_path, tok):
+    """noun_source=spacy: the chunk's captions go through one ``nlp.pipe`` in ``collate``; each
+    sample gets its own caption's nouns (reference: ``NounExtractor`` on each caption alone)."""
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(buf, format="JPEG")
+    captions = ["Two red circles above a star.", "A small blue square.", "Nothing at all here.",
+                "A cross left of three hexagons and a triangle."]  # fmt: skip
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
-        w.write(
-            {
-                "__key__": "000000000",
-                "jpg": buf.getvalue(),
-                "txt": "Two red circles above a star.",
-                "json": {},
-            }
-        )
+        for i, caption in enumerate(captions):
+            w.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": caption, "json": {}})
     cfg = DataConfig(
-        train_shards=str(tmp_path / "00000.tar"), noun_source="spacy", spacy_pipeline="world"
-    )
-    b = next(iter(make_loader(cfg, tok, rank=0, world_size=1)))
-    assert b["noun_mask"][0].tolist()[:3] == [True, True, False]
-    spans = b["noun_spans"][0, :2].tolist()
-    assert [tok.decode([b["text"][0, s:e].tolist()])[0] for s, e in spans] == ["circles", "star"]
+        train_shards=str(tmp_path / "00000.tar"), noun_source="spacy", spacy_pipeline="world",
+        batch_size=4, max_nouns=4,
+    )  # fmt: skip
+    (b,) = list(make_loader(cfg, tok, rank=0, world_size=1))
+    extractor = NounExtractor("world")
+    for row, sample_id in enumerate(b["sample_id"]):  # shuffled: the key names the caption
+        want = [n.text for n in extractor(captions[int(sample_id.rpartition("#")[2])])]
+        assert b["noun_mask"][row].tolist() == [True] * len(want) + [False] * (4 - len(want))
+        spans = b["noun_spans"][row, : len(want)].tolist()
+        assert [tok.decode([b["text"][row, s:e].tolist()])[0] for s, e in spans] == want
+    assert sum(b["noun_mask"].flatten().tolist()) == 2 + 1 + 0 + 3
     assert not b["noun_has_box"].any()
 
 

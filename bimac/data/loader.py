@@ -579,25 +579,36 @@ class ShardDataset(IterableDataset):
             out["text_bn"] = text_bn
         if cfg.references:
             out["references"] = references
-        out["nouns"] = self._noun_spans(text, nouns, meta, w, h)
+        out["nouns"] = self._noun_spans(nouns, meta, w, h)
         return out
 
-    def _noun_spans(self, text, nouns, meta, w, h) -> list[tuple[int, int, list[float] | None]]:
+    def _noun_spans(self, nouns, meta, w, h) -> list[tuple[int, int, list[float] | None]] | None:
+        """The shard's nouns as ``(start, end, box or None)``; None: spaCy's, which ``collate``
+        extracts for the whole chunk at once."""
         if nouns is not None:
             objs = meta.get("objects", [])
             return [(n["start"], n["end"], _union_box(objs, n, w, h, self.cfg.image_size)) for n in nouns]  # fmt: skip
-        if self.cfg.noun_source != "spacy":
-            return []
+        return None if self.cfg.noun_source == "spacy" else []
+
+    def _extract_nouns(self, items: list[dict]) -> None:
+        """spaCy's nouns for the items whose shard gave none: their captions through one
+        ``nlp.pipe``: 0.65-0.71 ms of CPU a caption against 2.2-2.3 ms for a call each, with an
+        en_core_web_sm-sized tagger (``benchmarks/noun_extraction.py``, BENCHMARKS.md)."""
+        todo = [it for it in items if it["nouns"] is None]
+        if not todo:
+            return
         if self._nouns is None:
             from bimac.data.nouns import NounExtractor
 
             self._nouns = NounExtractor(self.cfg.spacy_pipeline)
-        return [(n.start, n.end, None) for n in self._nouns(text)]
+        for it, nouns in zip(todo, self._nouns.batch([it["text"] for it in todo]), strict=True):
+            it["nouns"] = [(n.start, n.end, None) for n in nouns]
 
     # -- batches ---------------------------------------------------------------------------------
     def collate(self, items: list[dict], pooled: dict[str, int] | None = None) -> dict:
         """Stack uint8 images, tokenise, map noun character spans to token spans. In a worker
         with a ``pool``, images go into its reused buffers and ``pooled`` gets {key: slot}."""
+        self._extract_nouns(items)
         ids, offsets = self.tokenizer.encode_with_offsets([it["text"] for it in items])
         spans, mask, boxes, has_box = self._noun_arrays(items, offsets)
         batch = {
