@@ -20,15 +20,11 @@ chunk by chunk.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from datetime import datetime, timezone
-from pathlib import Path
 
 import spacy
 from spacy.cli.init_config import init_config
 from spacy.training import Example
-from tokenize_captions import us_per_caption
+from tokenize_captions import report, us_per_caption
 
 from bimac.data.nouns import NounExtractor
 from bimac.data.world import world_corpus
@@ -74,23 +70,12 @@ def main() -> None:
             a.repeats,
         )
         result[name] = {k: v / 1000 for k, v in us.items()}  # ms per caption
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
-        "cpus": os.cpu_count(),
-        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "captions": len(texts),
-        "mean_chars": sum(map(len, texts)) / len(texts),
-        "spacy": spacy.__version__,
-    }
-    print(f"{meta['date']}, load average {meta['load_average_1_5_15']}, {len(texts)} captions")
-    print("| pipeline | one call per caption, ms | one nlp.pipe per chunk of 64, ms | speedup |")
-    print("|---|---:|---:|---:|")
+    rows = []
     for name, r in result.items():
         each, piped = r["one_call_each"], r["one_pipe_per_chunk"]
-        print(f"| {name} | {each:.3f} | {piped:.3f} | {each / piped:.2f} |")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"meta": meta, **result}, indent=2))
+        rows.append(f"| {name} | {each:.3f} | {piped:.3f} | {each / piped:.2f} |")
+    header = "| pipeline | one call per caption, ms | one nlp.pipe per chunk of 64, ms | speedup |"
+    report(texts, header, rows, result, a.json, spacy=spacy.__version__)
 
 
 if __name__ == "__main__":

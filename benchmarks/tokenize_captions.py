@@ -101,23 +101,34 @@ def main() -> None:
                 a.repeats,
             ),
         }
+    rows = []
+    for name, r in result.items():
+        other = next(k for k in r if k != "bimac")
+        ours, lib = r["bimac"], r[other]
+        rows.append(f"| {name} (vs {other}) | {ours:.1f} | {lib:.1f} | {lib / ours:.2f} |")
+    report(texts, "| tokenizer | bimac, us per caption | library, us per caption | speedup |",
+           rows, result, a.json)  # fmt: skip
+
+
+def report(texts: list[str], header: str, rows: list[str], result: dict, path: str | None,
+           **meta) -> None:  # fmt: skip
+    """Print the run's date, load and the table; with ``path``, write the results and the run's
+    facts there as JSON."""
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
         "cpus": os.cpu_count(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "captions": len(texts),
         "mean_chars": sum(map(len, texts)) / len(texts),
+        **meta,
     }
     print(f"{meta['date']}, load average {meta['load_average_1_5_15']}, {len(texts)} captions")
-    print("| tokenizer | bimac, us per caption | library, us per caption | speedup |")
+    print(header)
     print("|---|---:|---:|---:|")
-    for name, r in result.items():
-        other = next(k for k in r if k != "bimac")
-        ours, lib = r["bimac"], r[other]
-        print(f"| {name} (vs {other}) | {ours:.1f} | {lib:.1f} | {lib / ours:.2f} |")
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"meta": meta, **result}, indent=2))
+    print("\n".join(rows))
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"meta": meta, **result}, indent=2))
 
 
 if __name__ == "__main__":

@@ -159,29 +159,34 @@ def test_gpu_check_without_a_gpu_says_so():
     )
 
 
+def _caption_benchmark(script: str, n: int, tmp_path: Path) -> tuple[str, dict]:
+    """``benchmarks/<script> --n n --repeats 1 --json``: its table (stdout) and its JSON."""
+    out = tmp_path / "result.json"
+    proc = _run(sys.executable, f"benchmarks/{script}", "--n", str(n), "--repeats", "1",
+                "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["meta"]["captions"] == n
+    return proc.stdout, result
+
+
 def test_tokenizer_benchmark_checks_ids_and_writes_each_timing(tmp_path):
     # the script asserts the open_clip wrapper's ids equal open_clip's and the world tokenizer's
     # equal its former tokenizers-padded encoding before it times them
-    out = tmp_path / "tok.json"
-    proc = _run(sys.executable, "benchmarks/tokenize_captions.py", "--n", "200", "--repeats", "1",
-                "--json", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
+    table, r = _caption_benchmark("tokenize_captions.py", 200, tmp_path)
     assert set(r["open_clip"]) == {"bimac", "open_clip"}
     assert set(r["world"]) == {"bimac", "padded_by_tokenizers"}
     assert all(v > 0 for k in ("open_clip", "world") for v in r[k].values())
-    assert r["meta"]["captions"] == 200 and "| open_clip (vs open_clip) |" in proc.stdout
+    assert "| open_clip (vs open_clip) |" in table
 
 
 def test_noun_extraction_benchmark_checks_nouns_and_writes_each_timing(tmp_path):
+    import spacy
+
     # the script asserts one nlp.pipe per chunk finds the nouns one call per caption finds, on
     # both pipelines, before it times them
-    out = tmp_path / "nouns.json"
-    proc = _run(sys.executable, "benchmarks/noun_extraction.py", "--n", "128", "--repeats", "1",
-                "--json", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    r = json.loads(out.read_text())
+    table, r = _caption_benchmark("noun_extraction.py", 128, tmp_path)
     for name in ("sm_architecture", "world"):
         assert set(r[name]) == {"one_call_each", "one_pipe_per_chunk"}
         assert all(v > 0 for v in r[name].values())
-    assert r["meta"]["captions"] == 128 and "| sm_architecture |" in proc.stdout
+    assert "| sm_architecture |" in table and r["meta"]["spacy"] == spacy.__version__
