@@ -3,9 +3,10 @@
 img2dataset pins ``webdataset<0.3``, so it cannot live in the training environment: it runs from
 an isolated venv of its own, created on first use (``--venv``, default
 ``~/.cache/bimac/img2dataset-venv``; ``--setup`` only creates it). Each source is written to
-``DIR/<source>/`` (their keys collide; a sample is identified by shard URL + key), validated with
-``shards.check`` through the trainer's pipeline, and summarised in ``DIR/sizes.json`` from the
-``*_stats.json`` files.
+``DIR/<source>/`` (their keys collide; a sample is identified by shard URL + key), its captions'
+nouns tagged into each sample's JSON by ``shards.nouns`` (``--nouns en_core_web_sm``; ``none``
+leaves them to the loader), validated with ``shards.check`` through the trainer's pipeline, and
+summarised in ``DIR/sizes.json`` from the ``*_stats.json`` files.
 
 Input TSVs as distributed: CC3M ``caption<TAB>url`` and CC12M ``url<TAB>caption``, no header;
 the URL column is detected per file, rows without an http(s) URL or caption are dropped (counted).
@@ -105,11 +106,16 @@ def build(
     out: str | Path,
     tsvs: dict[str, str | Path],
     venv_path: str | Path = DEFAULT_VENV,
+    nouns: str = "en_core_web_sm",
     **img2dataset_kw,
 ) -> dict:
-    """Download every source, validate it, write ``out/sizes.json``; returns that summary."""
+    """Download every source, tag its nouns (spaCy pipeline ``nouns``, unless ``none``), validate
+    it, write ``out/sizes.json``; returns that summary."""
     from shards.check import check
+    from shards.nouns import load_pipeline, tag_shards
 
+    if nouns != "none":
+        load_pipeline(nouns)  # a missing pipeline fails now, not after hours of download
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     exe = ensure_venv(venv_path)
@@ -119,6 +125,10 @@ def build(
         rows = normalise_tsv(tsv, url_list)
         log.info("%s: %d rows (%d dropped)", name, rows["rows"], rows["dropped_rows"])
         run_img2dataset(exe, url_list, out / name, **img2dataset_kw)
+        if nouns != "none":
+            rows["nouns"] = tag_shards(
+                out / name, nouns, processes=img2dataset_kw.get("processes", 4)
+            )
         summary[name] = rows
     report = sizes(out)
     for name in tsvs:
@@ -147,6 +157,7 @@ class CC15MConfig:
     threads: int = 64
     shard_size: int = 10000
     timeout: int = 10  # per-image download timeout (s)
+    nouns: str = "en_core_web_sm"  # spaCy pipeline tagging the captions' nouns (none: skip)
 
     def __post_init__(self) -> None:
         if not self.setup and not (self.out and (self.cc3m or self.cc12m)):
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     tsvs = {k: Path(v) for k, v in (("cc3m", a.cc3m), ("cc12m", a.cc12m)) if v}
     report = build(
-        Path(a.out), tsvs, Path(a.venv), image_size=a.image_size, processes=a.processes,
+        Path(a.out), tsvs, Path(a.venv), nouns=a.nouns, image_size=a.image_size, processes=a.processes,
         threads=a.threads, shard_size=a.shard_size, timeout=a.timeout,
     )  # fmt: skip
     json.dump({k: {"samples": v["samples"]} for k, v in report.items()}, sys.stdout, indent=2)

@@ -195,6 +195,14 @@ CASES = {
         ["-m", "shards.cc15m", "--out", "{root}/cc", "--cc3m", "{root}/nope.tsv"],
         ["python -m shards.cc15m: error", "cc3m", "nope.tsv does not exist"],
     ),
+    "noun tagging of a missing folder": (
+        ["-m", "shards.nouns", "{root}/no_shards"],
+        ["python -m shards.nouns: error", "urls", "no_shards' (from pattern"],
+    ),
+    "noun tagging with a pipeline not installed": (
+        ["-m", "shards.nouns", "{root}/world", "--pipeline", "en_core_web_xx"],
+        ["python -m shards.nouns: error", "pipeline", "python -m spacy download en_core_web_xx"],
+    ),
     "bimac finetune with a bad key": (
         ["-m", "cli", "finetune", "caption", "--config", CAPTION, "train.lr=fast"],
         ["bimac finetune caption: error", "train.lr", "expected a number"],
@@ -247,7 +255,8 @@ HELP = {
     ("-m", "shards.bengali.pack"): ("python -m shards.bengali.pack", "out: Path = "),
     ("-m", "shards.check"): ("python -m shards.check", "--triplets"),
     ("-m", "shards.world"): ("python -m shards.world", "shard_size: int = 1000"),
-    ("-m", "shards.cc15m"): ("python -m shards.cc15m", "timeout: int = 10"),
+    ("-m", "shards.cc15m"): ("python -m shards.cc15m", 'nouns: str = "en_core_web_sm"'),
+    ("-m", "shards.nouns"): ("python -m shards.nouns", "--processes"),
     (str(REPO / "slurm/submit.py"),): ("python slurm/submit.py", "--cluster"),
     ("-m", "cli", "eval", "retrieval"): ("bimac eval retrieval", "--checkpoint"),
     ("-m", "cli", "finetune", "caption_bn"): ("bimac finetune caption_bn", "losses.rho: float"),

@@ -70,14 +70,14 @@ def test_img2dataset_end_to_end_against_local_server(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
     try:
-        cc3m = [f"cc3m caption {i}\t{base}/ok/{i}.jpg" for i in range(6)] + [f"gone\t{base}/missing/{i}.jpg" for i in range(2)]  # fmt: skip
-        cc12m = [f"{base}/ok/{i}.jpg\tcc12m caption {i}" for i in range(5)] + [f"{base}/broken/0.jpg\tbroken"]  # fmt: skip
+        cc3m = [f"cc3m circle {i}\t{base}/ok/{i}.jpg" for i in range(6)] + [f"gone\t{base}/missing/{i}.jpg" for i in range(2)]  # fmt: skip
+        cc12m = [f"{base}/ok/{i}.jpg\tcc12m two squares {i}" for i in range(5)] + [f"{base}/broken/0.jpg\tbroken"]  # fmt: skip
         (tmp_path / "cc3m.tsv").write_text("\n".join(cc3m) + "\n")
         (tmp_path / "cc12m.tsv").write_text("\n".join(cc12m) + "\n")
         out = tmp_path / "out"
         report = build(
             out, {"cc3m": tmp_path / "cc3m.tsv", "cc12m": tmp_path / "cc12m.tsv"},
-            processes=1, threads=4, shard_size=4, image_size=64, timeout=5,
+            nouns="world", processes=1, threads=4, shard_size=4, image_size=64, timeout=5,
         )  # fmt: skip
     finally:
         server.shutdown()
@@ -86,6 +86,9 @@ def test_img2dataset_end_to_end_against_local_server(tmp_path):
     assert sizes["cc3m"]["samples"] == 6 and sizes["cc3m"]["failed_to_download"] == 2
     assert sizes["cc12m"]["samples"] == 5 and sizes["cc12m"]["failed_to_resize"] == 1
     assert sizes["cc3m"]["check"]["skipped_total"] == 0
+    # every downloaded caption tagged once, here: one noun each ("circle", "squares")
+    for name, n in (("cc3m", 6), ("cc12m", 5)):
+        assert sizes[name]["input"]["nouns"]["captions_tagged"] == sizes[name]["input"]["nouns"]["nouns"] == n  # fmt: skip
     # both sources through the trainer's loader: keys collide, url#key does not
     tok = build_tokenizer(TokenizerConfig(kind="open_clip", name="ViT-B-32", context_length=16))
     cfg = DataConfig(
@@ -95,4 +98,11 @@ def test_img2dataset_end_to_end_against_local_server(tmp_path):
     keys = [s.split("#")[1] for s in batch["sample_id"]]
     assert len(batch["sample_id"]) == len(set(batch["sample_id"])) == 11 and len(set(keys)) < 11
     texts = {t.replace(" ", "") for t in tok.decode(batch["text"])}  # CLIP BPE splits digits
-    assert texts == {f"cc3mcaption{i}" for i in range(6)} | {f"cc12mcaption{i}" for i in range(5)}
+    assert texts == {f"cc3mcircle{i}" for i in range(6)} | {f"cc12mtwosquares{i}" for i in range(5)}
+    # the loader (noun_source: json) reads each tagged noun: its span decodes to the noun
+    spans = batch["noun_spans"][batch["noun_mask"]].tolist()
+    rows = batch["noun_mask"].nonzero()[:, 0].tolist()
+    nouns = [
+        tok.decode([batch["text"][r, s:e].tolist()])[0].strip() for r, (s, e) in zip(rows, spans)
+    ]
+    assert sorted(nouns) == ["circle"] * 6 + ["squares"] * 5

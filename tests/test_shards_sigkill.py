@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from bengali_fixtures import coco_json, corpus, tiny_kandinsky, tiny_labse, tiny_marian
+from cc_fixtures import cc_captions, cc_shards
 from PIL import Image
 from process_tree import kill_tree
 
@@ -68,6 +69,13 @@ class Inputs:
             assert proc.returncode == 0, proc.stderr[-3000:]
             self._references[stage] = out
         return self._references[stage]
+
+    def cc_shards(self) -> Path:
+        """CC-style pair shards to tag: 200 samples, one a shard."""
+        out = self.root / "cc"
+        if not out.exists():
+            cc_shards(out, cc_captions(200), shard_size=1)
+        return out
 
     def accepted(self) -> Path:
         """``accepted.csv`` of the verified pairs (merged in a copy of the verify reference)."""
@@ -141,6 +149,19 @@ STAGES = {
             "2",
         ],
         "00000_stats.json",
+    ),  # fmt: skip
+    "nouns": Stage(
+        lambda i, out: [
+            "-m",
+            "shards.nouns",
+            str(i.cc_shards()),
+            "--out",
+            str(out),
+            "--pipeline",
+            "world",
+        ],
+        "00000_stats.json",
+        "shards_with_nothing_to_tag",
     ),  # fmt: skip
     "translate": Stage(
         lambda i, out: [

@@ -550,11 +550,12 @@ class ShardDataset(IterableDataset):
                 return self.counter.add("missing_bn_caption", key)
             if "syn.jpg" not in sample:
                 return self.counter.add("missing_syn_image", key)
-        elif "captions_en" in meta:
+        elif "captions_en" in meta and (cfg.caption_lang == "en" or "captions_bn" in meta):
             caps = meta["captions_bn"] if cfg.caption_lang == "bn" else meta["captions_en"]
             i = self.sample_rng(sample).randrange(len(caps)) if cfg.random_caption else 0
             text, references = caps[i], list(caps)
-            # world shards carry nouns per caption; other JSON falls back to the noun extractor
+            # the world's shards and those tagged by shards.nouns carry nouns per caption; the
+            # others fall back to the noun extractor
             noun_lists = meta.get("nouns_bn" if cfg.caption_lang == "bn" else "nouns")
             nouns = noun_lists[i] if noun_lists else None
         elif cfg.caption_lang == "bn":
