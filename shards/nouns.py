@@ -57,7 +57,8 @@ def load_pipeline(pipeline: str) -> None:
 
 def _samples(path: Path):
     """``(key, [(name, bytes), ...])`` of each sample of the tar at ``path``, in member order, read
-    with the loader's own tar reader (``tarfile``'s took 0.5 ms a sample of photo_500)."""
+    with the loader's own tar reader (with ``tarfile``'s, and PAX headers written, tagging took
+    about 1.4 ms a sample of photo_500 against 0.25-0.40: BENCHMARKS.md, "spaCy nouns")."""
     key, members = None, []
     with open(path, "rb") as stream:
         for member in tar_members(stream):
@@ -139,6 +140,7 @@ def tag_shard(src: Path, dst: Path) -> dict[str, int]:
     """Tag the captions of the tar ``src`` into ``dst`` (may be ``src``); counts by outcome."""
     counts: Counter = Counter()
     if dst.exists() and is_tagged(dst, _extractor.pipeline):
+        _copy_stats(src, dst)  # a run killed between the tar and its stats left them out
         return {"shards_with_nothing_to_tag": 1}
     tmp = partial_path(dst)
     if is_tagged(src, _extractor.pipeline):  # into --out as it is: the in-place run's bytes
@@ -184,12 +186,19 @@ def tag_shards(
     urls: str | Path, pipeline: str, out: str | Path | None = None, processes: int = 1
 ) -> dict[str, int]:
     """Tag every tar of the directory or list ``urls`` (``a.tar::b.tar``, a glob); totals."""
-    tars = [Path(u) for u in expand_shards(shard_pattern(str(urls)))]
+    tars = list(dict.fromkeys(Path(u) for u in expand_shards(shard_pattern(str(urls)))))
     remote = [str(t) for t in tars if not t.is_file()]
     if remote:
         raise ConfigError(f"urls: {remote[0]} is not a local tar; tagging rewrites local files")
-    load_pipeline(pipeline)  # here first: a missing pipeline is one line before any work
     dst_dir = Path(out) if out else None
+    named: dict[str, Path] = {}
+    for t in tars if dst_dir else ():
+        if named.setdefault(t.name, t) != t:
+            raise ConfigError(
+                f"out: {named[t.name]} and {t} would both be written to {dst_dir / t.name}; "
+                "tag each folder into its own --out"
+            )
+    load_pipeline(pipeline)  # here first: a missing pipeline is one line before any work
     if dst_dir:
         dst_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(t, dst_dir / t.name if dst_dir else t) for t in tars]

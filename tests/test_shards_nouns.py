@@ -129,6 +129,10 @@ def test_out_folder_with_processes_gives_the_in_place_bytes(tmp_path):
     assert summary["captions_tagged"] == 9
     assert tree(tmp_path / "src") == untouched  # the source is read, not written
     assert tree(tmp_path / "out") == tree(tmp_path / "in_place")  # tars and _stats.json files
+    # killed between a tar's rename and its stats file's: the rerun writes the stats
+    (tmp_path / "out" / "00001_stats.json").unlink()
+    tag(f"{tmp_path}/src/*.tar", "--out", str(tmp_path / "out"))
+    assert tree(tmp_path / "out") == tree(tmp_path / "in_place")
 
 
 def test_bengali_pairs_of_tagged_shards_are_skipped_as_missing_bn_caption(tmp_path, tok):
@@ -143,3 +147,20 @@ def test_bengali_pairs_of_tagged_shards_are_skipped_as_missing_bn_caption(tmp_pa
     loader = make_loader(cfg, tok, rank=0, world_size=1)
     assert list(loader) == []
     assert loader.skipped()["missing_bn_caption"] == 5
+
+
+def test_two_shards_of_one_name_into_one_out_folder_is_one_line(tmp_path):
+    for name in ("cc3m", "cc12m"):  # img2dataset numbers each source's shards from 00000
+        cc_shards(tmp_path / name, cc_captions(4))
+    proc = subprocess.run(
+        [sys.executable, "-m", "shards.nouns", f"{tmp_path}/cc3m/*.tar::{tmp_path}/cc12m/*.tar",
+         "--out", str(tmp_path / "out"), "--pipeline", "world"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"python -m shards.nouns: error: out: {tmp_path}/cc3m/00000.tar and "
+        f"{tmp_path}/cc12m/00000.tar would both be written to {tmp_path}/out/00000.tar; "
+        "tag each folder into its own --out"
+    ]
+    assert not (tmp_path / "out" / "00000.tar").exists()
