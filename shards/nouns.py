@@ -9,38 +9,38 @@ The loader then reads them as it reads the world's (docs/contracts.md, "Shards")
 only for a sample that has none. ``python -m shards.cc15m`` runs it after img2dataset.
 
 A directory stands for every ``*.tar`` in it. In place by default; ``--out DIR2`` writes the
-tagged shards (and their ``_stats.json``) there instead. Every other member keeps its bytes, name
-and order; the headers are written anew (the builders' fixed mtime, mode 0444). Each tar is
-written under a temporary name and renamed into place; a tar with nothing left to tag is left as
-it is (copied as it is, with ``--out``), so a killed run rerun with the same command finishes the
-rest. Prints a JSON summary; samples without a readable caption are left unchanged and counted.
+tagged shards (and their ``_stats.json``) there instead. Shards are read with the loader's own
+reader and written with webdataset's ``TarWriter``: every member the loader reads keeps its bytes
+and name, samples keep their order (a sample's members are written by extension, with the
+builders' fixed mtime). Each tar is written under a temporary name and renamed into place; a tar
+with nothing left to tag is left as it is (copied as it is, with ``--out``), so a killed run rerun
+with the same command finishes the rest. A shard the reader cannot read whole (truncated, broken)
+is left as it is, logged and counted. Prints a JSON summary; samples without a readable caption
+are left unchanged and counted.
 """
 
 from __future__ import annotations
 
-import io
+import itertools
 import json
 import logging
 import os
-import re
 import shutil
 import sys
-import tarfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import webdataset as wds
 from tqdm import tqdm
 
 from bimac.config import CliParser, ConfigError, program, run_main
-from bimac.data.loader import _json, expand_shards, tar_members
+from bimac.data.loader import SkipCounter, _json, _text, expand_shards, shard_samples
 from bimac.data.nouns import NounExtractor
 from bimac.data.writer import TAR_MTIME, atomic_write, partial_path
 from shards.check import shard_pattern
 
 log = logging.getLogger(__name__)
-# webdataset's split of a member name: the key runs to the first dot of the file name
-_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 CHUNK = 256  # captions per nlp.pipe call
 
 _extractor: NounExtractor | None = None  # one per process (ProcessPoolExecutor initializer)
@@ -55,36 +55,11 @@ def load_pipeline(pipeline: str) -> None:
         raise ConfigError(f"pipeline: {err}") from err
 
 
-def _samples(path: Path):
-    """``(key, [(name, bytes), ...])`` of each sample of the tar at ``path``, in member order, read
-    with the loader's own tar reader (with ``tarfile``'s, and PAX headers written, tagging took
-    about 1.4 ms a sample of photo_500 against 0.25-0.40: BENCHMARKS.md, "spaCy nouns")."""
-    key, members = None, []
-    with open(path, "rb") as stream:
-        for member in tar_members(stream):
-            name = member["fname"]
-            m = _KEY_EXT.match(name)
-            k = m.group(1) if m else name
-            if members and k != key:
-                yield key, members
-                members = []
-            key = k
-            members.append((name, member["data"]))
-    if members:
-        yield key, members
-
-
-def _ext(name: str) -> str:
-    m = _KEY_EXT.match(name)
-    return m.group(2) if m else ""
-
-
-def _pending(members: list, pipeline: str) -> tuple[str, dict] | str:
+def _pending(sample: dict, pipeline: str) -> tuple[str, dict] | str:
     """``(caption, meta)`` of a sample to tag, or why it is left as it is."""
-    by_ext = {_ext(name): data for name, data in members}
     try:
-        caption = by_ext["txt"].decode("utf-8").strip() if "txt" in by_ext else ""
-        meta = _json(by_ext["json"]) if "json" in by_ext else {}
+        caption = _text(sample, "txt")
+        meta = _json(sample["json"]) if "json" in sample else {}
     except (UnicodeDecodeError, ValueError):
         return "unreadable_caption_or_json"
     if not caption or not isinstance(meta, dict):
@@ -97,24 +72,22 @@ def _pending(members: list, pipeline: str) -> tuple[str, dict] | str:
 
 
 def is_tagged(path: Path, pipeline: str) -> bool:
-    """Whether the tar at ``path`` holds no sample left to tag with ``pipeline``."""
-    try:
-        return all(isinstance(_pending(m, pipeline), str) for _, m in _samples(path))
-    except (tarfile.TarError, OSError):
-        return False
+    """Whether the tar at ``path`` reads whole and holds no sample left to tag with ``pipeline``."""
+    counter = SkipCounter()
+    done = all(isinstance(_pending(s, pipeline), str) for s in shard_samples([str(path)], counter))
+    return done and not counter.as_dict()
 
 
-def _tag_chunk(chunk: list[tuple[str, list]], counts: Counter) -> list[list]:
-    """The chunk's samples with their JSON rewritten (captions through one ``nlp.pipe``)."""
-    todo = []  # (sample index, caption, meta)
-    for i, (_, members) in enumerate(chunk):
-        pending = _pending(members, _extractor.pipeline)
+def _tag_chunk(chunk: list[dict], counts: Counter) -> None:
+    """Rewrites the JSON of the chunk's samples to tag (their captions through one ``nlp.pipe``)."""
+    todo = []  # (sample, caption, meta)
+    for sample in chunk:
+        pending = _pending(sample, _extractor.pipeline)
         if isinstance(pending, str):
             counts[pending] += 1
         else:
-            todo.append((i, *pending))
-    out = [list(members) for _, members in chunk]
-    for (i, caption, meta), nouns in zip(
+            todo.append((sample, *pending))
+    for (sample, caption, meta), nouns in zip(
         todo, _extractor.batch([c for _, c, _ in todo]), strict=True
     ):
         meta |= {
@@ -124,43 +97,39 @@ def _tag_chunk(chunk: list[tuple[str, list]], counts: Counter) -> list[list]:
             ],  # fmt: skip
             "nouns_pipeline": _extractor.pipeline,
         }
-        data = json.dumps(meta, ensure_ascii=False).encode()
-        members = out[i]
-        j = next((j for j, (name, _) in enumerate(members) if _ext(name) == "json"), None)
-        if j is None:  # no JSON member: one is added after the sample's others
-            members.append((f"{chunk[i][0]}.json", data))
-        else:
-            members[j] = (members[j][0], data)
+        sample["json"] = json.dumps(meta, ensure_ascii=False).encode()
         counts["captions_tagged"] += 1
         counts["nouns"] += len(nouns)
-    return out
 
 
 def tag_shard(src: Path, dst: Path) -> dict[str, int]:
-    """Tag the captions of the tar ``src`` into ``dst`` (may be ``src``); counts by outcome."""
+    """Tag the captions of the tar ``src`` into ``dst`` (may be ``src``); counts by outcome. A
+    shard the loader's reader cannot read whole is left as it is and counted."""
     counts: Counter = Counter()
     if dst.exists() and is_tagged(dst, _extractor.pipeline):
         _copy_stats(src, dst)  # a run killed between the tar and its stats left them out
         return {"shards_with_nothing_to_tag": 1}
     tmp = partial_path(dst)
-    if is_tagged(src, _extractor.pipeline):  # into --out as it is: the in-place run's bytes
+    if dst != src and is_tagged(src, _extractor.pipeline):  # into --out: the in-place bytes
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         _copy_stats(src, dst)
         return {"shards_with_nothing_to_tag": 1}
+    counter = SkipCounter()  # the shard's read errors (logged by the loader's reader)
     with open(tmp, "wb") as f:
-        # plain GNU headers with the builders' fixed mtime: no PAX record to build per member
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as out:
-            chunk = []
-            for sample in _samples(src):
-                counts["samples"] += 1
-                chunk.append(sample)
-                if len(chunk) == CHUNK:
-                    _write(out, _tag_chunk(chunk, counts))
-                    chunk = []
-            _write(out, _tag_chunk(chunk, counts))
+        # bytes as they are; an int mtime: plain headers, no PAX record per member (a float needs one)
+        with wds.TarWriter(f, encoder=False, mtime=int(TAR_MTIME)) as out:
+            samples = shard_samples([str(src)], counter)
+            while chunk := list(itertools.islice(samples, CHUNK)):
+                counts["samples"] += len(chunk)
+                _tag_chunk(chunk, counts)
+                for sample in chunk:
+                    out.write(sample)
         f.flush()
         os.fsync(f.fileno())
+    if counter.as_dict():
+        tmp.unlink()
+        return {"shards_unreadable": 1}
     os.replace(tmp, dst)
     _copy_stats(src, dst)
     counts["shards_tagged"] += 1
@@ -172,14 +141,6 @@ def _copy_stats(src: Path, dst: Path) -> None:
     stats = src.with_name(src.name[: -len(".tar")] + "_stats.json")
     if dst != src and stats.exists():
         atomic_write(dst.with_name(stats.name), stats.read_bytes())
-
-
-def _write(out: tarfile.TarFile, samples: list[list]) -> None:
-    for members in samples:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), int(TAR_MTIME), 0o444
-            out.addfile(info, io.BytesIO(data))
 
 
 def tag_shards(

@@ -164,3 +164,19 @@ def test_two_shards_of_one_name_into_one_out_folder_is_one_line(tmp_path):
         "tag each folder into its own --out"
     ]
     assert not (tmp_path / "out" / "00000.tar").exists()
+
+
+def test_a_truncated_shard_is_left_as_it_is_logged_and_counted(tmp_path):
+    cc_shards(tmp_path, cc_captions(8))
+    broken = tmp_path / "00001.tar"
+    broken.write_bytes(broken.read_bytes()[:1500])  # ends inside its first sample's members
+    before = broken.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "shards.nouns", str(tmp_path), "--pipeline", "world"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["shards_unreadable"] == 1 and summary["shards_tagged"] == 1
+    assert broken.read_bytes() == before and not list(tmp_path.glob(".*.partial"))
+    assert f"skipped sample (truncated_tar): {broken}" in proc.stderr
