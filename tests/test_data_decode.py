@@ -123,6 +123,7 @@ def test_exif_search_falls_back_on_a_broken_segment_chain():
     data = _oriented(6)
     broken = data[:2] + b"\x00" + data[3:]  # the first segment no longer starts with 0xFF
     assert _has_exif(broken) and not _has_exif(_encode(np.zeros((8, 8, 3), np.uint8)))
+    assert _has_exif(memoryview(broken)) and _has_exif(memoryview(data))  # a mapped shard's view
 
 
 def _gradient(w: int = 120, h: int = 90) -> np.ndarray:
@@ -176,11 +177,15 @@ ODD_FORMATS = {
 @pytest.mark.parametrize("name", sorted(ODD_FORMATS))
 def test_odd_formats_decode(name):
     make, expected = ODD_FORMATS[name]
-    image, size = decode_image(make(), 64)
+    data = make()
+    image, size = decode_image(data, 64)
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert size == (120, 90)
     # palettes (64 colours) and JPEG chroma subsampling cost a few dB against the exact gradient
     assert _psnr(image, _crop(Image.fromarray(expected()), 64)) >= 28.0
+    # the training loader hands over views of its mapped shards: the same pixels from one
+    view, view_size = decode_image(memoryview(data), 64)
+    assert view_size == size and np.array_equal(view, image)
 
 
 def _jpeg_claiming(w: int, h: int) -> bytes:

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from bimac.data import DataConfig, SkipCounter, TokenizerConfig, build_tokenizer, make_loader
-from bimac.data.loader import group_members, tar_members
+from bimac.data.loader import MappedShard, group_members, tar_members
 from bimac.data.tokenizer import save_world_tokenizer
 from bimac.data.world import make_sample
 from bimac.data.writer import write_shards
@@ -110,6 +110,37 @@ def test_pipe_urls_and_brace_patterns(tmp_path, tok):
     _world(tmp_path, n=8, shard_size=4)
     urls = f"pipe:cat {tmp_path}/00000.tar::{tmp_path}/{{00001..00001}}.tar"
     assert len(_ids(make_loader(_cfg(urls), tok, rank=0, world_size=1))) == 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mapped_local_shards_give_the_batches_of_streamed_ones(tmp_path, tok, workers):
+    """Local shards are read as views of the mapped file (``MappedShard``); reference: the same
+    shards streamed through ``pipe:cat`` (``webdataset.gopen``, bytes). 5 % of the samples carry
+    each fault of ``reliability_faults`` (30 % skipped), over 2 streams and a shuffle buffer."""
+    from reliability_faults import write_faulty_shards
+
+    urls, expected, _ = write_faulty_shards(tmp_path, n=200, shard_size=50, rate=0.05)
+    paths = [f"{tmp_path}/{i:05d}.tar" for i in range(4)]
+
+    def run(shards: str) -> tuple[list[dict], dict]:
+        cfg = _cfg(shards, batch_size=8, shuffle_buffer=20, streams=2, references=True,
+                   image_size=32)  # fmt: skip
+        loader = make_loader(cfg, tok, rank=0, world_size=1, global_batch_size=16,
+                             num_workers=workers)  # fmt: skip
+        batches = [b | {"sample_id": [i.split("#")[1] for i in b["sample_id"]]} for b in loader]
+        return batches, loader.skipped()
+
+    mapped, mapped_skips = run(urls)
+    streamed, streamed_skips = run("::".join(f"pipe:cat {p}" for p in paths))
+    ds = make_loader(_cfg(urls), tok, rank=0, world_size=1).dataset
+    assert isinstance(next(ds.raw_samples(0))["jpg"], memoryview)  # local shards are mapped
+    assert len(mapped) == len(streamed) >= 6
+    for a, b in zip(mapped, streamed, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k], k
+    assert mapped_skips == streamed_skips
+    assert {k: v for k, v in mapped_skips.items() if k != "epoch_tail"} == expected
 
 
 def test_empty_url_match_is_a_clear_error(tmp_path, tok):
@@ -332,6 +363,10 @@ def test_tar_members_equals_tarfile(tmp_path, fmt):
     with open(path, "rb") as f:
         got = [(m["fname"], m["data"]) for m in tar_members(f)]
     assert got == want and len(got) >= 4
+    # the training loader's reader: the same members as views of the mapped file
+    mapped = [(m["fname"], m["data"]) for m in tar_members(MappedShard(str(path)))]
+    assert all(isinstance(data, memoryview) for _, data in mapped)
+    assert [(name, bytes(data)) for name, data in mapped] == want
 
 
 def test_group_members_equals_webdataset_group_by_keys():
@@ -370,3 +405,12 @@ def test_tar_members_truncated_and_corrupt(tmp_path):
     corrupt[1024 + 130] ^= 0x01  # a size digit of the second header
     with pytest.raises(tarfile.HeaderError):
         list(tar_members(io.BytesIO(bytes(corrupt))))
+    # the same through the mapped reader, and an empty file (which cannot be mapped): no members
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "corrupt.tar").write_bytes(bytes(corrupt))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(MappedShard(str(tmp_path / "cut.tar"))))
+    with pytest.raises(tarfile.HeaderError):
+        list(tar_members(MappedShard(str(tmp_path / "corrupt.tar"))))
+    assert list(tar_members(MappedShard(str(tmp_path / "empty.tar")))) == []

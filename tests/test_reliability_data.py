@@ -104,14 +104,14 @@ def test_truncated_unreadable_and_vanished_shards_are_counted(tmp_path, tok, mon
     else:  # root reads a mode-000 file anyway: fail its open as permissions would
         import bimac.data.loader as loader_mod
 
-        real_gopen = loader_mod.wds.gopen
+        real_open = loader_mod.open_shard
 
-        def gopen(url, *a, **k):
+        def open_shard(url, *a, **k):
             if url == str(unreadable):
                 raise PermissionError(13, "Permission denied", url)
-            return real_gopen(url, *a, **k)
+            return real_open(url, *a, **k)
 
-        monkeypatch.setattr(loader_mod.wds, "gopen", gopen)
+        monkeypatch.setattr(loader_mod, "open_shard", open_shard)
     cfg = _cfg(str(tmp_path / "{00000..00003}.tar"))
     loader = make_loader(cfg, tok, rank=0, world_size=1)  # all four shards exist at start-up
     (tmp_path / "00003.tar").unlink()  # and one disappears while the job runs
@@ -120,6 +120,36 @@ def test_truncated_unreadable_and_vanished_shards_are_counted(tmp_path, tok, mon
     assert shard_of["00000.tar"] == 10 and 1 <= shard_of["00001.tar"] < 10
     assert set(shard_of) == {"00000.tar", "00001.tar"}
     assert loader.skipped() == {"truncated_tar": 1, "shard_open": 2}
+
+
+def test_a_shard_cut_shorter_while_mapped_kills_its_reader_with_sigbus(tmp_path):
+    """The stated limit of mapped shards (RELIABILITY.md): a local shard truncated on disk while
+    the loader holds views of it. The reader, in a subprocess, reads a member's view after the
+    cut and dies by SIGBUS, not with a wrong result. Deleted while mapped, it is read whole."""
+    import signal
+    import subprocess
+    import sys
+
+    from bimac.data.loader import MappedShard, tar_members
+
+    write_shards((make_sample(0, "train", i) for i in range(20)), tmp_path, shard_size=20)
+    shard = tmp_path / "00000.tar"
+    with open(shard, "rb") as f:
+        want = [(m["fname"], m["data"]) for m in tar_members(f)]
+    doomed = tmp_path / "doomed.tar"
+    doomed.write_bytes(shard.read_bytes())
+    reader = MappedShard(str(doomed))
+    doomed.unlink()
+    assert [(m["fname"], bytes(m["data"])) for m in tar_members(reader)] == want
+    code = (
+        "import os, sys\n"
+        "from bimac.data.loader import MappedShard, tar_members\n"
+        "last = list(tar_members(MappedShard(sys.argv[1])))[-1]['data']\n"
+        "os.truncate(sys.argv[1], 0)\n"
+        "print(bytes(last)[:1])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(shard)], capture_output=True)
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stderr[-300:])
 
 
 def test_a_shard_missing_at_start_up_is_a_clear_error(tmp_path, tok):

@@ -96,7 +96,7 @@ def _has_exif(data: bytes) -> bool:
     i, end = 2, len(data) - 4
     while i <= end:
         if data[i] != 0xFF:
-            return EXIF_MARK in data
+            return EXIF_MARK in bytes(data)  # a memoryview has no `in` for bytes
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte before a marker
             i += 1
@@ -106,7 +106,7 @@ def _has_exif(data: bytes) -> bool:
         if marker == APP1 and data[i + 4 : i + 10] == EXIF_MARK:
             return True
         i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return EXIF_MARK in data
+    return EXIF_MARK in bytes(data)
 
 
 def _fast_jpeg(data: bytes, size: int, w: int, h: int) -> np.ndarray:
