@@ -181,13 +181,19 @@ class SkipCounter:
             self._counts[:] = [0] * len(REASONS)
 
 
+def _streamed(url: str) -> bool:
+    """Whether ``url`` is a ``pipe:`` command or a URL (``s3://``, ``https://``, ...), which
+    webdataset opens as a stream, rather than a local path."""
+    return url.startswith("pipe:") or "://" in url
+
+
 def expand_shards(pattern: str) -> list[str]:
     """Brace/``::`` expansion and globbing; a pattern matching no shard is an error here."""
     if not pattern:
         raise ValueError("no shard pattern given (data.train_shards is empty)")
     urls: list[str] = []
     for url in wds.shardlists.expand_urls(pattern):
-        if url.startswith("pipe:") or "://" in url:
+        if _streamed(url):
             urls.append(url)
         elif any(c in url for c in "*?["):
             urls += sorted(glob.glob(url))
@@ -311,7 +317,7 @@ class MappedShard:
 def open_shard(url: str, mapped: bool = False):
     """``url`` as a readable stream: a :class:`MappedShard` for a local file when ``mapped`` (on
     POSIX), else ``webdataset.gopen`` (``pipe:``, URLs, files)."""
-    if mapped and os.name == "posix" and not url.startswith("pipe:") and "://" not in url:
+    if mapped and os.name == "posix" and not _streamed(url):
         return MappedShard(url)
     return wds.gopen(url)
 
