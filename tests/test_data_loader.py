@@ -277,6 +277,27 @@ def test_triplet_batches(tmp_path, tok):
     assert b["noun_mask"].sum(1).min() >= 1
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("triplet", [False, True])
+def test_every_image_is_its_samples_pixels_to_the_short_last_batch(tmp_path, tok, workers, triplet):  # fmt: skip
+    """Each image is copied into its chunk's (pooled) buffer as soon as it is decoded; a one-pass
+    reader's short last batch (10 samples in batches of 4: 4, 4, 2) is moved into memory of its
+    own. Every row of every batch, ``image_syn`` too, equals PIL's decode of its sample's JPEG,
+    in-process and through a worker; the last batch has 2 rows."""
+    urls = _world(tmp_path, n=10, shard_size=10, triplet=triplet)
+    cfg = _cfg(urls, kind="triplets" if triplet else "pairs", num_workers=workers)
+    batches = list(make_loader(cfg, tok, rank=0, world_size=1))
+    assert [len(b["sample_id"]) for b in batches] == [4, 4, 2]
+    members = {"image": "jpg", "image_syn": "syn.jpg"} if triplet else {"image": "jpg"}
+    for b in batches:
+        assert all(b[key].shape == (len(b["sample_id"]), 3, 64, 64) for key in members)
+        for i, sid in enumerate(b["sample_id"]):
+            s = make_sample(0, "train", int(sid.split("#")[1]), 64, triplet)
+            for key, member in members.items():
+                ref = np.array(Image.open(io.BytesIO(s[member])).convert("RGB"))
+                assert torch.equal(b[key][i], torch.from_numpy(ref).permute(2, 0, 1)), (sid, key)
+
+
 def test_missing_triplet_member_is_counted(tmp_path, tok):
     s = make_sample(0, "train", 1, 64, True)
     with wds.TarWriter(str(tmp_path / "00000.tar")) as w:
@@ -394,6 +415,30 @@ def _dir_info(name: str) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = tarfile.DIRTYPE
     return info
+
+
+def test_tar_header_checksum_is_exact_at_its_largest_sums():
+    """``tar_members`` sums a header's bytes with Adler-32 over each half, exact while a half
+    sums below Adler's modulus 65521 (at most 256 x 255 = 65280). A header whose second half is
+    mostly 0xFF and UTF-8 bytes (a sum over 50000) reads as tarfile reads it, with tarfile's
+    own checksum (``calc_chksums``); the same checksum plus 65521, which a sum taken modulo
+    65521 would accept, is refused."""
+    hdr = bytearray(tarfile.TarInfo("a.txt").tobuf(tarfile.USTAR_FORMAT)[:512])
+    for start, stop in ((157, 257), (265, 345), (500, 512)):  # link, owner, devices, padding
+        hdr[start:stop] = b"\xff" * (stop - start)
+    hdr[345:500] = "\u00e9".encode() * 77 + b"\0"  # a ustar prefix of 77 x "é"
+    checksum = tarfile.calc_chksums(bytes(hdr))[0]
+    assert sum(hdr[256:]) > 50000  # near a half's largest sum, 256 x 255
+
+    def archive(value: int) -> bytes:
+        hdr[148:156] = b"%06o\0 " % value
+        return bytes(hdr) + bytes(1024)
+
+    with tarfile.open(fileobj=io.BytesIO(archive(checksum))) as tf:
+        want = [(m.name, tf.extractfile(m).read()) for m in tf]
+    assert [(m["fname"], bytes(m["data"])) for m in tar_members(io.BytesIO(archive(checksum)))] == want == [("\u00e9" * 77 + "/a.txt", b"")]  # fmt: skip
+    with pytest.raises(tarfile.HeaderError):
+        list(tar_members(io.BytesIO(archive(checksum + 65521))))
 
 
 def test_tar_members_truncated_and_corrupt(tmp_path):

@@ -57,6 +57,7 @@ import random
 import re
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -233,11 +234,14 @@ def tar_members(stream) -> Iterator[dict]:
             if hdr:
                 raise tarfile.ReadError("unexpected end of data")
             return
-        # the checksum sums the header's bytes: its zeros (most of it) dropped first, in C
-        nonzero = hdr.translate(None, b"\0")
-        if not nonzero:  # end-of-archive marker
+        # The checksum is the sum of the header's bytes, its own field counted as spaces. Summed
+        # in C: the low 16 bits of Adler-32 are 1 + the bytes' sum modulo 65521, which a half
+        # header (at most 256 x 255) never reaches.
+        total = (zlib.adler32(hdr[:256]) & 0xFFFF) + (zlib.adler32(hdr[256:]) & 0xFFFF) - 2
+        if not total:  # end-of-archive marker
             return
-        if sum(nonzero) - sum(hdr[148:156]) + 256 != int(hdr[148:156].strip(b"\0 ") or b"0", 8):
+        field = hdr[148:156]
+        if total - sum(field) + 256 != int(field.strip(b"\0 ") or b"0", 8):
             raise tarfile.HeaderError("bad tar header checksum")
         size = hdr[124:136]
         size = (
