@@ -280,10 +280,10 @@ def test_triplet_batches(tmp_path, tok):
 @pytest.mark.parametrize("workers", [0, 1])
 @pytest.mark.parametrize("triplet", [False, True])
 def test_every_image_is_its_samples_pixels_to_the_short_last_batch(tmp_path, tok, workers, triplet):  # fmt: skip
-    """Each image is copied into its chunk's (pooled) buffer as soon as it is decoded; a one-pass
-    reader's short last batch (10 samples in batches of 4: 4, 4, 2) is moved into memory of its
-    own. Every row of every batch, ``image_syn`` too, equals PIL's decode of its sample's JPEG,
-    in-process and through a worker; the last batch has 2 rows."""
+    """A chunk's images are stacked into a reused (pooled) buffer; a one-pass reader's short last
+    batch (10 samples in batches of 4: 4, 4, 2) has another shape and gets memory of its own.
+    Every row of every batch, ``image_syn`` too, equals PIL's decode of its sample's JPEG,
+    in-process and through a worker, and each batch has one row per sample."""
     urls = _world(tmp_path, n=10, shard_size=10, triplet=triplet)
     cfg = _cfg(urls, kind="triplets" if triplet else "pairs", num_workers=workers)
     batches = list(make_loader(cfg, tok, rank=0, world_size=1))
