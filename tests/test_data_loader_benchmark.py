@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,22 @@ def test_noun_extraction_benchmark_checks_nouns_and_writes_each_timing(tmp_path)
         assert set(r[name]) == {"one_call_each", "one_pipe_per_chunk"}
         assert all(v > 0 for v in r[name].values())
     assert "| sm_architecture |" in table and r["meta"]["spacy"] == spacy.__version__
+
+
+def test_benchmark_cpu_clock_sees_two_milliseconds():
+    """The loader benchmark's CPU clock reads its own process to the nanosecond: ``/proc`` counts
+    in 10 ms ticks, so a 2 ms burst read 0 s (or 10 ms), and a start-up epoch at 0 workers on a
+    fast machine divided by that zero (``images_per_cpu_s``)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_loader", REPO / "benchmarks/data_loader.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for _ in range(3):
+        window = time.process_time()
+        before = bench._cpu()
+        while time.process_time() - window < 0.002:
+            pass
+        spent = bench._cpu() - before
+        window = time.process_time() - window  # this process's CPU around both readings
+        assert 0.0015 <= spent <= window + 1e-6
